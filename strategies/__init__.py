@@ -1,0 +1,1 @@
+"""Server-side aggregation: pure numpy functions and the thin Flower strategies that call them."""

@@ -1,0 +1,107 @@
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregation import fedavg
+from strategies.fedavg import VideoFedAvg, aggregate_metrics, arrays_to_numpy, numpy_to_arrays
+from tests.flower_messages import error_reply, instruction, reply
+
+
+def model(rng, scale=1.0):
+    return {
+        "conv.weight": (scale * rng.normal(size=(4, 3, 3))).astype(np.float32),
+        "bn.running_mean": rng.normal(size=(4,)).astype(np.float32),
+        "bn.num_batches_tracked": np.array(int(rng.integers(1, 50)), dtype=np.int64),
+    }
+
+
+def prepared_strategy(global_model):
+    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
+    strategy._reference = {k: (v.shape, v.dtype) for k, v in global_model.items()}
+    return strategy
+
+
+def test_matches_flower_fedavg_on_valid_replies():
+    rng = np.random.default_rng(0)
+    clients = [model(rng) for _ in range(3)]
+    counts = [5, 20, 11]
+    replies = [reply(i + 1, m, {"num-examples": n, "train-loss": float(i)}) for i, (m, n) in enumerate(zip(clients, counts))]
+    ours, metrics = prepared_strategy(clients[0]).aggregate_train(1, replies)
+    theirs, _ = FedAvg().aggregate_train(1, replies)
+    ours, theirs = arrays_to_numpy(ours), arrays_to_numpy(theirs)
+    for key in ("conv.weight", "bn.running_mean"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5)
+    # Flower turns the integer buffer into a float mean; ours keeps the integer dtype, rounded.
+    assert ours["bn.num_batches_tracked"].dtype == np.int64
+    assert ours["bn.num_batches_tracked"] == np.rint(theirs["bn.num_batches_tracked"])
+    assert metrics["num-examples"] == 36
+    assert abs(metrics["train-loss"] - (0 * 5 + 1 * 20 + 2 * 11) / 36) < 1e-9
+
+
+def test_bad_replies_are_dropped_counted_and_never_fatal():
+    rng = np.random.default_rng(1)
+    good = [model(rng) for _ in range(2)]
+    nan_model = {**good[0], "conv.weight": np.full((4, 3, 3), np.nan, np.float32)}
+    replies = [
+        reply(1, good[0], {"num-examples": 10}),
+        reply(2, good[1], {"num-examples": 30}),
+        reply(3, {**good[0], "conv.weight": np.zeros((3, 3, 3), np.float32)}, {"num-examples": 10}),
+        reply(4, nan_model, {"num-examples": 10}),
+        reply(5, good[0], {"num-examples": 0}),
+        reply(6, {k: v for k, v in good[0].items() if k != "bn.running_mean"}, {"num-examples": 10}),
+        reply(7, None, {"num-examples": 10}),
+        reply(8, good[0], {"num-examples": 10, "train-loss": float("inf")}),
+        error_reply(9, "NoUsableVideoError: partition 2: no usable training video"),
+    ]
+    strategy = prepared_strategy(good[0])
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = fedavg([(good[0], 10), (good[1], 30)])
+    np.testing.assert_allclose(arrays_to_numpy(arrays)["conv.weight"], expected["conv.weight"], rtol=1e-6)
+    report = strategy.last_train
+    assert [c.node_id for c in report.accepted] == [1, 2]
+    reasons = {r["node-id"]: r["reason"] for r in report.rejected}
+    assert set(reasons) == {3, 4, 5, 6, 7, 8}
+    assert "shape" in reasons[3] and "non-finite" in reasons[4] and "num-examples" in reasons[5]
+    assert "names" in reasons[6] and "ArrayRecord" in reasons[7] and "metrics" in reasons[8]
+    assert report.failed[0]["node-id"] == 9 and "no usable training video" in report.failed[0]["reason"]
+    assert metrics["num-examples"] == 40
+
+
+def test_all_replies_bad_gives_no_update():
+    rng = np.random.default_rng(2)
+    strategy = prepared_strategy(model(rng))
+    assert strategy.aggregate_train(1, [error_reply(1, "boom")]) == (None, None)
+
+
+def test_configure_train_records_the_reference_model():
+    rng = np.random.default_rng(3)
+    global_model = model(rng)
+
+    class OneNodeGrid:
+        def get_node_ids(self):
+            return [42]
+
+    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
+    messages = list(strategy.configure_train(1, numpy_to_arrays(global_model), ConfigRecord(), OneNodeGrid()))
+    assert [m.metadata.dst_node_id for m in messages] == [42]
+    assert strategy._reference["conv.weight"] == ((4, 3, 3), np.dtype(np.float32))
+
+
+def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
+    replies = [
+        reply(1, None, {"num-examples": 10, "loss": 1.0, "video-accuracy": 0.5, "skipped-videos": 1}),
+        reply(2, None, {"num-examples": 30, "loss": 2.0, "video-accuracy": 1.0, "skipped-videos": 2}),
+        reply(3, None, {"num-examples": -1, "loss": 2.0}),
+    ]
+    strategy = VideoFedAvg()
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert abs(metrics["loss"] - 1.75) < 1e-9 and abs(metrics["video-accuracy"] - 0.875) < 1e-9
+    assert metrics["skipped-videos"] == 3
+    assert [r["node-id"] for r in strategy.last_evaluate.rejected] == [3]
+
+
+def test_metric_lists_are_kept_per_client_not_averaged():
+    from strategies.fedavg import ClientReply
+
+    out = aggregate_metrics([ClientReply(1, {"num-examples": 2, "class-counts": [1, 1]})])
+    assert "class-counts" not in out and out["num-examples"] == 2
