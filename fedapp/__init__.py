@@ -1,0 +1,1 @@
+"""Federated video classification with Flower and PyTorch."""
