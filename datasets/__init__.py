@@ -1,0 +1,1 @@
+"""Video data for the federated app: decoding, layouts, partitioning, synthetic data."""

@@ -1,0 +1,175 @@
+"""PyTorch datasets of video clips decoded on the fly, tolerant of unreadable files.
+
+A file that fails to probe or decode yields ``(None, label, index)`` instead of raising, so one
+corrupt video cannot kill a federated client mid-round; ``collate_clips`` drops such items and
+reports them. Use ``scan_videos`` up front to drop unreadable files before training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from datasets.layouts import VideoSample
+from datasets.transforms import EvalClipTransform, TrainClipTransform
+from datasets.video_io import (
+    VideoDecodeError,
+    clip_frame_indices,
+    decode_frames,
+    probe_video,
+    random_clip_start,
+    uniform_clip_starts,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How clips are cut: ``clip_len`` frames every ``stride``, decoded at ``resize`` (h, w), cropped square."""
+
+    clip_len: int = 16
+    stride: int = 1
+    resize: tuple[int, int] = (64, 64)
+    crop_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.clip_len < 1 or self.stride < 1 or self.crop_size < 1 or min(self.resize) < 1:
+            raise ValueError(f"ClipSpec values must be positive: {self}")
+
+
+class _ClipDatasetBase(torch.utils.data.Dataset):
+    """Shared decoding with a frame-count cache and one warning per unreadable file."""
+
+    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec):
+        self.samples = list(samples)
+        self.spec = spec
+        self._num_frames: dict[str, int] = {}
+        # Per instance, so per DataLoader worker: each worker process warns at most once per file.
+        self._warned: set[str] = set()
+
+    def _frame_count(self, sample: VideoSample) -> int:
+        """Number of frames of the sample's video, probed once; raises VideoDecodeError."""
+        if sample.path not in self._num_frames:
+            self._num_frames[sample.path] = probe_video(sample.path).num_frames
+        return self._num_frames[sample.path]
+
+    def _decode_clip(self, sample: VideoSample, num_frames: int, start: int) -> np.ndarray:
+        """The uint8 clip starting at frame ``start``; raises VideoDecodeError."""
+        indices = clip_frame_indices(num_frames, self.spec.clip_len, self.spec.stride, start)
+        return decode_frames(sample.path, indices, self.spec.resize)
+
+    def _warn_once(self, sample: VideoSample, error: VideoDecodeError) -> None:
+        if sample.path not in self._warned:
+            self._warned.add(sample.path)
+            logger.warning("skipping unreadable video %s: %s", sample.path, error)
+
+
+class TrainClipDataset(_ClipDatasetBase):
+    """One random clip per video per access: ``(clip C×T×H×W float32, label, index)``.
+
+    Randomness (temporal offset, crop, jitter, flip) comes from ``np.random.default_rng([seed,
+    index, epoch])``: the same seed and epoch give the same clips in any worker layout. Call
+    ``set_epoch`` before creating each epoch's DataLoader iterator (workers copy the dataset then).
+    An unreadable file gives ``(None, label, index)``.
+    """
+
+    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec, transform: TrainClipTransform, seed: int = 0):
+        super().__init__(samples, spec)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random clips __getitem__ returns."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
+        sample = self.samples[index]
+        rng = np.random.default_rng([self.seed, index, self.epoch])
+        try:
+            num_frames = self._frame_count(sample)
+            start = random_clip_start(num_frames, self.spec.clip_len, self.spec.stride, rng)
+            frames = self._decode_clip(sample, num_frames, start)
+        except VideoDecodeError as error:
+            self._warn_once(sample, error)
+            return None, sample.label, index
+        clip, label = self.transform(frames, sample.label, rng)
+        return clip, label, index
+
+
+class EvalClipDataset(_ClipDatasetBase):
+    """``clips_per_video`` uniformly spaced clips per video: item i is clip ``i % clips_per_video``
+    of video ``i // clips_per_video``, returned as ``(clip, label, video_index)``.
+
+    Average the model's outputs over a video's clips for video-level accuracy. An unreadable file
+    gives ``(None, label, video_index)``.
+    """
+
+    def __init__(
+        self, samples: Sequence[VideoSample], spec: ClipSpec, transform: EvalClipTransform, clips_per_video: int = 3
+    ):
+        if clips_per_video < 1:
+            raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
+        super().__init__(samples, spec)
+        self.transform = transform
+        self.clips_per_video = clips_per_video
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.clips_per_video
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} clips")
+        video_index, clip_number = divmod(index, self.clips_per_video)
+        sample = self.samples[video_index]
+        try:
+            num_frames = self._frame_count(sample)
+            starts = uniform_clip_starts(num_frames, self.spec.clip_len, self.spec.stride, self.clips_per_video)
+            frames = self._decode_clip(sample, num_frames, starts[clip_number])
+        except VideoDecodeError as error:
+            self._warn_once(sample, error)
+            return None, sample.label, video_index
+        return self.transform(frames), sample.label, video_index
+
+
+def collate_clips(
+    batch: Sequence[tuple[torch.Tensor | None, int, int]],
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[int]]:
+    """Stack the readable items of a batch; returns ``(clips B×C×T×H×W or None, labels, indices, failed_indices)``.
+
+    Labels and indices cover the readable items only; ``failed_indices`` lists the dataset's
+    ``index`` field of the items whose file could not be decoded.
+    """
+    good = [(clip, label, index) for clip, label, index in batch if clip is not None]
+    failed = [int(index) for clip, _, index in batch if clip is None]
+    clips = torch.stack([clip for clip, _, _ in good]) if good else None
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    indices = torch.tensor([index for _, _, index in good], dtype=torch.long)
+    return clips, labels, indices, failed
+
+
+def scan_videos(samples: Sequence[VideoSample]) -> tuple[list[VideoSample], list[tuple[str, str]]]:
+    """Probe every sample; returns (usable samples, [(path, reason), ...] of skipped ones).
+
+    Probing reads headers only: a truncated file whose header is intact passes here and fails
+    later at decode time (the datasets then skip it).
+    """
+    usable: list[VideoSample] = []
+    skipped: list[tuple[str, str]] = []
+    for sample in samples:
+        try:
+            probe_video(sample.path)
+        except VideoDecodeError as error:
+            logger.warning("skipping unreadable video %s: %s", sample.path, error)
+            skipped.append((sample.path, str(error)))
+        else:
+            usable.append(sample)
+    return usable, skipped
