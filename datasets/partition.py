@@ -1,0 +1,215 @@
+"""Deterministic partitioning of a video list among federated clients (IID and non-IID schemes).
+
+Every function returns ``num_partitions`` sorted lists of indices into the sample list; the lists are
+disjoint and together cover every index. Labels and groups are plain sequences, so any layout reader
+can feed them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("iid", "dirichlet", "k-classes", "groups")
+_DIRICHLET_TRIES = 100
+_NAME_WIDTH = 9  # widest class column in the printed summary
+
+
+class PartitionError(ValueError):
+    """The requested partition is impossible or its arguments are invalid."""
+
+
+def _check_count(num_samples: int, num_partitions: int) -> None:
+    if num_partitions < 1:
+        raise PartitionError(f"num_partitions must be >= 1, got {num_partitions}")
+    if num_partitions > num_samples:
+        raise PartitionError(f"cannot split {num_samples} videos into {num_partitions} non-empty partitions")
+
+
+def _sorted_lists(parts: Sequence[Sequence[int] | np.ndarray]) -> list[list[int]]:
+    return [sorted(int(i) for i in part) for part in parts]
+
+
+def _indices_by_class(labels: Sequence[int]) -> dict[int, np.ndarray]:
+    labels = np.asarray(labels, dtype=np.int64)
+    return {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+
+
+def partition_iid(num_samples: int, num_partitions: int, seed: int) -> list[list[int]]:
+    """Uniformly random split into partitions whose sizes differ by at most one."""
+    _check_count(num_samples, num_partitions)
+    order = np.random.default_rng(seed).permutation(num_samples)
+    return _sorted_lists(np.array_split(order, num_partitions))
+
+
+def _dirichlet_draw(
+    by_class: dict[int, np.ndarray], num_partitions: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for indices in by_class.values():
+        shuffled = rng.permutation(indices)
+        proportions = rng.dirichlet(np.full(num_partitions, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(shuffled)).astype(int)
+        for part, chunk in zip(parts, np.split(shuffled, cuts)):
+            part.extend(chunk.tolist())
+    return parts
+
+
+def partition_dirichlet(
+    labels: Sequence[int], num_partitions: int, alpha: float, seed: int, min_per_partition: int = 1
+) -> list[list[int]]:
+    """Label skew: each class is spread over clients with proportions drawn from Dir(alpha).
+
+    Small alpha gives clients few classes; large alpha approaches IID. Draws are repeated (a bounded
+    number of times) until every partition holds ``min_per_partition`` videos; after that, videos move
+    from the largest partition to the short ones.
+    """
+    _check_count(len(labels), num_partitions)
+    if alpha <= 0:
+        raise PartitionError(f"alpha must be > 0, got {alpha}")
+    if min_per_partition * num_partitions > len(labels):
+        raise PartitionError(
+            f"{len(labels)} videos cannot give {num_partitions} partitions {min_per_partition} videos each"
+        )
+    rng = np.random.default_rng(seed)
+    by_class = _indices_by_class(labels)
+    for _ in range(_DIRICHLET_TRIES):
+        parts = _dirichlet_draw(by_class, num_partitions, alpha, rng)
+        if min(map(len, parts)) >= min_per_partition:
+            return _sorted_lists(parts)
+    logger.warning(
+        "dirichlet(alpha=%s): no draw in %d gave every partition %d videos; moving videos from the largest",
+        alpha, _DIRICHLET_TRIES, min_per_partition,
+    )
+    parts = [sorted(part) for part in parts]
+    for part in parts:
+        while len(part) < min_per_partition:
+            largest = max(parts, key=len)
+            part.append(largest.pop())
+    return _sorted_lists(parts)
+
+
+def partition_k_classes(labels: Sequence[int], num_partitions: int, k: int, seed: int) -> list[list[int]]:
+    """Each client holds exactly ``k`` classes; each class's videos are split evenly among its holders.
+
+    Classes are dealt round-robin from a shuffled order, so every class has at least one holder
+    (which needs ``num_partitions * k >= num_classes``).
+    """
+    _check_count(len(labels), num_partitions)
+    by_class = _indices_by_class(labels)
+    classes = list(by_class)
+    if not 1 <= k <= len(classes):
+        raise PartitionError(f"k must be between 1 and the number of classes ({len(classes)}), got {k}")
+    if num_partitions * k < len(classes):
+        raise PartitionError(
+            f"{num_partitions} clients with {k} classes each cannot cover all {len(classes)} classes"
+        )
+    rng = np.random.default_rng(seed)
+    order = [classes[i] for i in rng.permutation(len(classes))]
+    # Consecutive slots of a cycle over `order`: k distinct classes per client since k <= #classes.
+    holders: dict[int, list[int]] = {c: [] for c in classes}
+    for client in range(num_partitions):
+        for slot in range(client * k, (client + 1) * k):
+            holders[order[slot % len(order)]].append(client)
+
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for label, indices in by_class.items():
+        clients = holders[label]
+        if len(indices) < len(clients):
+            logger.warning("class %d has %d videos for %d clients: some get none", label, len(indices), len(clients))
+        for client, chunk in zip(rng.permutation(clients), np.array_split(rng.permutation(indices), len(clients))):
+            parts[client].extend(chunk.tolist())
+    empty = [i for i, part in enumerate(parts) if not part]
+    if empty:
+        raise PartitionError(f"k-classes left clients {empty} without videos: too few videos per class")
+    return _sorted_lists(parts)
+
+
+def partition_groups(groups: Sequence[str], num_partitions: int, seed: int) -> list[list[int]]:
+    """Natural split: whole groups (UCF-101 actors, manifest groups) go to one client each.
+
+    Groups are shuffled, then dealt largest first to the client with the fewest videos so far; the
+    shuffle only breaks ties between equal-sized groups, as in UCF-101.
+    """
+    _check_count(len(groups), num_partitions)
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    if len(members) < num_partitions:
+        raise PartitionError(f"only {len(members)} groups for {num_partitions} partitions: need at least one each")
+    names = sorted(members)
+    names = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    names.sort(key=lambda name: len(members[name]), reverse=True)  # stable: equal sizes keep shuffled order
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for name in names:
+        min(parts, key=len).extend(members[name])
+    return _sorted_lists(parts)
+
+
+def partition_samples(
+    labels: Sequence[int],
+    groups: Sequence[str],
+    method: str,
+    num_partitions: int,
+    seed: int,
+    alpha: float = 0.5,
+    k: int = 2,
+) -> list[list[int]]:
+    """Partition videos with ``method`` (one of METHODS); ``groups`` is used by "groups" only."""
+    method = method.replace("_", "-")
+    if method not in METHODS:
+        raise PartitionError(f"unknown partition method {method!r}; choose one of {METHODS}")
+    _check_count(len(labels), num_partitions)
+    if method == "iid":
+        return partition_iid(len(labels), num_partitions, seed)
+    if method == "dirichlet":
+        return partition_dirichlet(labels, num_partitions, alpha, seed)
+    if method == "k-classes":
+        return partition_k_classes(labels, num_partitions, k, seed)
+    if len(groups) != len(labels):
+        raise PartitionError(f"{len(groups)} groups for {len(labels)} videos")
+    return partition_groups(groups, num_partitions, seed)
+
+
+def partition_summary(labels: Sequence[int], parts: list[list[int]], classes: Sequence[str]) -> dict:
+    """JSON-serializable per-client video counts, overall and per class."""
+    clients = []
+    for partition_id, part in enumerate(parts):
+        counts = np.bincount(np.asarray(labels, dtype=np.int64)[part], minlength=len(classes))
+        clients.append(
+            {
+                "partition_id": partition_id,
+                "num_videos": len(part),
+                "per_class": {name: int(count) for name, count in zip(classes, counts)},
+            }
+        )
+    return {"num_partitions": len(parts), "clients": clients}
+
+
+def _abbreviate(names: list[str]) -> tuple[list[str], str]:
+    """Column headers for class names, plus a legend line when headers had to become numbers."""
+    short = [name if len(name) <= _NAME_WIDTH else name[: _NAME_WIDTH - 1] + "." for name in names]
+    if len(set(short)) == len(short):
+        return short, ""
+    numbers = [str(i) for i in range(1, len(names) + 1)]
+    return numbers, "classes: " + ", ".join(f"{n}={name}" for n, name in zip(numbers, names))
+
+
+def format_partition_summary(summary: dict) -> str:
+    """Printable table: one row per client, one column per class, a totals row."""
+    clients = summary["clients"]
+    names = list(clients[0]["per_class"]) if clients else []
+    headers, legend = _abbreviate(names)
+    rows = [
+        [str(c["partition_id"])] + [str(c["per_class"][n]) for n in names] + [str(c["num_videos"])] for c in clients
+    ]
+    totals = [sum(c["per_class"][n] for c in clients) for n in names]
+    rows.append(["total"] + [str(t) for t in totals] + [str(sum(c["num_videos"] for c in clients))])
+    table = [["client"] + headers + ["videos"]] + rows
+    widths = [max(len(row[col]) for row in table) for col in range(len(table[0]))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table]
+    return "\n".join(lines + ([legend] if legend else []))

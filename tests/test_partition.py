@@ -1,0 +1,151 @@
+"""Tests for datasets.partition: determinism, disjoint covering partitions, skew, errors, summaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datasets.partition import (
+    METHODS,
+    PartitionError,
+    format_partition_summary,
+    partition_dirichlet,
+    partition_groups,
+    partition_k_classes,
+    partition_samples,
+    partition_summary,
+)
+
+NUM_CLASSES = 10
+# UCF-101-like: 10 classes x 25 groups x 2 clips, listed class by class.
+LABELS = [c for c in range(NUM_CLASSES) for _ in range(50)]
+GROUPS = [f"g{g:02d}" for _ in range(NUM_CLASSES) for g in range(1, 26) for _ in range(2)]
+CLASSES = [f"Class{c}" for c in range(NUM_CLASSES)]
+
+
+def _check_valid(parts: list[list[int]], num_partitions: int, num_samples: int) -> None:
+    assert len(parts) == num_partitions
+    assert all(part == sorted(part) and part for part in parts)
+    flat = [i for part in parts for i in part]
+    assert sorted(flat) == list(range(num_samples))  # disjoint and covering
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_are_deterministic_disjoint_and_covering(method: str) -> None:
+    parts = partition_samples(LABELS, GROUPS, method, 5, seed=3)
+    _check_valid(parts, 5, len(LABELS))
+    assert partition_samples(LABELS, GROUPS, method, 5, seed=3) == parts
+    assert partition_samples(LABELS, GROUPS, method, 5, seed=4) != parts
+    assert all(isinstance(i, int) for part in parts for i in part)
+
+
+def test_iid_sizes_are_balanced() -> None:
+    sizes = [len(p) for p in partition_samples(LABELS, GROUPS, "iid", 7, seed=0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def _mean_label_entropy(parts: list[list[int]], labels: list[int]) -> float:
+    entropies = []
+    for part in parts:
+        p = np.bincount(np.asarray(labels)[part], minlength=NUM_CLASSES) / len(part)
+        p = p[p > 0]
+        entropies.append(-(p * np.log(p)).sum())
+    return float(np.mean(entropies))
+
+
+def test_dirichlet_follows_alpha() -> None:
+    labels = [c for c in range(NUM_CLASSES) for _ in range(200)]
+    skewed = _mean_label_entropy(partition_dirichlet(labels, 10, alpha=0.1, seed=0), labels)
+    near_iid = _mean_label_entropy(partition_dirichlet(labels, 10, alpha=100.0, seed=0), labels)
+    assert near_iid > 0.97 * np.log(NUM_CLASSES)
+    assert skewed < near_iid - 0.8, (skewed, near_iid)
+
+
+def test_dirichlet_minimum_per_partition() -> None:
+    # Tiny alpha with few videos: draws rarely satisfy the minimum, so the fix-up must.
+    labels = [c for c in range(3) for _ in range(10)]
+    parts = partition_dirichlet(labels, 8, alpha=0.01, seed=1, min_per_partition=3)
+    _check_valid(parts, 8, len(labels))
+    assert min(len(p) for p in parts) >= 3
+    with pytest.raises(PartitionError):
+        partition_dirichlet(labels, 8, alpha=0.5, seed=1, min_per_partition=4)
+    with pytest.raises(PartitionError):
+        partition_dirichlet(labels, 2, alpha=0.0, seed=1)
+
+
+@pytest.mark.parametrize(("num_partitions", "k"), [(5, 2), (3, 4), (10, 1), (7, 3)])
+def test_k_classes_gives_exactly_k_classes(num_partitions: int, k: int) -> None:
+    parts = partition_k_classes(LABELS, num_partitions, k, seed=2)
+    _check_valid(parts, num_partitions, len(LABELS))
+    labels = np.asarray(LABELS)
+    assert [len(set(labels[part])) for part in parts] == [k] * num_partitions
+
+
+def test_k_classes_errors() -> None:
+    with pytest.raises(PartitionError):
+        partition_k_classes(LABELS, 3, 2, seed=0)  # 6 slots cannot cover 10 classes
+    with pytest.raises(PartitionError):
+        partition_k_classes(LABELS, 5, 11, seed=0)
+
+
+def test_groups_are_never_split() -> None:
+    parts = partition_groups(GROUPS, 6, seed=1)
+    _check_valid(parts, 6, len(GROUPS))
+    owners: dict[str, set[int]] = {}
+    for client, part in enumerate(parts):
+        for i in part:
+            owners.setdefault(GROUPS[i], set()).add(client)
+    assert all(len(clients) == 1 for clients in owners.values())
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 20  # 25 equal groups of 20 videos over 6 clients: 4 or 5 each
+
+
+def test_groups_balance_unequal_sizes() -> None:
+    groups = ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + ["d"] * 10 + ["e"] * 10
+    sizes = sorted(len(p) for p in partition_groups(groups, 2, seed=0))
+    assert sizes == [60, 60]
+
+
+def test_errors() -> None:
+    with pytest.raises(PartitionError, match="unknown partition method 'shards'.*iid"):
+        partition_samples(LABELS, GROUPS, "shards", 2, seed=0)
+    with pytest.raises(PartitionError):
+        partition_samples(LABELS, GROUPS, "iid", len(LABELS) + 1, seed=0)
+    with pytest.raises(PartitionError):
+        partition_samples(LABELS, GROUPS, "iid", 0, seed=0)
+    with pytest.raises(PartitionError, match="groups"):
+        partition_samples(LABELS, GROUPS, "groups", 26, seed=0)
+    assert issubclass(PartitionError, ValueError)
+
+
+def test_underscore_alias() -> None:
+    expected = partition_samples(LABELS, GROUPS, "k-classes", 5, seed=0)
+    assert partition_samples(LABELS, GROUPS, "k_classes", 5, seed=0) == expected
+
+
+def test_summary_counts_match_and_format_prints_all_clients() -> None:
+    parts = partition_samples(LABELS, GROUPS, "dirichlet", 4, seed=0, alpha=0.3)
+    summary = partition_summary(LABELS, parts, CLASSES)
+    assert json.loads(json.dumps(summary)) == summary
+    assert summary["num_partitions"] == 4
+    for client, part in zip(summary["clients"], parts):
+        assert client["num_videos"] == len(part)
+        assert client["per_class"] == {name: sum(LABELS[i] == c for i in part) for c, name in enumerate(CLASSES)}
+    text = format_partition_summary(summary)
+    lines = text.splitlines()
+    assert len(lines) == 1 + 4 + 1  # header, clients, totals
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2", "3", "total"]
+    assert lines[-1].split()[1:] == ["50"] * NUM_CLASSES + [str(len(LABELS))]
+    assert "Class9" in lines[0]
+
+
+def test_format_abbreviates_long_class_names() -> None:
+    classes = ["ApplyEyeMakeup", "ApplyLipstick", "Archery"]
+    summary = partition_summary([0, 1, 2, 2], [[0, 1], [2, 3]], classes)
+    header = format_partition_summary(summary).splitlines()[0]
+    assert "ApplyEye." in header and "ApplyLip." in header and "Archery" in header
+    clashing = partition_summary([0, 1], [[0], [1]], ["BasketballShooting", "BasketballDunk"])
+    text = format_partition_summary(clashing)
+    assert "1=BasketballShooting" in text and "2=BasketballDunk" in text
