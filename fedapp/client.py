@@ -1,0 +1,100 @@
+"""The Flower client: a ``NumPyClient`` that trains and scores a video classifier on local videos."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.client import NumPyClient
+
+from datasets.layouts import VideoSample
+from fedapp.config import AppConfig
+from fedapp.data import eval_loader, train_loader
+from fedapp.models import build_model, prepare_model, select_device
+from fedapp.train import evaluate_model, load_state_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
+
+logger = logging.getLogger(__name__)
+
+
+class NoUsableVideoError(RuntimeError):
+    """This client has no video it can decode for the requested phase."""
+
+
+class VideoClient(NumPyClient):
+    """Fine-tunes the global model on this node's videos (``fit``) and scores it on its test videos.
+
+    ``skipped`` lists the node's files that could not be decoded; they are reported in every reply's
+    metrics so the server sees data problems without seeing the data.
+    """
+
+    def __init__(
+        self,
+        cfg: AppConfig,
+        classes: Sequence[str],
+        train_samples: Sequence[VideoSample],
+        test_samples: Sequence[VideoSample],
+        skipped: Sequence[tuple[str, str]] = (),
+        partition_id: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.train_samples = list(train_samples)
+        self.test_samples = list(test_samples)
+        self.skipped = list(skipped)
+        self.partition_id = partition_id
+        self.device = select_device(cfg.device)
+        set_torch_threads(cfg.torch_threads)
+
+    def _model(self, parameters: list[np.ndarray]):
+        model = build_model(
+            self.cfg.model, len(self.classes), freeze_backbone=self.cfg.freeze_backbone, pooling=self.cfg.pooling
+        )
+        load_state_arrays(model, parameters)
+        return prepare_model(model, self.device, self.cfg.channels_last)
+
+    def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
+        counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
+        return {
+            "partition-id": self.partition_id,
+            "skipped-videos": len(self.skipped),
+            "class-counts": counts.tolist(),
+        }
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        model = build_model(self.cfg.model, len(self.classes), pooling=self.cfg.pooling)
+        return state_arrays(model)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        if not self.train_samples:
+            raise NoUsableVideoError(
+                f"partition {self.partition_id}: no usable training video ({len(self.skipped)} skipped as unreadable)"
+            )
+        server_round = int(config.get("server-round", 0))
+        model = self._model(parameters)
+        # A different but reproducible clip order for every (run seed, round, client).
+        seed = (self.cfg.seed * 1_000_003 + server_round * 1009 + self.partition_id) % 2**31
+        metrics = train_epochs(
+            model,
+            train_loader(self.cfg, self.train_samples, seed=seed),
+            make_optimizer(model, self.cfg),
+            epochs=self.cfg.local_epochs,
+            device=self.device,
+            bf16=self.cfg.bf16,
+            channels_last=self.cfg.channels_last,
+            log_prefix=f"[partition {self.partition_id} round {server_round}] ",
+        )
+        if metrics["train-clips"] == 0:
+            raise NoUsableVideoError(f"partition {self.partition_id}: every training clip failed to decode")
+        return state_arrays(model), len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
+        if not self.test_samples:
+            raise NoUsableVideoError(f"partition {self.partition_id}: no usable test video")
+        model = self._model(parameters)
+        scores = evaluate_model(
+            model, eval_loader(self.cfg, self.test_samples), self.device, self.cfg.bf16, self.cfg.channels_last
+        )
+        loss = scores.pop("loss")
+        return loss, len(self.test_samples), {**scores, **self._data_metrics(self.test_samples)}

@@ -1,0 +1,80 @@
+"""The Flower ClientApp: builds this node's ``VideoClient`` and reaches it through the bridge."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from datasets.clip_dataset import scan_videos
+from fedapp.bridge import EVALUATE, FIT, call_numpy_client
+from fedapp.client import VideoClient
+from fedapp.config import AppConfig, ConfigError, parse_config
+from fedapp.data import load_video_index, node_partition
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# Probing every file costs a pass over the data: remember the result per partition (a simulation
+# process serves many virtual clients, so the key must include the partition).
+_SCAN_CACHE: dict[tuple, tuple[list, list, list]] = {}
+
+
+def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, str | None]:
+    """``(partition-id, num-partitions, data-dir)`` from a node config, validated.
+
+    Simulation injects ``partition-id``/``num-partitions``; a SuperNode with its own videos passes
+    ``data-dir`` (and then holds one partition of its own unless it also names a partition).
+    """
+    data_dir = node_config.get("data-dir")
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise ConfigError(f"node config data-dir={data_dir!r} must be a string")
+    default_parts = 1 if data_dir else None
+    num_partitions = node_config.get("num-partitions", default_parts)
+    partition_id = node_config.get("partition-id", 0 if default_parts else None)
+    if num_partitions is None or partition_id is None:
+        raise ConfigError("node config needs partition-id and num-partitions, or data-dir")
+    for key, value in (("partition-id", partition_id), ("num-partitions", num_partitions)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"node config {key}={value!r} must be an integer")
+    if num_partitions < 1 or not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config partition-id={partition_id}, num-partitions={num_partitions}: need 0 <= partition-id < num-partitions"
+        )
+    return partition_id, num_partitions, data_dir
+
+
+def make_client(cfg: AppConfig, node_config: Mapping[str, Any]) -> VideoClient:
+    """The VideoClient for this node: its partition of the dataset, unreadable files set aside."""
+    partition_id, num_partitions, data_dir = node_settings(node_config)
+    index = load_video_index(cfg, data_dir)
+    key = (cfg.dataset, data_dir or cfg.data_dir, cfg.fold, cfg.partitioning, cfg.partition_seed,
+           cfg.dirichlet_alpha, cfg.classes_per_client, partition_id, num_partitions, str(cfg.cache_path))
+    if key not in _SCAN_CACHE:
+        train, test = node_partition(cfg, index, partition_id, num_partitions)
+        usable_train, skipped_train = scan_videos(train)
+        usable_test, skipped_test = scan_videos(test)
+        _SCAN_CACHE[key] = (usable_train, usable_test, skipped_train + skipped_test)
+    train, test, skipped = _SCAN_CACHE[key]
+    return VideoClient(cfg, index.classes, train, test, skipped, partition_id)
+
+
+def _client(context: Context) -> VideoClient:
+    cfg = parse_config(context.run_config, check_paths=False)
+    return make_client(cfg, context.node_config)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on this node's videos."""
+    return call_numpy_client(_client(context), msg, FIT)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Local evaluation on this node's test videos."""
+    return call_numpy_client(_client(context), msg, EVALUATE)

@@ -1,0 +1,227 @@
+"""The app's run configuration: every knob of ``[tool.flwr.app.config]``, validated once at start."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from datasets.clip_dataset import ClipSpec
+from datasets.layouts import LAYOUTS
+from datasets.partition import METHODS as PARTITION_METHODS
+from datasets.synthetic import SyntheticSpec
+from fedapp.models import MODEL_NAMES, POOLINGS
+
+STRATEGIES = ("fedavg",)
+DATASETS = ("synthetic", *LAYOUTS)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SYNTHETIC_PRESETS = ("easy", "hard")
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Typed view of the run config. Field names are the TOML keys with ``-`` replaced by ``_``."""
+
+    num_server_rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 900.0
+    central_eval: bool = True
+    dataset: str = "synthetic"
+    data_dir: str = ""
+    splits_dir: str = ""
+    fold: int = 1
+    test_fraction: float = 0.2
+    cache_dir: str = ""
+    synthetic_classes: int = 8
+    synthetic_videos_per_class: int = 35
+    synthetic_frames: int = 24
+    synthetic_size: int = 64
+    synthetic_preset: str = "easy"
+    synthetic_seed: int = 0
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    partition_seed: int = 42
+    clip_len: int = 16
+    clip_stride: int = 1
+    resize: str = "64x64"
+    crop_size: int = 64
+    eval_clips: int = 3
+    model: str = "tiny3d"
+    pooling: str = "mean"
+    pretrained_path: str = ""
+    freeze_backbone: bool = False
+    local_epochs: int = 2
+    batch_size: int = 8
+    optimizer: str = "adamw"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    num_workers: int = 0
+    torch_threads: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    results_dir: str = "results"
+    run_name: str = ""
+
+    @property
+    def clip_spec(self) -> ClipSpec:
+        return ClipSpec(
+            clip_len=self.clip_len,
+            stride=self.clip_stride,
+            resize=parse_size(self.resize, "resize"),
+            crop_size=self.crop_size,
+        )
+
+    @property
+    def synthetic_spec(self) -> SyntheticSpec:
+        return SyntheticSpec(
+            num_classes=self.synthetic_classes,
+            videos_per_class=self.synthetic_videos_per_class,
+            num_frames=self.synthetic_frames,
+            size=self.synthetic_size,
+            preset=self.synthetic_preset,
+            seed=self.synthetic_seed,
+        )
+
+    @property
+    def cache_path(self) -> Path:
+        """Where generated data lives: outside the app folder, so it never enters the app bundle."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "fedvideo"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config with TOML key names, as saved in results."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def parse_size(text: str, key: str) -> tuple[int, int]:
+    """Parse ``"HxW"`` (or a single ``"S"`` for a square) into ``(height, width)``."""
+    parts = str(text).lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = (values[0], values[0])
+    if len(values) != 2 or min(values) < 8:
+        raise ConfigError(f"{key}={text!r} is invalid: expected 'HxW' with H, W >= 8 (e.g. '128x171')")
+    return values  # type: ignore[return-value]
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML gives int for `1` where a float is meant; bool is an int subclass and must not pass as one.
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {kind.__name__}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(allowed)}")
+
+
+def _range(key: str, value: float, low: float, high: float | None = None, low_open: bool = False) -> None:
+    below = value <= low if low_open else value < low
+    if below or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{key}={value!r} is out of range: allowed {bounds}")
+
+
+def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> AppConfig:
+    """Validate a Flower run config into an :class:`AppConfig`.
+
+    Unknown keys are ignored (Flower only passes keys declared in pyproject.toml); missing keys take
+    the defaults. ``check_paths`` verifies that the data paths exist (the server checks them before
+    round 1; a SuperNode with its own data checks its own).
+    """
+    values: dict[str, Any] = {}
+    for field in fields(AppConfig):
+        key = field.name.replace("_", "-")
+        if key in run_config:
+            values[field.name] = _coerce(key, run_config[key], type(field.default))
+    cfg = AppConfig(**values)
+
+    _range("num-server-rounds", cfg.num_server_rounds, 1)
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _range("fraction-train", cfg.fraction_train, 0.0, 1.0, low_open=True)
+    _range("fraction-evaluate", cfg.fraction_evaluate, 0.0, 1.0)
+    _range("min-train-nodes", cfg.min_train_nodes, 1)
+    _range("min-evaluate-nodes", cfg.min_evaluate_nodes, 0)
+    _range("min-available-nodes", cfg.min_available_nodes, 1)
+    if cfg.min_available_nodes < max(cfg.min_train_nodes, cfg.min_evaluate_nodes):
+        raise ConfigError(
+            f"min-available-nodes={cfg.min_available_nodes} is smaller than min-train-nodes="
+            f"{cfg.min_train_nodes} / min-evaluate-nodes={cfg.min_evaluate_nodes}: it must be >= both"
+        )
+    _range("round-timeout", cfg.round_timeout, 0.0, low_open=True)
+    _choice("dataset", cfg.dataset, DATASETS)
+    _range("fold", cfg.fold, 1, 3)
+    _range("test-fraction", cfg.test_fraction, 0.0, 1.0, low_open=True)
+    _range("synthetic-classes", cfg.synthetic_classes, 2, 8)
+    if cfg.synthetic_classes % 2:
+        raise ConfigError(f"synthetic-classes={cfg.synthetic_classes} is not allowed: choose 2, 4, 6 or 8")
+    _range("synthetic-videos-per-class", cfg.synthetic_videos_per_class, 2)
+    _range("synthetic-frames", cfg.synthetic_frames, 2)
+    _range("synthetic-size", cfg.synthetic_size, 16)
+    _choice("synthetic-preset", cfg.synthetic_preset, SYNTHETIC_PRESETS)
+    _choice("partitioning", cfg.partitioning, PARTITION_METHODS)
+    _range("dirichlet-alpha", cfg.dirichlet_alpha, 0.0, low_open=True)
+    _range("classes-per-client", cfg.classes_per_client, 1)
+    _range("clip-len", cfg.clip_len, 1)
+    _range("clip-stride", cfg.clip_stride, 1)
+    height, width = parse_size(cfg.resize, "resize")
+    _range("crop-size", cfg.crop_size, 8, min(height, width))
+    _range("eval-clips", cfg.eval_clips, 1)
+    _choice("model", cfg.model, MODEL_NAMES)
+    _choice("pooling", cfg.pooling, POOLINGS)
+    _range("local-epochs", cfg.local_epochs, 1)
+    _range("batch-size", cfg.batch_size, 1)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _range("lr", cfg.lr, 0.0, low_open=True)
+    _range("momentum", cfg.momentum, 0.0, 1.0)
+    _range("weight-decay", cfg.weight_decay, 0.0)
+    _range("num-workers", cfg.num_workers, 0)
+    _range("torch-threads", cfg.torch_threads, 0)
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device={cfg.device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
+    if not cfg.results_dir:
+        raise ConfigError("results-dir='' is not allowed: name a directory for the run's outputs")
+
+    if check_paths:
+        check_data_paths(cfg)
+    return cfg
+
+
+def check_data_paths(cfg: AppConfig) -> None:
+    """Fail early when the data or weights the config names are missing."""
+    if cfg.dataset != "synthetic":
+        if not cfg.data_dir:
+            raise ConfigError(f"data-dir='' is not allowed with dataset={cfg.dataset!r}: name the video folder")
+        if not Path(cfg.data_dir).expanduser().exists():
+            raise ConfigError(f"data-dir={cfg.data_dir!r} does not exist")
+        if cfg.splits_dir and not Path(cfg.splits_dir).expanduser().is_dir():
+            raise ConfigError(f"splits-dir={cfg.splits_dir!r} is not a directory")
+    if cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
+        raise ConfigError(f"pretrained-path={cfg.pretrained_path!r} is not a file")

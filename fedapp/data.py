@@ -1,0 +1,118 @@
+"""From the run config to data: the dataset index, this node's partition and the loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.clip_dataset import EvalClipDataset, TrainClipDataset, collate_clips
+from datasets.layouts import VideoIndex, VideoSample, load_class_folders, load_hmdb51, load_manifest, load_ucf101
+from datasets.partition import partition_samples
+from datasets.synthetic import ensure_synthetic
+from datasets.transforms import EvalClipTransform, TrainClipTransform
+from fedapp.config import AppConfig, ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Simulation runs many virtual clients in one process: cache indexes by their defining settings only.
+_INDEX_CACHE: dict[tuple, VideoIndex] = {}
+
+
+def load_video_index(cfg: AppConfig, data_dir: str | None = None) -> VideoIndex:
+    """Index the configured dataset (generating the synthetic default on first use)."""
+    data_dir = data_dir if data_dir is not None else cfg.data_dir
+    key = (cfg.dataset, data_dir, cfg.splits_dir, cfg.fold, cfg.test_fraction, cfg.synthetic_spec, str(cfg.cache_path))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = _load_index(cfg, data_dir)
+    return _INDEX_CACHE[key]
+
+
+def _load_index(cfg: AppConfig, data_dir: str) -> VideoIndex:
+    if cfg.dataset == "synthetic":
+        root = ensure_synthetic(cfg.cache_path, cfg.synthetic_spec)
+        return load_ucf101(root / "UCF-101", root / "ucfTrainTestlist", cfg.fold)
+    root = Path(data_dir).expanduser()
+    if cfg.dataset == "ucf101":
+        return load_ucf101(root, _splits_dir(cfg, root, "classInd.txt"), cfg.fold)
+    if cfg.dataset == "hmdb51":
+        return load_hmdb51(root, _splits_dir(cfg, root, f"*_test_split{cfg.fold}.txt"), cfg.fold)
+    if cfg.dataset == "folders":
+        return load_class_folders(root, cfg.test_fraction)
+    return load_manifest(root, cfg.test_fraction)
+
+
+def _splits_dir(cfg: AppConfig, video_dir: Path, marker: str) -> Path:
+    """The split-file folder: ``splits-dir`` if set, else searched beside and inside the video folder."""
+    if cfg.splits_dir:
+        return Path(cfg.splits_dir).expanduser()
+    for base in (video_dir, video_dir.parent):
+        for candidate in [base, *sorted(p for p in base.iterdir() if p.is_dir())]:
+            if any(candidate.glob(marker)):
+                return candidate
+    raise ConfigError(
+        f"splits-dir='' and no split files ({marker}) were found in or beside data-dir={str(video_dir)!r}: "
+        "set splits-dir"
+    )
+
+
+def node_partition(
+    cfg: AppConfig, index: VideoIndex, partition_id: int, num_partitions: int
+) -> tuple[list[VideoSample], list[VideoSample]]:
+    """This node's train and test videos: the configured partition of each split.
+
+    Whole videos are assigned, so clips of one video never reach two clients. With a single
+    partition (a SuperNode holding its own data folder) the node keeps everything.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id={partition_id} is out of range: allowed [0, {num_partitions - 1}]")
+    return (
+        _take(cfg, index.train, partition_id, num_partitions),
+        _take(cfg, index.test, partition_id, num_partitions),
+    )
+
+
+def _take(cfg: AppConfig, samples: Sequence[VideoSample], partition_id: int, num_partitions: int) -> list[VideoSample]:
+    if num_partitions == 1 or not samples:
+        return list(samples)
+    parts = partition_samples(
+        labels=[s.label for s in samples],
+        groups=[s.group for s in samples],
+        method=cfg.partitioning,
+        num_partitions=num_partitions,
+        seed=cfg.partition_seed,
+        alpha=cfg.dirichlet_alpha,
+        k=cfg.classes_per_client,
+    )
+    return [samples[i] for i in parts[partition_id]]
+
+
+def train_loader(cfg: AppConfig, samples: Sequence[VideoSample], seed: int) -> DataLoader:
+    """Shuffled loader of one random clip per video per epoch."""
+    dataset = TrainClipDataset(samples, cfg.clip_spec, TrainClipTransform(cfg.crop_size), seed=seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_clips,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )
+
+
+def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample]) -> DataLoader:
+    """Loader of ``eval-clips`` uniformly spaced clips per video, in order."""
+    dataset = EvalClipDataset(samples, cfg.clip_spec, EvalClipTransform(cfg.crop_size), clips_per_video=cfg.eval_clips)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_clips,
+        pin_memory=torch.cuda.is_available(),
+    )

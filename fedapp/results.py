@@ -1,0 +1,91 @@
+"""The run's results directory, written atomically: a crash never leaves a half-written file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "run_config.json"
+ROUNDS_FILE = "rounds.jsonl"
+PARTITIONS_FILE = "partitions.json"
+MODEL_FILE = "model.safetensors"
+CLASSES_FILE = "classes.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_weights(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    """Weights as safetensors (no pickle: safe to load from anywhere), atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(path: str | Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+class RunResults:
+    """One run's folder: config, partition summary, per-round history, final model, summary."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        atomic_write_json(self.dir / CONFIG_FILE, dict(config))
+
+    def write_partitions(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_json(self.dir / PARTITIONS_FILE, dict(summary))
+
+    def append_round(self, record: Mapping[str, Any]) -> None:
+        """Add one round to ``rounds.jsonl`` (the whole small file is rewritten atomically)."""
+        self.rounds.append(dict(record))
+        text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self.rounds)
+        atomic_write_bytes(self.dir / ROUNDS_FILE, text.encode())
+
+    def save_model(self, arrays: Mapping[str, np.ndarray], classes: Sequence[str], model_name: str) -> None:
+        """Final global weights with the class list (in the file's metadata and beside it)."""
+        atomic_write_json(self.dir / CLASSES_FILE, list(classes))
+        save_weights(self.dir / MODEL_FILE, arrays, {"model": model_name, "classes": json.dumps(list(classes))})
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        atomic_write_json(self.dir / SUMMARY_FILE, dict(summary))
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,0 +1,172 @@
+"""The Flower ServerApp: initial model, the round loop with the configured strategy, central
+evaluation of the global model on the held-out split, and the results directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from datasets.clip_dataset import scan_videos
+from datasets.partition import format_partition_summary
+from fedapp.config import AppConfig, parse_config
+from fedapp.data import eval_loader, load_video_index
+from fedapp.models import build_model, prepare_model, select_device
+from fedapp.results import RunResults
+from fedapp.train import evaluate_model, set_torch_threads
+from strategies.fedavg import RoundReport, VideoFedAvg, arrays_to_numpy, numpy_to_arrays
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class RoundFailedError(RuntimeError):
+    """No client returned a usable update in a round: the run stops instead of idling on."""
+
+
+def build_strategy(cfg: AppConfig) -> VideoFedAvg:
+    """The configured aggregation strategy."""
+    return VideoFedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+
+
+def run_directory(cfg: AppConfig, run_id: int | str) -> Path:
+    """``results-dir/<run-name>``; the default name is a UTC timestamp plus Flower's run id."""
+    name = cfg.run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
+    return Path(cfg.results_dir).expanduser().resolve() / name
+
+
+def partition_summary(classes: list[str], report: RoundReport, known: dict[int, list[int]]) -> dict[str, Any]:
+    """Videos per class per client, from the counts clients report (the server never sees data)."""
+    for client in report.accepted:
+        if "partition-id" in client.metrics and "class-counts" in client.metrics:
+            known[int(client.metrics["partition-id"])] = [int(c) for c in client.metrics["class-counts"]]
+    return {
+        "num_partitions": len(known),
+        "clients": [
+            {
+                "partition_id": pid,
+                "num_videos": sum(counts),
+                "per_class": {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(classes)},
+            }
+            for pid, counts in sorted(known.items())
+        ],
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation; any failure is recorded in ``summary.json`` and fails the run."""
+    cfg = parse_config(context.run_config)
+    results = RunResults(run_directory(cfg, context.run_id))
+    results.write_config(cfg.to_dict())
+    logger.info("results directory: %s", results.dir)
+    started = time.time()
+    try:
+        summary = run_federation(grid, cfg, results)
+    except BaseException as exc:
+        results.write_summary(
+            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": len(results.rounds),
+             "wall-time-s": time.time() - started}
+        )
+        raise
+    results.write_summary({"status": "completed", **summary, "wall-time-s": time.time() - started})
+    logger.info("run completed: %s", summary)
+
+
+def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str, Any]:
+    """The round loop: train, aggregate, evaluate on clients and centrally, record."""
+    set_torch_threads(cfg.torch_threads)
+    index = load_video_index(cfg)  # generates the synthetic default before any client needs it
+    logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
+                len(index.train), len(index.test))
+    model = build_model(cfg.model, len(index.classes), cfg.pretrained_path, cfg.freeze_backbone, cfg.pooling)
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    device = select_device(cfg.device)
+    central = None
+    if cfg.central_eval:
+        usable, skipped = scan_videos(index.test)
+        central = (prepare_model(model, device, cfg.channels_last), eval_loader(cfg, usable), len(skipped))
+
+    def evaluate_centrally(weights: dict[str, np.ndarray]) -> dict[str, float]:
+        if central is None:
+            return {}
+        net, loader, skipped_count = central
+        net.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+        return {**evaluate_model(net, loader, device, cfg.bf16, cfg.channels_last), "skipped-videos": skipped_count}
+
+    strategy = build_strategy(cfg)
+    known_partitions: dict[int, list[int]] = {}
+    start = time.time()
+    initial = evaluate_centrally(arrays)
+    results.append_round({"round": 0, "central": initial, "wall-time-s": time.time() - start})
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        round_start = time.time()
+        logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid),
+            timeout=cfg.round_timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise RoundFailedError(
+                f"round {server_round}: no usable client update "
+                f"(failed: {strategy.last_train.failed}, rejected: {strategy.last_train.rejected})"
+            )
+        arrays = arrays_to_numpy(new_arrays)
+        summary = partition_summary(index.classes, strategy.last_train, known_partitions)
+        if server_round == 1:
+            logger.info("partition summary (videos per class):\n%s", format_partition_summary(summary))
+        results.write_partitions(summary)
+
+        evaluate_metrics = None
+        if cfg.fraction_evaluate > 0:
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid),
+                timeout=cfg.round_timeout,
+            )
+            evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
+        central_metrics = evaluate_centrally(arrays)
+        record = {
+            "round": server_round,
+            "train": dict(train_metrics or {}),
+            "train-clients": strategy.last_train.to_dict(),
+            "evaluate": dict(evaluate_metrics or {}),
+            "evaluate-clients": strategy.last_evaluate.to_dict() if cfg.fraction_evaluate > 0 else None,
+            "central": central_metrics,
+            "round-time-s": time.time() - round_start,
+            "wall-time-s": time.time() - start,
+        }
+        results.append_round(record)
+        logger.info(
+            "round %d: train loss %.4f acc %.3f | central loss %s video-acc %s | %.1fs",
+            server_round, record["train"].get("train-loss", float("nan")),
+            record["train"].get("train-accuracy", float("nan")),
+            _fmt(central_metrics.get("loss")), _fmt(central_metrics.get("video-accuracy")), record["round-time-s"],
+        )
+    results.save_model(arrays, index.classes, cfg.model)
+    final = results.rounds[-1]["central"]
+    return {
+        "rounds-completed": cfg.num_server_rounds,
+        "model": cfg.model,
+        "classes": index.classes,
+        "final-central": final,
+        "results-dir": str(results.dir),
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,139 @@
+"""The local training loop and evaluation (clip-level and video-level accuracy)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedapp.config import AppConfig
+from fedapp.models import autocast_context, input_to_device
+
+logger = logging.getLogger(__name__)
+
+# Progress lines per epoch: enough to see a long epoch move, few enough not to flood the log.
+PROGRESS_LINES_PER_EPOCH = 4
+
+
+def make_optimizer(model: nn.Module, cfg: AppConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable parameters (a frozen backbone is skipped)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    device: torch.device,
+    bf16: bool = False,
+    channels_last: bool = False,
+    log_prefix: str = "",
+) -> dict[str, float]:
+    """Train for ``epochs`` passes; returns mean loss, accuracy, clips, clips/s and failed clips."""
+    model.train()
+    seen = correct = failed = 0
+    loss_sum = 0.0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        every = max(1, len(loader) // PROGRESS_LINES_PER_EPOCH)
+        for step, (clips, labels, _, bad) in enumerate(loader, start=1):
+            failed += len(bad)
+            if clips is None:
+                continue
+            clips = input_to_device(clips, device, channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast_context(device, bf16):
+                logits = model(clips)
+                loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += labels.numel()
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            if step % every == 0 or step == len(loader):
+                logger.info(
+                    "%sepoch %d/%d step %d/%d loss %.4f", log_prefix, epoch + 1, epochs, step, len(loader), loss.item()
+                )
+    seconds = time.perf_counter() - start
+    return {
+        "train-loss": loss_sum / max(seen, 1),
+        "train-accuracy": correct / max(seen, 1),
+        "train-clips": float(seen),
+        "clips-per-s": seen / seconds if seconds > 0 else 0.0,
+        "failed-clips": float(failed),
+    }
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Clip-level and video-level scores; a video's prediction averages its clips' softmax."""
+    model.eval()
+    loss_sum = 0.0
+    clips_seen = clip_correct = failed = 0
+    video_probs: dict[int, torch.Tensor] = {}
+    video_labels: dict[int, int] = {}
+    for clips, labels, video_ids, bad in loader:
+        failed += len(bad)
+        if clips is None:
+            continue
+        clips = input_to_device(clips, device, channels_last)
+        labels = labels.to(device)
+        with autocast_context(device, bf16):
+            logits = model(clips).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        clip_correct += (logits.argmax(1) == labels).sum().item()
+        clips_seen += labels.numel()
+        probs = logits.softmax(1).cpu()
+        for prob, label, vid in zip(probs, labels.tolist(), video_ids.tolist()):
+            video_probs[vid] = video_probs.get(vid, 0) + prob
+            video_labels[vid] = label
+    video_correct = sum(int(video_probs[v].argmax().item() == video_labels[v]) for v in video_probs)
+    return {
+        "loss": loss_sum / max(clips_seen, 1),
+        "clip-accuracy": clip_correct / max(clips_seen, 1),
+        "video-accuracy": video_correct / max(len(video_probs), 1),
+        "num-clips": float(clips_seen),
+        "num-videos": float(len(video_probs)),
+        "failed-clips": float(failed),
+    }
+
+
+def set_torch_threads(threads: int) -> None:
+    """Pin intra-op threads (0 keeps torch's default) so concurrent clients don't oversubscribe cores."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def state_arrays(model: nn.Module) -> list:
+    """The model's state as numpy arrays, in ``state_dict`` order."""
+    return [t.detach().cpu().numpy() for t in model.state_dict().values()]
+
+
+def load_state_arrays(model: nn.Module, arrays: Iterable) -> None:
+    """Load numpy arrays given in ``state_dict`` order, strictly (count and shapes must match)."""
+    keys = list(model.state_dict().keys())
+    arrays = list(arrays)
+    if len(arrays) != len(keys):
+        raise ValueError(f"got {len(arrays)} arrays for a model with {len(keys)} tensors")
+    state = {k: torch.as_tensor(a) for k, a in zip(keys, arrays)}
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,41 @@
+"""Shared fixtures. Every test runs with a project-local FLWR_HOME so ~/.flwr is never touched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+os.environ["FLWR_HOME"] = str(PROJECT_DIR / ".flwr_home" / "tests")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+# A small synthetic dataset: enough videos for 3 partitions, small enough to write in a second.
+SMALL_SYNTHETIC = {
+    "synthetic-classes": 4,
+    "synthetic-videos-per-class": 10,
+    "synthetic-frames": 12,
+    "synthetic-size": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def small_run_config(cache_dir: Path) -> dict:
+    """A run config (TOML key names) for fast tests on the small synthetic dataset."""
+    return {
+        **SMALL_SYNTHETIC,
+        "cache-dir": str(cache_dir),
+        "clip-len": 8,
+        "resize": "32x32",
+        "crop-size": 32,
+        "eval-clips": 2,
+        "batch-size": 4,
+        "local-epochs": 1,
+        "torch-threads": 1,
+    }
