@@ -14,8 +14,10 @@ from fedapp.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client import VideoClient
 from fedapp.config import AppConfig, ConfigError, parse_config
 from fedapp.data import load_video_index, node_partition
+from fedapp.logs import route_app_logs_to_flower
 
 logger = logging.getLogger(__name__)
+route_app_logs_to_flower()
 
 app = ClientApp()
 

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class AppConfig:
     """Typed view of the run config. Field names are the TOML keys with ``-`` replaced by ``_``."""
 
-    num_server_rounds: int = 3
+    num_server_rounds: int = 10
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0

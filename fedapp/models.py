@@ -192,7 +192,7 @@ def build_model(
         load_pretrained_backbone(model, name, pretrained_path)
     if freeze_backbone:
         model.freeze_backbone()
-    logger.info(
+    logger.debug(
         "built %s: %.2f M params (%.2f M trainable), %d classes",
         name,
         count_parameters(model) / 1e6,

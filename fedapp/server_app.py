@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from datasets.clip_dataset import scan_videos
 from datasets.partition import format_partition_summary
 from fedapp.config import AppConfig, parse_config
 from fedapp.data import eval_loader, load_video_index
+from fedapp.logs import route_app_logs_to_flower
 from fedapp.models import build_model, prepare_model, select_device
 from fedapp.results import RunResults
 from fedapp.train import evaluate_model, set_torch_threads
 from strategies.fedavg import RoundReport, VideoFedAvg, arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
+route_app_logs_to_flower()
 
 app = ServerApp()
 
@@ -43,10 +46,13 @@ def build_strategy(cfg: AppConfig) -> VideoFedAvg:
     )
 
 
-def run_directory(cfg: AppConfig, run_id: int | str) -> Path:
-    """``results-dir/<run-name>``; the default name is a UTC timestamp plus Flower's run id."""
-    name = cfg.run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
-    return Path(cfg.results_dir).expanduser().resolve() / name
+def run_directory(run_config: Mapping[str, Any], run_id: int | str) -> Path:
+    """``results-dir/<run-name>``; the default name is a UTC timestamp plus Flower's run id.
+
+    Read from the raw run config (before validation) so that even a config error leaves a summary.
+    """
+    name = str(run_config.get("run-name") or "") or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
+    return Path(str(run_config.get("results-dir") or "results")).expanduser().resolve() / name
 
 
 def partition_summary(classes: list[str], report: RoundReport, known: dict[int, list[int]]) -> dict[str, Any]:
@@ -69,17 +75,19 @@ def partition_summary(classes: list[str], report: RoundReport, known: dict[int, 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation; any failure is recorded in ``summary.json`` and fails the run."""
-    cfg = parse_config(context.run_config)
-    results = RunResults(run_directory(cfg, context.run_id))
-    results.write_config(cfg.to_dict())
+    """Run the federation; any failure, a config error included, is recorded in ``summary.json``
+    and fails the run."""
+    results = RunResults(run_directory(context.run_config, context.run_id))
     logger.info("results directory: %s", results.dir)
     started = time.time()
     try:
+        cfg = parse_config(context.run_config)
+        results.write_config(cfg.to_dict())
         summary = run_federation(grid, cfg, results)
     except BaseException as exc:
+        logger.error("run failed: %s: %s", type(exc).__name__, exc)
         results.write_summary(
-            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": len(results.rounds),
+            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": max(len(results.rounds) - 1, 0),
              "wall-time-s": time.time() - started}
         )
         raise
@@ -93,7 +101,10 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     index = load_video_index(cfg)  # generates the synthetic default before any client needs it
     logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
                 len(index.train), len(index.test))
-    model = build_model(cfg.model, len(index.classes), cfg.pretrained_path, cfg.freeze_backbone, cfg.pooling)
+    model = build_model(
+        cfg.model, len(index.classes), pretrained_path=cfg.pretrained_path, freeze_backbone=cfg.freeze_backbone,
+        pooling=cfg.pooling,
+    )
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     device = select_device(cfg.device)
     central = None

@@ -16,8 +16,9 @@ from fedapp.models import autocast_context, input_to_device
 
 logger = logging.getLogger(__name__)
 
-# Progress lines per epoch: enough to see a long epoch move, few enough not to flood the log.
-PROGRESS_LINES_PER_EPOCH = 4
+# A progress line at most this often (and at each epoch's end): a long epoch shows it is moving,
+# a short one does not flood the log.
+PROGRESS_INTERVAL_S = 15.0
 
 
 def make_optimizer(model: nn.Module, cfg: AppConfig) -> torch.optim.Optimizer:
@@ -44,11 +45,10 @@ def train_epochs(
     model.train()
     seen = correct = failed = 0
     loss_sum = 0.0
-    start = time.perf_counter()
+    start = last_log = time.perf_counter()
     for epoch in range(epochs):
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        every = max(1, len(loader) // PROGRESS_LINES_PER_EPOCH)
         for step, (clips, labels, _, bad) in enumerate(loader, start=1):
             failed += len(bad)
             if clips is None:
@@ -64,7 +64,8 @@ def train_epochs(
             seen += labels.numel()
             loss_sum += loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
-            if step % every == 0 or step == len(loader):
+            if step == len(loader) or time.perf_counter() - last_log > PROGRESS_INTERVAL_S:
+                last_log = time.perf_counter()
                 logger.info(
                     "%sepoch %d/%d step %d/%d loss %.4f", log_prefix, epoch + 1, epochs, step, len(loader), loss.item()
                 )

@@ -12,13 +12,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import fedavg, weighted_average
+from strategies.aggregation import fedavg
 from strategies.validation import check_update, reference_spec
 
 logger = logging.getLogger(__name__)
 
 # Client metrics that are counts: summed over clients instead of averaged.
 SUMMED_METRICS = frozenset({"num-examples", "skipped-videos", "failed-clips"})
+# Client metrics that identify a client: meaningless when averaged, kept per client only.
+IDENTITY_METRICS = frozenset({"partition-id"})
 
 
 @dataclass
@@ -59,7 +61,7 @@ def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def aggregate_metrics(replies: list[ClientReply]) -> dict[str, float]:
     """Average scalar client metrics weighted by ``num-examples``; counts are summed."""
     weights = [float(r.metrics.get("num-examples", 0)) for r in replies]
-    keys = {k for r in replies for k, v in r.metrics.items() if _is_scalar(v)}
+    keys = {k for r in replies for k, v in r.metrics.items() if _is_scalar(v)} - IDENTITY_METRICS
     out: dict[str, float] = {}
     for key in sorted(keys):
         pairs = [(float(r.metrics[key]), w) for r, w in zip(replies, weights) if _is_scalar(r.metrics.get(key))]
@@ -165,4 +167,3 @@ class VideoFedAvg(FedAvg):
         return ClientReply(int(msg.metadata.src_node_id), metrics, arrays), ""
 
 
-__all__ = ["VideoFedAvg", "ClientReply", "RoundReport", "aggregate_metrics", "weighted_average"]

@@ -103,5 +103,5 @@ def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
 def test_metric_lists_are_kept_per_client_not_averaged():
     from strategies.fedavg import ClientReply
 
-    out = aggregate_metrics([ClientReply(1, {"num-examples": 2, "class-counts": [1, 1]})])
-    assert "class-counts" not in out and out["num-examples"] == 2
+    out = aggregate_metrics([ClientReply(1, {"num-examples": 2, "class-counts": [1, 1], "partition-id": 3})])
+    assert "class-counts" not in out and "partition-id" not in out and out["num-examples"] == 2

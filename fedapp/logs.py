@@ -1,0 +1,28 @@
+"""Route this app's log records through Flower's logger.
+
+Flower streams its own logger to ``flwr run --stream`` and to the SuperLink/SuperNode logs; records
+of plain module loggers would be dropped there. Forwarding keeps our modules' ``getLogger(__name__)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.common.logger import FLOWER_LOGGER
+
+APP_PACKAGES = ("fedapp", "datasets", "strategies")
+
+
+class _ToFlowerLogger(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        FLOWER_LOGGER.handle(record)
+
+
+def route_app_logs_to_flower(level: int = logging.INFO) -> None:
+    """Idempotently attach the forwarding handler to the app's package loggers."""
+    for name in APP_PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if not any(isinstance(h, _ToFlowerLogger) for h in logger.handlers):
+            logger.addHandler(_ToFlowerLogger())
