@@ -11,8 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
+
+from strategies.records import numpy_to_arrays
 
 FIT = "fit"
 EVALUATE = "evaluate"
@@ -30,7 +32,7 @@ def call_numpy_client(client: NumPyClient, msg: Message, phase: str) -> Message:
             raise ValueError(f"client returned {len(new_arrays)} arrays for {len(names)} tensors")
         content = RecordDict(
             {
-                "arrays": ArrayRecord({n: Array(np.asarray(a)) for n, a in zip(names, new_arrays)}),
+                "arrays": numpy_to_arrays(dict(zip(names, new_arrays))),
                 "metrics": to_metric_record(metrics, num_examples),
             }
         )

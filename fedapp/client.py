@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.client import NumPyClient
 
 from datasets.layouts import VideoSample
+from fedapp.attacks import flipped_labels, poison_update
 from fedapp.config import AppConfig
 from fedapp.data import eval_loader, train_loader
-from fedapp.models import build_model, prepare_model, select_device
+from fedapp.models import batchnorm_state_keys, build_model, prepare_model, select_device
 from fedapp.train import evaluate_model, load_state_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,10 @@ class VideoClient(NumPyClient):
     """Fine-tunes the global model on this node's videos (``fit``) and scores it on its test videos.
 
     ``skipped`` lists the node's files that could not be decoded; they are reported in every reply's
-    metrics so the server sees data problems without seeing the data.
+    metrics so the server sees data problems without seeing the data. ``local_state`` persists
+    across rounds on this node (Flower's ``context.state``): with ``fedbn`` the node keeps its own
+    BatchNorm layers there instead of taking the global ones. ``attack`` is a test tool
+    (``fedapp.attacks``), never set in a real federation.
     """
 
     def __init__(
@@ -37,6 +41,9 @@ class VideoClient(NumPyClient):
         test_samples: Sequence[VideoSample],
         skipped: Sequence[tuple[str, str]] = (),
         partition_id: int = 0,
+        local_state: MutableMapping[str, np.ndarray] | None = None,
+        node_weight: float | None = None,
+        attack: str = "none",
     ) -> None:
         self.cfg = cfg
         self.classes = list(classes)
@@ -44,6 +51,9 @@ class VideoClient(NumPyClient):
         self.test_samples = list(test_samples)
         self.skipped = list(skipped)
         self.partition_id = partition_id
+        self.local_state = local_state if local_state is not None else {}
+        self.node_weight = node_weight
+        self.attack = attack
         self.device = select_device(cfg.device)
         set_torch_threads(cfg.torch_threads)
 
@@ -51,16 +61,26 @@ class VideoClient(NumPyClient):
         model = build_model(
             self.cfg.model, len(self.classes), freeze_backbone=self.cfg.freeze_backbone, pooling=self.cfg.pooling
         )
-        load_state_arrays(model, parameters)
+        load_state_arrays(model, self._with_local_batchnorm(model, parameters))
         return prepare_model(model, self.device, self.cfg.channels_last)
+
+    def _with_local_batchnorm(self, model, parameters: list[np.ndarray]) -> list[np.ndarray]:
+        """FedBN: this node's own BatchNorm tensors replace the global ones once it has them."""
+        if not self.cfg.fedbn or not self.local_state:
+            return parameters
+        keys = list(model.state_dict())
+        return [self.local_state.get(k, p) for k, p in zip(keys, parameters)]
 
     def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
-        return {
+        metrics: dict[str, Any] = {
             "partition-id": self.partition_id,
             "skipped-videos": len(self.skipped),
             "class-counts": counts.tolist(),
         }
+        if self.node_weight is not None:
+            metrics["node-weight"] = self.node_weight
+        return metrics
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         model = build_model(self.cfg.model, len(self.classes), pooling=self.cfg.pooling)
@@ -84,10 +104,20 @@ class VideoClient(NumPyClient):
             bf16=self.cfg.bf16,
             channels_last=self.cfg.channels_last,
             log_prefix=f"[partition {self.partition_id} round {server_round}] ",
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            label_map=flipped_labels(len(self.classes)) if self.attack == "label-flip" else None,
         )
         if metrics["train-clips"] == 0:
             raise NoUsableVideoError(f"partition {self.partition_id}: every training clip failed to decode")
-        return state_arrays(model), len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
+        arrays = state_arrays(model)
+        if self.cfg.fedbn:
+            keys = list(model.state_dict())
+            bn = set(batchnorm_state_keys(model))
+            self.local_state.update({k: a for k, a in zip(keys, arrays) if k in bn})
+        if self.attack in ("sign-flip", "noise"):
+            arrays = poison_update(parameters, arrays, self.attack, self.cfg.attack_scale, np.random.default_rng(seed))
+        metrics["base-round"] = server_round
+        return arrays, len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
         if not self.test_samples:

@@ -6,15 +6,18 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from datasets.clip_dataset import scan_videos
+from fedapp.attacks import is_attacker
 from fedapp.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client import VideoClient
 from fedapp.config import AppConfig, ConfigError, parse_config
 from fedapp.data import load_video_index, node_partition
 from fedapp.logs import route_app_logs_to_flower
+from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
 route_app_logs_to_flower()
@@ -50,7 +53,9 @@ def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, str | None]
     return partition_id, num_partitions, data_dir
 
 
-def make_client(cfg: AppConfig, node_config: Mapping[str, Any]) -> VideoClient:
+def make_client(
+    cfg: AppConfig, node_config: Mapping[str, Any], local_state: dict[str, np.ndarray] | None = None
+) -> VideoClient:
     """The VideoClient for this node: its partition of the dataset, unreadable files set aside."""
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
@@ -62,21 +67,48 @@ def make_client(cfg: AppConfig, node_config: Mapping[str, Any]) -> VideoClient:
         usable_test, skipped_test = scan_videos(test)
         _SCAN_CACHE[key] = (usable_train, usable_test, skipped_train + skipped_test)
     train, test, skipped = _SCAN_CACHE[key]
-    return VideoClient(cfg, index.classes, train, test, skipped, partition_id)
+    attacker = cfg.attack != "none" and is_attacker(partition_id, num_partitions, cfg.attack_fraction)
+    return VideoClient(
+        cfg, index.classes, train, test, skipped, partition_id,
+        local_state=local_state,
+        node_weight=node_weight(node_config),
+        attack=cfg.attack if attacker else "none",
+    )
 
 
-def _client(context: Context) -> VideoClient:
+def node_weight(node_config: Mapping[str, Any]) -> float | None:
+    """The explicit aggregation weight a SuperNode declares (``--node-config "weight=2.0"``)."""
+    weight = node_config.get("weight")
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise ConfigError(f"node config weight={weight!r} must be a number >= 0")
+    return float(weight)
+
+
+# Node-local state kept between rounds in Flower's context.state (FedBN's BatchNorm layers).
+LOCAL_STATE_KEY = "local-state"
+
+
+def handle(context: Context, msg: Message, phase: str) -> Message:
+    """Build this node's client, run one phase through the bridge, keep node-local state."""
     cfg = parse_config(context.run_config, check_paths=False)
-    return make_client(cfg, context.node_config)
+    stored = context.state.array_records.get(LOCAL_STATE_KEY)
+    local_state = arrays_to_numpy(stored) if stored is not None else {}
+    client = make_client(cfg, context.node_config, local_state)
+    reply = call_numpy_client(client, msg, phase)
+    if client.local_state:
+        context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)
+    return reply
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training on this node's videos."""
-    return call_numpy_client(_client(context), msg, FIT)
+    return handle(context, msg, FIT)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Local evaluation on this node's test videos."""
-    return call_numpy_client(_client(context), msg, EVALUATE)
+    return handle(context, msg, EVALUATE)

@@ -12,9 +12,12 @@ from datasets.clip_dataset import ClipSpec
 from datasets.layouts import LAYOUTS
 from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
+from fedapp.attacks import ATTACKS
 from fedapp.models import MODEL_NAMES, POOLINGS
+from strategies.fusion import FUSION_FUNCTIONS
+from strategies.weighting import WEIGHT_SOURCES
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "average", "weighted", "fusion")
 DATASETS = ("synthetic", *LAYOUTS)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SYNTHETIC_PRESETS = ("easy", "hard")
@@ -37,6 +40,22 @@ class AppConfig:
     min_available_nodes: int = 2
     round_timeout: float = 900.0
     central_eval: bool = True
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    proximal_mu: float = 0.0
+    fedbn: bool = False
+    weight_source: str = "num-examples"
+    staleness_decay: float = 0.5
+    fusion_fn: str = "median"
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
+    krum_selected: int = 1
+    feddf_steps: int = 100
+    feddf_lr: float = 0.0005
+    feddf_temperature: float = 1.0
+    feddf_patience: int = 5
+    feddf_data_dir: str = ""
+    feddf_videos: int = 64
     dataset: str = "synthetic"
     data_dir: str = ""
     splits_dir: str = ""
@@ -74,6 +93,9 @@ class AppConfig:
     bf16: bool = True
     channels_last: bool = True
     seed: int = 0
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0
     results_dir: str = "results"
     run_name: str = ""
 
@@ -176,6 +198,25 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
             f"{cfg.min_train_nodes} / min-evaluate-nodes={cfg.min_evaluate_nodes}: it must be >= both"
         )
     _range("round-timeout", cfg.round_timeout, 0.0, low_open=True)
+    _range("server-lr", cfg.server_lr, 0.0, low_open=True)
+    _range("server-momentum", cfg.server_momentum, 0.0, 1.0)
+    _range("proximal-mu", cfg.proximal_mu, 0.0)
+    _choice("weight-source", cfg.weight_source, WEIGHT_SOURCES)
+    _range("staleness-decay", cfg.staleness_decay, 0.0, 1.0, low_open=True)
+    _choice("fusion-fn", cfg.fusion_fn, FUSION_FUNCTIONS)
+    _range("trim-beta", cfg.trim_beta, 0.0, 0.49)
+    _range("krum-malicious", cfg.krum_malicious, 0)
+    _range("krum-selected", cfg.krum_selected, 1)
+    if cfg.strategy == "fusion" and cfg.fusion_fn == "krum" and cfg.min_train_nodes <= 2 * cfg.krum_malicious + 2:
+        raise ConfigError(
+            f"fusion-fn='krum' with krum-malicious={cfg.krum_malicious} needs min-train-nodes > "
+            f"2·{cfg.krum_malicious}+2 = {2 * cfg.krum_malicious + 2}, got min-train-nodes={cfg.min_train_nodes}"
+        )
+    _range("feddf-steps", cfg.feddf_steps, 0)
+    _range("feddf-lr", cfg.feddf_lr, 0.0, low_open=True)
+    _range("feddf-temperature", cfg.feddf_temperature, 0.0, low_open=True)
+    _range("feddf-patience", cfg.feddf_patience, 1)
+    _range("feddf-videos", cfg.feddf_videos, 1)
     _choice("dataset", cfg.dataset, DATASETS)
     _range("fold", cfg.fold, 1, 3)
     _range("test-fraction", cfg.test_fraction, 0.0, 1.0, low_open=True)
@@ -206,6 +247,9 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("torch-threads", cfg.torch_threads, 0)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device={cfg.device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
+    _choice("attack", cfg.attack, ATTACKS)
+    _range("attack-fraction", cfg.attack_fraction, 0.0, 1.0)
+    _range("attack-scale", cfg.attack_scale, 0.0)
     if not cfg.results_dir:
         raise ConfigError("results-dir='' is not allowed: name a directory for the run's outputs")
 
@@ -223,5 +267,7 @@ def check_data_paths(cfg: AppConfig) -> None:
             raise ConfigError(f"data-dir={cfg.data_dir!r} does not exist")
         if cfg.splits_dir and not Path(cfg.splits_dir).expanduser().is_dir():
             raise ConfigError(f"splits-dir={cfg.splits_dir!r} is not a directory")
+    if cfg.feddf_data_dir and not Path(cfg.feddf_data_dir).expanduser().is_dir():
+        raise ConfigError(f"feddf-data-dir={cfg.feddf_data_dir!r} is not a directory")
     if cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
         raise ConfigError(f"pretrained-path={cfg.pretrained_path!r} is not a file")

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from datasets.clip_dataset import EvalClipDataset, TrainClipDataset, collate_clips
-from datasets.layouts import VideoIndex, VideoSample, load_class_folders, load_hmdb51, load_manifest, load_ucf101
+from datasets.layouts import (
+    VIDEO_EXTENSIONS,
+    VideoIndex,
+    VideoSample,
+    load_class_folders,
+    load_hmdb51,
+    load_manifest,
+    load_ucf101,
+)
 from datasets.partition import partition_samples
 from datasets.synthetic import ensure_synthetic
 from datasets.transforms import EvalClipTransform, TrainClipTransform
@@ -57,6 +66,25 @@ def _splits_dir(cfg: AppConfig, video_dir: Path, marker: str) -> Path:
         f"splits-dir='' and no split files ({marker}) were found in or beside data-dir={str(video_dir)!r}: "
         "set splits-dir"
     )
+
+
+def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
+    """Server-side unlabeled videos for FedDF: every video under ``feddf-data-dir``, or else
+    ``feddf-videos`` freshly generated synthetic videos (another seed: never the train/test videos)."""
+    if cfg.feddf_data_dir:
+        root = Path(cfg.feddf_data_dir).expanduser()
+        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if not paths:
+            raise ConfigError(f"feddf-data-dir={cfg.feddf_data_dir!r} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
+        return [VideoSample(str(p), -1, p.stem) for p in paths[: cfg.feddf_videos]]
+    spec = replace(
+        cfg.synthetic_spec,
+        seed=cfg.synthetic_spec.seed + 1_000_003,
+        videos_per_class=max(2, -(-cfg.feddf_videos // cfg.synthetic_spec.num_classes)),
+    )
+    root = ensure_synthetic(cfg.cache_path, spec)
+    index = load_ucf101(root / "UCF-101", root / "ucfTrainTestlist", 1)
+    return [VideoSample(s.path, -1, s.group) for s in (index.train + index.test)][: cfg.feddf_videos]
 
 
 def node_partition(

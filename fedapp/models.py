@@ -318,6 +318,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def batchnorm_state_keys(model: nn.Module) -> list[str]:
+    """state_dict keys of every BatchNorm layer (affine params and running statistics), for FedBN."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            keys.update(f"{name}.{k}" for k in module.state_dict())
+    return [k for k in model.state_dict() if k in keys]
+
+
 def select_device(preference: str = "auto") -> torch.device:
     """Resolve ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` to a device, failing clearly when absent."""
     pref = preference.strip().lower()

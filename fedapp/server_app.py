@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ from flwr.serverapp import Grid, ServerApp
 from datasets.clip_dataset import scan_videos
 from datasets.partition import format_partition_summary
 from fedapp.config import AppConfig, parse_config
-from fedapp.data import eval_loader, load_video_index
+from fedapp.data import eval_loader, load_video_index, unlabeled_samples
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.models import build_model, prepare_model, select_device
 from fedapp.results import RunResults
 from fedapp.train import evaluate_model, set_torch_threads
-from strategies.fedavg import RoundReport, VideoFedAvg, arrays_to_numpy, numpy_to_arrays
+from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.distillation import DistillConfig, distill_arrays
+from strategies.strategy import AverageStrategy, FusionStrategy, RoundReport, VideoFedAvg, WeightedStrategy
 
 logger = logging.getLogger(__name__)
 route_app_logs_to_flower()
@@ -35,15 +37,55 @@ class RoundFailedError(RuntimeError):
     """No client returned a usable update in a round: the run stops instead of idling on."""
 
 
-def build_strategy(cfg: AppConfig) -> VideoFedAvg:
-    """The configured aggregation strategy."""
-    return VideoFedAvg(
+def build_strategy(
+    cfg: AppConfig, distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None
+) -> VideoFedAvg:
+    """The strategy named by ``strategy`` (and its family's keys)."""
+    common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=cfg.min_evaluate_nodes,
         min_available_nodes=cfg.min_available_nodes,
+        server_lr=cfg.server_lr,
+        server_momentum=cfg.server_momentum,
+        proximal_mu=cfg.proximal_mu,
     )
+    if cfg.strategy == "average":
+        return AverageStrategy(**common)
+    if cfg.strategy == "weighted":
+        return WeightedStrategy(weight_source=cfg.weight_source, staleness_decay=cfg.staleness_decay, **common)
+    if cfg.strategy == "fusion":
+        return FusionStrategy(
+            fusion_fn=cfg.fusion_fn,
+            trim_beta=cfg.trim_beta,
+            krum_malicious=cfg.krum_malicious,
+            krum_selected=cfg.krum_selected,
+            distiller=distiller,
+            **common,
+        )
+    return VideoFedAvg(**common)
+
+
+def make_distiller(
+    cfg: AppConfig, num_classes: int, device: torch.device
+) -> Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """FedDF's server side: distil the clients' ensemble on unlabeled clips held by the server."""
+    samples = unlabeled_samples(cfg)
+    usable, _ = scan_videos(samples)
+    loader = eval_loader(cfg, usable)
+    config = DistillConfig(
+        steps=cfg.feddf_steps, lr=cfg.feddf_lr, temperature=cfg.feddf_temperature, patience=cfg.feddf_patience
+    )
+    logger.info("FedDF: %d unlabeled videos for distillation", len(usable))
+
+    def build() -> torch.nn.Module:
+        return build_model(cfg.model, num_classes, pooling=cfg.pooling)
+
+    def distiller(start, models, weights):
+        return distill_arrays(start, models, build, loader, config, device, weights)
+
+    return distiller
 
 
 def run_directory(run_config: Mapping[str, Any], run_id: int | str) -> Path:
@@ -119,7 +161,9 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         net.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
         return {**evaluate_model(net, loader, device, cfg.bf16, cfg.channels_last), "skipped-videos": skipped_count}
 
-    strategy = build_strategy(cfg)
+    feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
+    distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
+    strategy = build_strategy(cfg, distiller)
     known_partitions: dict[int, list[int]] = {}
     start = time.time()
     initial = evaluate_centrally(arrays)
@@ -158,6 +202,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
             "evaluate": dict(evaluate_metrics or {}),
             "evaluate-clients": strategy.last_evaluate.to_dict() if cfg.fraction_evaluate > 0 else None,
             "central": central_metrics,
+            "fusion": strategy.last_fusion_info,
             "round-time-s": time.time() - round_start,
             "wall-time-s": time.time() - start,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,18 @@ def train_epochs(
     bf16: bool = False,
     channels_last: bool = False,
     log_prefix: str = "",
+    proximal_mu: float = 0.0,
+    label_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train for ``epochs`` passes; returns mean loss, accuracy, clips, clips/s and failed clips."""
+    """Train for ``epochs`` passes; returns mean loss, accuracy, clips, clips/s and failed clips.
+
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 · ||w - w_start||²`` (w_start: the weights the round
+    began with), which keeps local models near the global one under non-IID data. ``label_map``
+    rewrites labels before the loss (the label-flip attack of the test tools uses it).
+    """
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     seen = correct = failed = 0
     loss_sum = 0.0
     start = last_log = time.perf_counter()
@@ -55,19 +64,24 @@ def train_epochs(
                 continue
             clips = input_to_device(clips, device, channels_last)
             labels = labels.to(device, non_blocking=True)
+            if label_map is not None:
+                labels = label_map(labels)
             with autocast_context(device, bf16):
                 logits = model(clips)
-                loss = F.cross_entropy(logits.float(), labels)
+                ce_loss = F.cross_entropy(logits.float(), labels)
+            loss = ce_loss
+            if anchor:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += labels.numel()
-            loss_sum += loss.item() * labels.numel()
+            loss_sum += ce_loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             if step == len(loader) or time.perf_counter() - last_log > PROGRESS_INTERVAL_S:
                 last_log = time.perf_counter()
                 logger.info(
-                    "%sepoch %d/%d step %d/%d loss %.4f", log_prefix, epoch + 1, epochs, step, len(loader), loss.item()
+                    "%sepoch %d/%d step %d/%d loss %.4f", log_prefix, epoch + 1, epochs, step, len(loader), ce_loss.item()
                 )
     seconds = time.perf_counter() - start
     return {

@@ -16,6 +16,20 @@ def weighted_average(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) 
     be consumed one at a time. Each tensor keeps the dtype of the first update; integer tensors
     (BatchNorm's ``num_batches_tracked``) are rounded back to integers rather than becoming floats.
     """
+    mean, dtypes = _weighted_mean64(updates)
+    return {key: _cast_like(value, dtypes[key]) for key, value in mean.items()}
+
+
+def average(updates: Iterable[Mapping[str, np.ndarray]]) -> Weights:
+    """Plain (unweighted) streaming mean of client models."""
+    return weighted_average((arrays, 1.0) for arrays in updates)
+
+
+def _weighted_mean64(
+    updates: Iterable[tuple[Mapping[str, np.ndarray], float]],
+) -> tuple[dict[str, np.ndarray], dict[str, np.dtype]]:
+    # The float64 mean before casting back, for iterative rules (geometric median) whose iterate
+    # must not be rounded to float32 between steps.
     acc: dict[str, np.ndarray] = {}
     dtypes: dict[str, np.dtype] = {}
     total = 0.0
@@ -34,7 +48,9 @@ def weighted_average(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) 
         raise ValueError("no updates to aggregate")
     if total <= 0:
         raise ValueError("aggregation weights sum to zero")
-    return {key: _cast_like(value / total, dtypes[key]) for key, value in acc.items()}
+    for value in acc.values():
+        value /= total  # in place, so 0-d tensors stay arrays instead of becoming numpy scalars
+    return acc, dtypes
 
 
 def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
@@ -43,6 +59,7 @@ def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
 
 
 def _cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    # np.asarray: numpy reductions turn 0-d results into scalars, which Flower's Array rejects.
     if np.issubdtype(dtype, np.integer):
-        return np.rint(value).astype(dtype)
-    return value.astype(dtype)
+        return np.asarray(np.rint(value).astype(dtype))
+    return np.asarray(value.astype(dtype))

@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.fedavg import numpy_to_arrays
+from strategies.records import numpy_to_arrays
 
 
 def ensure_identity() -> None:

@@ -3,7 +3,7 @@ import pytest
 from flwr.client import NumPyClient
 
 from fedapp.bridge import EVALUATE, FIT, call_numpy_client, to_metric_record
-from strategies.fedavg import arrays_to_numpy
+from strategies.records import arrays_to_numpy
 from tests.flower_messages import instruction
 
 

@@ -40,6 +40,11 @@ def test_readme_lists_every_key():
         ("crop-size", 200, ["crop-size", "200"]),
         ("device", "tpu", ["device", "tpu", "cuda"]),
         ("synthetic-classes", 3, ["synthetic-classes", "3"]),
+        ("fusion-fn", "mean", ["fusion-fn", "mean", "geometric-median", "krum", "feddf"]),
+        ("weight-source", "luck", ["weight-source", "luck", "inverse-loss", "staleness"]),
+        ("trim-beta", 0.5, ["trim-beta", "0.5"]),
+        ("server-momentum", 1.5, ["server-momentum", "1.5"]),
+        ("attack", "ddos", ["attack", "ddos", "sign-flip", "label-flip"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, expected):
@@ -86,3 +91,10 @@ def test_to_dict_uses_toml_names():
     d = AppConfig().to_dict()
     assert d["num-server-rounds"] == AppConfig().num_server_rounds
     assert len(d) == len(asdict(AppConfig()))
+
+
+def test_krum_needs_enough_clients():
+    with pytest.raises(ConfigError, match="krum-malicious=1 needs min-train-nodes > 2·1\\+2 = 4"):
+        parse_config({"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1})
+    assert parse_config({"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1, "min-train-nodes": 5,
+                         "min-available-nodes": 5}).fusion_fn == "krum"

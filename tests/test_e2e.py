@@ -90,3 +90,35 @@ def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tm
     assert len(record["train-clients"]["clients"]) == 2
     assert len(record["train-clients"]["failed"]) == 1
     assert "no usable training video" in record["train-clients"]["failed"][0]["reason"]
+
+
+STRATEGY_RUNS = {
+    "average": {"strategy": "average"},
+    "weighted": {"strategy": "weighted", "weight-source": "inverse-loss"},
+    "median": {"strategy": "fusion", "fusion-fn": "median"},
+    "trimmed-mean": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.2},
+    "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
+    "krum": {"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1, "min-train-nodes": 5,
+             "min-available-nodes": 5},
+    "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 10, "feddf-videos": 8},
+    "fedavgm-fedprox-fedbn": {"server-momentum": 0.9, "server-lr": 0.5, "proximal-mu": 0.01, "fedbn": True},
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGY_RUNS))
+def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_path):
+    config = {**small_run_config, **STRATEGY_RUNS[name], "num-server-rounds": 1, "fraction-evaluate": 0.0}
+    rc, output, summary = launch(config, tmp_path, federation="num-supernodes=5 client-resources-num-cpus=1")
+    assert rc == 0, output[-3000:]
+    run_dir = tmp_path / "results" / "run"
+    saved = json.loads((run_dir / "run_config.json").read_text())
+    for key, value in STRATEGY_RUNS[name].items():
+        assert saved[key] == value
+    record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[1])
+    assert len(record["train-clients"]["clients"]) == 5
+    if name == "krum":
+        assert len(record["fusion"]["selected-nodes"]) == 1
+    if name == "feddf":
+        assert record["fusion"]["steps"] >= 0 and "best-val-kl" in record["fusion"]
+    if name == "weighted":
+        assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9

@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import fedavg
-from strategies.fedavg import VideoFedAvg, aggregate_metrics, arrays_to_numpy, numpy_to_arrays
+from strategies.aggregation import fedavg, weighted_average
+from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.strategy import VideoFedAvg, aggregate_metrics
 from tests.flower_messages import error_reply, instruction, reply
 
 
@@ -101,7 +103,104 @@ def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
 
 
 def test_metric_lists_are_kept_per_client_not_averaged():
-    from strategies.fedavg import ClientReply
+    from strategies.strategy import ClientReply
 
     out = aggregate_metrics([ClientReply(1, {"num-examples": 2, "class-counts": [1, 1], "partition-id": 3})])
     assert "class-counts" not in out and "partition-id" not in out and out["num-examples"] == 2
+
+
+def _replies(models, counts, extra=None):
+    return [reply(i + 1, m, {"num-examples": n, "train-loss": 0.1 * (i + 1), **(extra or {})})
+            for i, (m, n) in enumerate(zip(models, counts))]
+
+
+def test_each_family_calls_its_aggregation_function():
+    from strategies.aggregation import average
+    from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
+    from strategies.strategy import AverageStrategy, FusionStrategy, WeightedStrategy
+    from strategies.weighting import client_weights
+
+    rng = np.random.default_rng(7)
+    models = [model(rng) for _ in range(6)]
+    counts = [3, 5, 8, 13, 21, 34]
+    replies = _replies(models, counts)
+    metrics = [dict(r.content["metrics"]) for r in replies]
+
+    def run(strategy):
+        strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return arrays_to_numpy(arrays)
+
+    weights = client_weights("inverse-loss", metrics)
+    expected = {
+        "average": (AverageStrategy(), average(models)),
+        "weighted": (WeightedStrategy(weight_source="inverse-loss"), weighted_average(zip(models, weights))),
+        "median": (FusionStrategy(fusion_fn="median"), coordinate_median(models)),
+        "trimmed-mean": (FusionStrategy(fusion_fn="trimmed-mean", trim_beta=0.2), trimmed_mean(models, 0.2)),
+        "geometric-median": (FusionStrategy(fusion_fn="geometric-median"), geometric_median(models, counts)[0]),
+        "krum": (FusionStrategy(fusion_fn="krum", krum_malicious=1), krum(models, 1)[0]),
+    }
+    for name, (strategy, want) in expected.items():
+        got = run(strategy)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=name)
+
+
+def test_feddf_starts_from_the_weighted_average_and_uses_the_distiller():
+    from strategies.strategy import FusionStrategy
+
+    rng = np.random.default_rng(8)
+    models = [model(rng) for _ in range(3)]
+    counts = [1, 2, 3]
+    seen = {}
+
+    def distiller(start, client_models, weights):
+        seen.update(start=start, n=len(client_models), weights=weights)
+        return start, {"steps": 0}
+
+    strategy = FusionStrategy(fusion_fn="feddf", distiller=distiller)
+    strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    arrays, _ = strategy.aggregate_train(1, _replies(models, counts))
+    np.testing.assert_array_equal(seen["start"]["conv.weight"], fedavg(zip(models, counts))["conv.weight"])
+    assert seen["n"] == 3 and seen["weights"] == [1.0, 2.0, 3.0]
+    assert strategy.last_fusion_info == {"steps": 0}
+    with pytest.raises(ValueError, match="distiller"):
+        FusionStrategy(fusion_fn="feddf")
+
+
+def test_server_momentum_matches_flower_fedavgm():
+    from flwr.serverapp.strategy import FedAvgM
+
+    rng = np.random.default_rng(9)
+    start = model(rng)
+    float_keys = [k for k, v in start.items() if np.issubdtype(v.dtype, np.floating)]
+    start = {k: start[k] for k in float_keys}
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    ours = VideoFedAvg(server_lr=0.7, server_momentum=0.9, min_available_nodes=2)
+    theirs = FedAvgM(server_learning_rate=0.7, server_momentum=0.9, min_available_nodes=2)
+    current_ours = current_theirs = numpy_to_arrays(start)
+    for server_round in (1, 2, 3):
+        clients = [{k: v + rng.normal(size=v.shape).astype(v.dtype) for k, v in start.items()} for _ in range(2)]
+        replies = _replies(clients, [4, 6])
+        list(ours.configure_train(server_round, current_ours, ConfigRecord(), Grid()))
+        list(theirs.configure_train(server_round, current_theirs, ConfigRecord(), Grid()))
+        current_ours, _ = ours.aggregate_train(server_round, replies)
+        current_theirs, _ = theirs.aggregate_train(server_round, replies)
+        a, b = arrays_to_numpy(current_ours), arrays_to_numpy(current_theirs)
+        for key in float_keys:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_proximal_mu_is_sent_to_clients():
+    class Grid:
+        def get_node_ids(self):
+            return [1]
+
+    strategy = VideoFedAvg(proximal_mu=0.01, min_available_nodes=1, min_train_nodes=1)
+    rng = np.random.default_rng(10)
+    (message,) = strategy.configure_train(1, numpy_to_arrays(model(rng)), ConfigRecord(), Grid())
+    assert message.content["config"]["proximal-mu"] == 0.01

@@ -1,19 +1,28 @@
-"""FedAvg by sample count as a thin Message-API strategy: screen replies, call the numpy math, report."""
+"""The aggregation strategies as thin Message-API strategies: screen replies, call the numpy math, report.
+
+``VideoFedAvg`` holds everything the families share (reply screening, server learning rate and
+momentum, the FedProx coefficient sent to clients, per-client reports); each family only says how
+the accepted client models become one: ``aggregate_arrays``.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import fedavg
+from strategies.aggregation import average, fedavg, weighted_average
+from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
+from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.server_optimizer import server_step
 from strategies.validation import check_update, reference_spec
+from strategies.weighting import client_weights
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +57,6 @@ class RoundReport:
         }
 
 
-def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> ordered ``{name: ndarray}``."""
-    return {key: array.numpy() for key, array in record.items()}
-
-
-def numpy_to_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Ordered ``{name: ndarray}`` -> ArrayRecord (names kept, so ``to_torch_state_dict`` works)."""
-    return ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()})
-
-
 def aggregate_metrics(replies: list[ClientReply]) -> dict[str, float]:
     """Average scalar client metrics weighted by ``num-examples``; counts are summed."""
     weights = [float(r.metrics.get("num-examples", 0)) for r in replies]
@@ -77,23 +76,36 @@ def _is_scalar(value: Any) -> bool:
 
 
 class VideoFedAvg(FedAvg):
-    """Flower's FedAvg, made safe for untrusted replies.
+    """Flower's FedAvg (weights ∝ sample counts), made safe for untrusted replies.
 
     Every reply is checked against the global model (names, shapes, dtypes, finite values, positive
     sample count) before aggregation; a bad one is dropped, logged with its node id and reason, and
     counted, where Flower's own FedAvg would raise and end the run. Integer buffers stay integers.
+    ``server_lr``/``server_momentum`` turn the average into a FedAvgM step; ``proximal_mu`` > 0 is
+    sent to clients, which then add FedProx's proximal term to their loss.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self, *, server_lr: float = 1.0, server_momentum: float = 0.0, proximal_mu: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.proximal_mu = proximal_mu
+        self.velocity: dict[str, np.ndarray] | None = None
+        self._current: dict[str, np.ndarray] = {}
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.last_train = RoundReport()
         self.last_evaluate = RoundReport()
+        self.last_fusion_info: dict[str, Any] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._reference = reference_spec(arrays_to_numpy(arrays))
+        self._current = arrays_to_numpy(arrays)
+        self._reference = reference_spec(self._current)
+        if self.proximal_mu > 0:
+            config["proximal-mu"] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -103,7 +115,11 @@ class VideoFedAvg(FedAvg):
         self.last_train = report
         if not report.accepted:
             return None, None
-        merged = self.aggregate_arrays(report.accepted)
+        self.last_fusion_info = {}
+        merged = self.aggregate_arrays(report.accepted, server_round)
+        merged, self.velocity = server_step(
+            self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
+        )
         return numpy_to_arrays(merged), MetricRecord(aggregate_metrics(report.accepted))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -113,9 +129,13 @@ class VideoFedAvg(FedAvg):
             return None
         return MetricRecord(aggregate_metrics(report.accepted))
 
-    def aggregate_arrays(self, accepted: list[ClientReply]) -> dict[str, np.ndarray]:
-        """FedAvg by sample count; subclasses swap the fusion rule here."""
-        return fedavg((r.arrays, r.metrics["num-examples"]) for r in accepted if r.arrays is not None)
+    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+        """FedAvg by sample count; each family overrides only this."""
+        return fedavg((r.arrays, r.metrics["num-examples"]) for r in accepted)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint must keep to resume this strategy (the momentum buffer)."""
+        return {"velocity": self.velocity}
 
     def _screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
         report = RoundReport()
@@ -167,3 +187,74 @@ class VideoFedAvg(FedAvg):
         return ClientReply(int(msg.metadata.src_node_id), metrics, arrays), ""
 
 
+
+
+class AverageStrategy(VideoFedAvg):
+    """Plain mean of the client models, whatever their sample counts."""
+
+    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+        return average(r.arrays for r in accepted)
+
+
+class WeightedStrategy(VideoFedAvg):
+    """Weighted mean with per-client weights from a named source (see ``strategies.weighting``)."""
+
+    def __init__(self, *, weight_source: str = "num-examples", staleness_decay: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.weight_source = weight_source
+        self.staleness_decay = staleness_decay
+
+    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+        weights = client_weights(self.weight_source, [r.metrics for r in accepted], server_round, self.staleness_decay)
+        self.last_fusion_info = {"weights": {str(r.node_id): float(w) for r, w in zip(accepted, weights)}}
+        return weighted_average(zip((r.arrays for r in accepted), weights))
+
+
+class FusionStrategy(VideoFedAvg):
+    """A fusion function of all client models: robust statistics or ensemble distillation.
+
+    ``fusion_fn`` is one of ``median``, ``trimmed-mean``, ``geometric-median``, ``krum`` or
+    ``feddf``. FedDF needs ``distiller``: a callable ``(start, client_models, weights) -> (model,
+    info)`` that distils the clients' ensemble into the start model on server-side unlabeled clips.
+    """
+
+    def __init__(
+        self,
+        *,
+        fusion_fn: str = "median",
+        trim_beta: float = 0.2,
+        krum_malicious: int = 1,
+        krum_selected: int = 1,
+        distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if fusion_fn == "feddf" and distiller is None:
+            raise ValueError("fusion-fn='feddf' needs a distiller (server-side unlabeled clips)")
+        self.fusion_fn = fusion_fn
+        self.trim_beta = trim_beta
+        self.krum_malicious = krum_malicious
+        self.krum_selected = krum_selected
+        self.distiller = distiller
+
+    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+        models = [r.arrays for r in accepted]
+        if self.fusion_fn == "median":
+            return coordinate_median(models)
+        if self.fusion_fn == "trimmed-mean":
+            return trimmed_mean(models, self.trim_beta)
+        if self.fusion_fn == "geometric-median":
+            fused, info = geometric_median(models, [r.metrics["num-examples"] for r in accepted])
+            self.last_fusion_info = {"iterations": info["iterations"], "converged": info["converged"]}
+            return fused
+        if self.fusion_fn == "krum":
+            fused, selected = krum(models, self.krum_malicious, self.krum_selected)
+            self.last_fusion_info = {"selected-nodes": [accepted[i].node_id for i in selected]}
+            return fused
+        if self.fusion_fn == "feddf":
+            counts = [float(r.metrics["num-examples"]) for r in accepted]
+            start = fedavg(zip(models, counts))
+            fused, info = self.distiller(start, models, counts)
+            self.last_fusion_info = dict(info)
+            return fused
+        raise ValueError(f"unknown fusion function {self.fusion_fn!r}")

@@ -1,0 +1,119 @@
+"""Learning comparison of the aggregation strategies on the synthetic default.
+
+For each scenario (IID; Dirichlet α = 0.1; IID with 30 % of clients sending sign-flipped ×10
+updates) and each strategy, one federated run of the real server loop, strategies and clients
+(in process: ``bench/inprocess.py``), recording the central test video accuracy per round.
+Writes a markdown table, a PNG plot and the raw numbers to ``--out`` (default ``docs/``).
+
+    .venv/bin/python -m bench.compare_strategies            # the committed table (~1 h on 2 CPU cores)
+    .venv/bin/python -m bench.compare_strategies --rounds 2 --strategies fedavg median   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from bench.inprocess import run_inprocess
+from fedapp.results import atomic_write_bytes, atomic_write_json
+
+SCENARIOS = {
+    "iid": {"partitioning": "iid"},
+    "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
+    "30%-sign-flip": {"partitioning": "iid", "attack": "sign-flip", "attack-fraction": 0.3, "attack-scale": 10.0},
+}
+STRATEGIES = {
+    "fedavg": {"strategy": "fedavg"},
+    "weighted (inverse-loss)": {"strategy": "weighted", "weight-source": "inverse-loss"},
+    "median": {"strategy": "fusion", "fusion-fn": "median"},
+    "trimmed-mean β=0.3": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.3},
+    "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
+    "krum f=3": {"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 3},
+    "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 50, "feddf-videos": 32},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
+    args = parser.parse_args(argv)
+
+    base = {
+        "num-server-rounds": args.rounds,
+        "fraction-evaluate": 0.0,  # central evaluation is the comparison; client evaluation only costs time
+        "min-train-nodes": args.clients,
+        "min-available-nodes": args.clients,
+        "torch-threads": 2,
+        "cache-dir": args.cache_dir,
+    }
+    curves: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario in args.scenarios:
+            curves[scenario] = {}
+            for name in args.strategies:
+                config = {**base, **SCENARIOS[scenario], **STRATEGIES[name]}
+                start = time.perf_counter()
+                results = run_inprocess(config, args.clients, Path(tmp) / f"{scenario}-{name}")
+                accuracy = [r["central"]["video-accuracy"] for r in results.rounds]
+                curves[scenario][name] = accuracy
+                print(f"{scenario:>14} | {name:<24} | final video accuracy {accuracy[-1]:.3f} "
+                      f"| {time.perf_counter() - start:.0f} s", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "strategies.json", {"config": base, "scenarios": SCENARIOS,
+                                                     "strategies": STRATEGIES, "video-accuracy": curves})
+    table = markdown_table(curves, args)
+    atomic_write_bytes(args.out / "strategies.md", table.encode())
+    plot(curves, args.out / "strategies.png")
+    print(table)
+    return 0
+
+
+def markdown_table(curves: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    scenarios = list(curves)
+    names = list(next(iter(curves.values())))
+    lines = [
+        f"Central test video accuracy after {args.rounds} rounds ({args.clients} clients, tiny3d, synthetic "
+        "default; chance 0.125). Produced by `python -m bench.compare_strategies`.",
+        "",
+        "| strategy | " + " | ".join(scenarios) + " |",
+        "|---|" + "---|" * len(scenarios),
+    ]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{curves[s][name][-1]:.3f}" for s in scenarios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), sharey=True, squeeze=False)
+    for ax, (scenario, by_strategy) in zip(axes[0], curves.items()):
+        for name, accuracy in by_strategy.items():
+            ax.plot(range(len(accuracy)), accuracy, marker="o", markersize=3, label=name)
+        ax.axhline(0.125, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(scenario)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("central video accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

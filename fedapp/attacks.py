@@ -1,0 +1,50 @@
+"""TEST TOOL: simulated malicious clients, for robustness experiments only.
+
+With ``attack`` != "none" in the run config, the first ``round(attack-fraction × num-partitions)``
+partitions misbehave. Nothing here belongs in a production federation; it exists so the robust
+fusion strategies can be measured against known attacks (``bench/compare_strategies.py``).
+
+- ``sign-flip``: send ``start − scale · (trained − start)``: the honest update reversed and amplified.
+- ``noise``: send ``start + N(0, (scale · std of the honest update)²)`` per tensor: garbage of a
+  plausible size.
+- ``label-flip``: train honestly on poisoned labels ``y → C − 1 − y`` (data poisoning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+ATTACKS = ("none", "sign-flip", "noise", "label-flip")
+
+
+def is_attacker(partition_id: int, num_partitions: int, fraction: float) -> bool:
+    """Whether this partition plays the attacker (the first ``round(fraction × n)`` ones)."""
+    return partition_id < round(fraction * num_partitions)
+
+
+def flipped_labels(num_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The label-flip poisoning ``y → C − 1 − y``."""
+    return lambda labels: (num_classes - 1) - labels
+
+
+def poison_update(
+    start: Sequence[np.ndarray], trained: Sequence[np.ndarray], attack: str, scale: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The model an attacker sends instead of ``trained`` (integer buffers are left alone)."""
+    out = []
+    for s, t in zip(start, trained):
+        if not np.issubdtype(t.dtype, np.floating):
+            out.append(t)
+            continue
+        delta = t.astype(np.float64) - s.astype(np.float64)
+        if attack == "sign-flip":
+            poisoned = s - scale * delta
+        elif attack == "noise":
+            poisoned = s + rng.normal(0.0, scale * (delta.std() + 1e-8), size=s.shape)
+        else:
+            raise ValueError(f"poison_update: attack {attack!r} does not poison updates")
+        out.append(np.asarray(poisoned, dtype=t.dtype))
+    return out
