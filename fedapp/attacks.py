@@ -31,12 +31,23 @@ def flipped_labels(num_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def poison_update(
-    start: Sequence[np.ndarray], trained: Sequence[np.ndarray], attack: str, scale: float, rng: np.random.Generator
+    start: Sequence[np.ndarray],
+    trained: Sequence[np.ndarray],
+    attack: str,
+    scale: float,
+    rng: np.random.Generator,
+    poison: Sequence[bool] | None = None,
 ) -> list[np.ndarray]:
-    """The model an attacker sends instead of ``trained`` (integer buffers are left alone)."""
+    """The model an attacker sends instead of ``trained``.
+
+    ``poison`` marks the tensors to tamper with (default: all floating ones). The client passes
+    its learnable parameters only: a sign-flipped BatchNorm running variance is negative, which
+    reply validation rejects outright; the attacker modelled here is one that passes validation.
+    """
+    poison = poison if poison is not None else [True] * len(trained)
     out = []
-    for s, t in zip(start, trained):
-        if not np.issubdtype(t.dtype, np.floating):
+    for s, t, tamper in zip(start, trained, poison):
+        if not tamper or not np.issubdtype(t.dtype, np.floating):
             out.append(t)
             continue
         delta = t.astype(np.float64) - s.astype(np.float64)

@@ -115,7 +115,11 @@ class VideoClient(NumPyClient):
             bn = set(batchnorm_state_keys(model))
             self.local_state.update({k: a for k, a in zip(keys, arrays) if k in bn})
         if self.attack in ("sign-flip", "noise"):
-            arrays = poison_update(parameters, arrays, self.attack, self.cfg.attack_scale, np.random.default_rng(seed))
+            learnable = {name for name, _ in model.named_parameters()}
+            arrays = poison_update(
+                parameters, arrays, self.attack, self.cfg.attack_scale, np.random.default_rng(seed),
+                poison=[key in learnable for key in model.state_dict()],
+            )
         metrics["base-round"] = server_round
         return arrays, len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
 

@@ -33,8 +33,8 @@ route_app_logs_to_flower()
 app = ServerApp()
 
 
-class RoundFailedError(RuntimeError):
-    """No client returned a usable update in a round: the run stops instead of idling on."""
+class NoUpdateError(RuntimeError):
+    """Not one round produced a usable update: the run did no federated learning at all."""
 
 
 def build_strategy(
@@ -165,6 +165,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
     strategy = build_strategy(cfg, distiller)
     known_partitions: dict[int, list[int]] = {}
+    rounds_without_update = 0
     start = time.time()
     initial = evaluate_centrally(arrays)
     results.append_round({"round": 0, "central": initial, "wall-time-s": time.time() - start})
@@ -177,11 +178,9 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
-            raise RoundFailedError(
-                f"round {server_round}: no usable client update "
-                f"(failed: {strategy.last_train.failed}, rejected: {strategy.last_train.rejected})"
-            )
-        arrays = arrays_to_numpy(new_arrays)
+            rounds_without_update += 1
+        else:
+            arrays = arrays_to_numpy(new_arrays)
         summary = partition_summary(index.classes, strategy.last_train, known_partitions)
         if server_round == 1:
             logger.info("partition summary (videos per class):\n%s", format_partition_summary(summary))
@@ -213,10 +212,16 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
             record["train"].get("train-accuracy", float("nan")),
             _fmt(central_metrics.get("loss")), _fmt(central_metrics.get("video-accuracy")), record["round-time-s"],
         )
+    if rounds_without_update == cfg.num_server_rounds:
+        raise NoUpdateError(
+            f"no round produced a global update (last round: {strategy.last_train.skipped}; "
+            f"failed: {strategy.last_train.failed}; rejected: {strategy.last_train.rejected})"
+        )
     results.save_model(arrays, index.classes, cfg.model)
     final = results.rounds[-1]["central"]
     return {
         "rounds-completed": cfg.num_server_rounds,
+        "rounds-without-update": rounds_without_update,
         "model": cfg.model,
         "classes": index.classes,
         "final-central": final,

@@ -48,12 +48,14 @@ class RoundReport:
     accepted: list[ClientReply] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies
     failed: list[dict[str, Any]] = field(default_factory=list)  # clients that raised or vanished
+    skipped: str = ""  # why no update came out of this round, if none did
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "clients": [{"node-id": c.node_id, **c.metrics} for c in self.accepted],
             "rejected": self.rejected,
             "failed": self.failed,
+            "skipped": self.skipped,
         }
 
 
@@ -113,10 +115,20 @@ class VideoFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self._screen(server_round, replies, with_arrays=True)
         self.last_train = report
-        if not report.accepted:
-            return None, None
         self.last_fusion_info = {}
-        merged = self.aggregate_arrays(report.accepted, server_round)
+        if len(report.accepted) < max(self.min_train_nodes, 1):
+            report.skipped = (
+                f"{len(report.accepted)} usable updates, fewer than min-train-nodes={self.min_train_nodes}: "
+                "global model kept"
+            )
+            logger.warning("round %d: %s", server_round, report.skipped)
+            return None, None
+        try:
+            merged = self.aggregate_arrays(report.accepted, server_round)
+        except ValueError as exc:  # e.g. Krum with too few survivors, all-zero weights
+            report.skipped = f"aggregation failed ({exc}): global model kept"
+            logger.error("round %d: %s", server_round, report.skipped)
+            return None, None
         merged, self.velocity = server_step(
             self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
         )

@@ -35,4 +35,6 @@ def check_update(
             return f"tensor {key!r} has dtype {value.dtype}, expected {dtype}"
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return f"tensor {key!r} has non-finite values"
+        if key.endswith("running_var") and (value < 0).any():
+            return f"tensor {key!r} has negative variances"
     return None

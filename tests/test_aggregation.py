@@ -70,5 +70,7 @@ def test_check_update_rejects_each_malformed_kind():
     for expected, (arrays, n) in cases.items():
         reason = check_update(arrays, n, spec)
         assert reason is not None and expected in reason, (expected, reason)
+    bn = {"bn.running_var": np.array([1.0, -0.5], np.float32)}
+    assert "negative variances" in check_update(bn, 3, reference_spec(bn))
     assert "not a number" in check_update(good, "10", spec)
     assert "not a number" in check_update(good, True, spec)

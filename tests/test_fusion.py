@@ -25,7 +25,7 @@ from strategies.fusion import (
     pairwise_sq_distances,
     trimmed_mean,
 )
-from strategies.strategy import numpy_to_arrays
+from strategies.records import numpy_to_arrays
 from tests.flower_messages import reply
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent

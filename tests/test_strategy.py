@@ -73,6 +73,23 @@ def test_all_replies_bad_gives_no_update():
     rng = np.random.default_rng(2)
     strategy = prepared_strategy(model(rng))
     assert strategy.aggregate_train(1, [error_reply(1, "boom")]) == (None, None)
+    assert "fewer than min-train-nodes=1" in strategy.last_train.skipped
+
+
+def test_too_few_survivors_keep_the_global_model_without_crashing():
+    from strategies.strategy import FusionStrategy
+
+    rng = np.random.default_rng(5)
+    models = [model(rng) for _ in range(5)]
+    replies = [reply(i + 1, m, {"num-examples": 4}) for i, m in enumerate(models)]
+    replies[0] = error_reply(1, "node vanished", code=5)
+    strategy = FusionStrategy(fusion_fn="krum", krum_malicious=1, min_train_nodes=4)
+    strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    assert strategy.aggregate_train(1, replies) == (None, None)  # 4 left: Krum needs > 4
+    assert "aggregation failed" in strategy.last_train.skipped and "Krum" in strategy.last_train.skipped
+    strategy.min_train_nodes = 5
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert "4 usable updates, fewer than min-train-nodes=5" in strategy.last_train.skipped
 
 
 def test_configure_train_records_the_reference_model():

@@ -1,0 +1,49 @@
+"""The ServerApp's round loop with the real strategies and ClientApp handlers, in process
+(bench/inprocess.py): fast checks of what the slow `flwr run` tests cover end to end."""
+
+import csv
+import json
+
+import pytest
+
+from bench.inprocess import InProcessGrid, run_inprocess
+from fedapp.config import parse_config
+from fedapp.results import RunResults
+from fedapp.server_app import NoUpdateError, run_federation
+
+
+def test_rounds_are_recorded_with_per_client_metrics(small_run_config, tmp_path):
+    results = run_inprocess({**small_run_config, "num-server-rounds": 2}, 3, tmp_path / "run")
+    assert [r["round"] for r in results.rounds] == [0, 1, 2]
+    assert all(len(r["train-clients"]["clients"]) == 3 for r in results.rounds[1:])
+    assert json.loads((tmp_path / "run" / "partitions.json").read_text())["num_partitions"] == 3
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_attackers_are_outvoted_by_the_median(small_run_config, tmp_path):
+    config = {**small_run_config, "num-server-rounds": 1, "strategy": "fusion", "fusion-fn": "median",
+              "attack": "sign-flip", "attack-fraction": 0.2, "min-train-nodes": 5, "min-available-nodes": 5}
+    results = run_inprocess(config, 5, tmp_path / "run")
+    assert len(results.rounds[1]["train-clients"]["clients"]) == 5  # poisoned updates pass validation
+    assert results.rounds[1]["train-clients"]["skipped"] == ""
+
+
+def test_a_run_where_no_round_updates_fails(small_run_config, tmp_path):
+    rows = []
+    for i in range(12):
+        path = tmp_path / f"v{i}.avi"
+        path.write_bytes(b"\x00" * 64)
+        rows.append({"path": str(path), "label": f"c{i % 2}", "split": "train" if i < 8 else "test"})
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = {**small_run_config, "dataset": "manifest", "data-dir": str(manifest), "num-server-rounds": 2}
+    cfg = parse_config(config)
+    results = RunResults(tmp_path / "run")
+    with pytest.raises(NoUpdateError, match="no round produced a global update"):
+        run_federation(InProcessGrid(config, 2), cfg, results)
+    assert [r["round"] for r in results.rounds] == [0, 1, 2]
+    assert "no usable training video" in results.rounds[1]["train-clients"]["failed"][0]["reason"]
+    assert "fewer than min-train-nodes" in results.rounds[1]["train-clients"]["skipped"]
