@@ -98,6 +98,12 @@ class AppConfig:
     attack_scale: float = 10.0
     results_dir: str = "results"
     run_name: str = ""
+    checkpoint_keep: int = 3
+    resume: str = ""
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
+    target_accuracy: float = 0.0
+    tensorboard: bool = True
 
     @property
     def clip_spec(self) -> ClipSpec:
@@ -250,6 +256,10 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _choice("attack", cfg.attack, ATTACKS)
     _range("attack-fraction", cfg.attack_fraction, 0.0, 1.0)
     _range("attack-scale", cfg.attack_scale, 0.0)
+    _range("checkpoint-keep", cfg.checkpoint_keep, 0)
+    _range("early-stop-patience", cfg.early_stop_patience, 0)
+    _range("early-stop-min-delta", cfg.early_stop_min_delta, 0.0)
+    _range("target-accuracy", cfg.target_accuracy, 0.0, 1.0)
     if not cfg.results_dir:
         raise ConfigError("results-dir='' is not allowed: name a directory for the run's outputs")
 

@@ -74,6 +74,14 @@ class RunResults:
     def append_round(self, record: Mapping[str, Any]) -> None:
         """Add one round to ``rounds.jsonl`` (the whole small file is rewritten atomically)."""
         self.rounds.append(dict(record))
+        self._write_rounds()
+
+    def restore_history(self, rounds: Sequence[Mapping[str, Any]]) -> None:
+        """Continue a resumed run: the history becomes exactly the checkpoint's (no gap, no duplicate)."""
+        self.rounds = [dict(r) for r in rounds]
+        self._write_rounds()
+
+    def _write_rounds(self) -> None:
         text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in self.rounds)
         atomic_write_bytes(self.dir / ROUNDS_FILE, text.encode())
 

@@ -18,10 +18,24 @@ from flwr.serverapp import Grid, ServerApp
 from datasets.clip_dataset import scan_videos
 from datasets.partition import format_partition_summary
 from fedapp.config import AppConfig, parse_config
+from fedapp.checkpoint import (
+    CHECKPOINTS_DIR,
+    CheckpointError,
+    best_checkpoint,
+    check_compatible,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    mark_best,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from fedapp.data import eval_loader, load_video_index, unlabeled_samples
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.models import build_model, prepare_model, select_device
+from fedapp.report import TensorBoardLog, write_final_report
 from fedapp.results import RunResults
+from fedapp.stopping import BUDGET, best_round, stop_reason
 from fedapp.train import evaluate_model, set_torch_threads
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.distillation import DistillConfig, distill_arrays
@@ -91,10 +105,32 @@ def make_distiller(
 def run_directory(run_config: Mapping[str, Any], run_id: int | str) -> Path:
     """``results-dir/<run-name>``; the default name is a UTC timestamp plus Flower's run id.
 
-    Read from the raw run config (before validation) so that even a config error leaves a summary.
+    A resumed run continues in its checkpoint's run folder. Read from the raw run config (before
+    validation) so that even a config error leaves a summary.
     """
+    checkpoint = resume_path(run_config)
+    if checkpoint is not None:
+        return checkpoint.parent.parent
     name = str(run_config.get("run-name") or "") or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
     return Path(str(run_config.get("results-dir") or "results")).expanduser().resolve() / name
+
+
+def resume_path(run_config: Mapping[str, Any]) -> Path | None:
+    """The checkpoint folder ``resume`` names: a checkpoint, a run folder (its latest checkpoint),
+    or ``latest`` (the latest checkpoint of ``run-name``, else of the newest run in ``results-dir``)."""
+    resume = str(run_config.get("resume") or "")
+    if not resume:
+        return None
+    if resume != "latest":
+        path = Path(resume).expanduser().resolve()
+        return latest_checkpoint(path) if (path / CHECKPOINTS_DIR).is_dir() else path
+    results_dir = Path(str(run_config.get("results-dir") or "results")).expanduser().resolve()
+    run_name = str(run_config.get("run-name") or "")
+    runs = [results_dir / run_name] if run_name else [p for p in results_dir.glob("*") if p.is_dir()]
+    runs = [r for r in runs if list_checkpoints(r)]
+    if not runs:
+        raise CheckpointError(f"resume='latest': no checkpoint under {results_dir / (run_name or '*')}")
+    return latest_checkpoint(max(runs, key=lambda r: latest_checkpoint(r).stat().st_mtime))
 
 
 def partition_summary(classes: list[str], report: RoundReport, known: dict[int, list[int]]) -> dict[str, Any]:
@@ -128,8 +164,9 @@ def main(grid: Grid, context: Context) -> None:
         summary = run_federation(grid, cfg, results)
     except BaseException as exc:
         logger.error("run failed: %s: %s", type(exc).__name__, exc)
+        completed = results.rounds[-1]["round"] if results.rounds else 0
         results.write_summary(
-            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": max(len(results.rounds) - 1, 0),
+            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": completed,
              "wall-time-s": time.time() - started}
         )
         raise
@@ -138,7 +175,8 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str, Any]:
-    """The round loop: train, aggregate, evaluate on clients and centrally, record."""
+    """The round loop: train, aggregate, evaluate on clients and centrally, checkpoint, record;
+    until the round budget is spent or the stopping rule fires."""
     set_torch_threads(cfg.torch_threads)
     index = load_video_index(cfg)  # generates the synthetic default before any client needs it
     logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
@@ -149,51 +187,54 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     )
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     device = select_device(cfg.device)
-    central = None
-    if cfg.central_eval:
-        usable, skipped = scan_videos(index.test)
-        central = (prepare_model(model, device, cfg.channels_last), eval_loader(cfg, usable), len(skipped))
-
-    def evaluate_centrally(weights: dict[str, np.ndarray]) -> dict[str, float]:
-        if central is None:
-            return {}
-        net, loader, skipped_count = central
-        net.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
-        return {**evaluate_model(net, loader, device, cfg.bf16, cfg.channels_last), "skipped-videos": skipped_count}
-
+    evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
     distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
     strategy = build_strategy(cfg, distiller)
+
+    first_round = 1
+    checkpoint_path = resume_path(cfg.to_dict())
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path)
+        check_compatible(checkpoint, cfg.model, index.classes, arrays)
+        arrays = checkpoint.arrays
+        strategy.load_state(checkpoint.manifest["strategy-state"])
+        results.restore_history(checkpoint.manifest["history"])
+        first_round = checkpoint.round + 1
+        logger.info("resuming from %s: round %d onwards", checkpoint.path, first_round)
+    else:
+        results.append_round({"round": 0, "central": evaluator(arrays) if evaluator else {}, "wall-time-s": 0.0})
+
+    tensorboard = TensorBoardLog(results.dir / "tensorboard") if cfg.tensorboard else None
     known_partitions: dict[int, list[int]] = {}
     rounds_without_update = 0
-    start = time.time()
-    initial = evaluate_centrally(arrays)
-    results.append_round({"round": 0, "central": initial, "wall-time-s": time.time() - start})
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    stop = None
+    start = time.time() - float(results.rounds[-1].get("wall-time-s", 0.0))
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         round_start = time.time()
         logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid),
-            timeout=cfg.round_timeout,
-        )
+        model_bytes = sum(a.nbytes for a in arrays.values())
+        messages = list(strategy.configure_train(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        bytes_down = model_bytes * len(messages)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        bytes_up = sum(sum(a.nbytes for a in c.arrays.values()) for c in strategy.last_train.accepted if c.arrays)
         if new_arrays is None:
             rounds_without_update += 1
         else:
             arrays = arrays_to_numpy(new_arrays)
         summary = partition_summary(index.classes, strategy.last_train, known_partitions)
-        if server_round == 1:
+        if server_round == first_round:
             logger.info("partition summary (videos per class):\n%s", format_partition_summary(summary))
         results.write_partitions(summary)
 
         evaluate_metrics = None
         if cfg.fraction_evaluate > 0:
-            replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid),
-                timeout=cfg.round_timeout,
-            )
+            messages = list(strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+            bytes_down += model_bytes * len(messages)
+            replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
             evaluate_metrics = strategy.aggregate_evaluate(server_round, replies)
-        central_metrics = evaluate_centrally(arrays)
+        central_metrics = evaluator(arrays) if evaluator else {}
         record = {
             "round": server_round,
             "train": dict(train_metrics or {}),
@@ -202,31 +243,82 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
             "evaluate-clients": strategy.last_evaluate.to_dict() if cfg.fraction_evaluate > 0 else None,
             "central": central_metrics,
             "fusion": strategy.last_fusion_info,
+            "bytes-down": bytes_down,
+            "bytes-up": bytes_up,
             "round-time-s": time.time() - round_start,
             "wall-time-s": time.time() - start,
         }
+        history = [*results.rounds, record]
+        stop = stop_reason(history, cfg.early_stop_patience, cfg.early_stop_min_delta, cfg.target_accuracy)
+        # The checkpoint first, then the history file: a crash between the two is healed on resume,
+        # which rewrites the history from the checkpoint's own copy.
+        path = save_checkpoint(results.dir, server_round, arrays, cfg.to_dict(), index.classes, strategy.state(), history)
+        best = best_round(history)
+        if best is not None and best[0] == server_round:
+            mark_best(results.dir, path, best[1])
+        prune_checkpoints(results.dir, cfg.checkpoint_keep, best_checkpoint(results.dir))
         results.append_round(record)
+        if tensorboard:
+            tensorboard.log_round(record)
         logger.info(
             "round %d: train loss %.4f acc %.3f | central loss %s video-acc %s | %.1fs",
             server_round, record["train"].get("train-loss", float("nan")),
             record["train"].get("train-accuracy", float("nan")),
             _fmt(central_metrics.get("loss")), _fmt(central_metrics.get("video-accuracy")), record["round-time-s"],
         )
-    if rounds_without_update == cfg.num_server_rounds:
+        if stop:
+            logger.info("stopping after round %d: %s", server_round, stop)
+            break
+    if tensorboard:
+        tensorboard.close()
+    rounds_run = results.rounds[-1]["round"] - first_round + 1
+    if first_round == 1 and rounds_without_update == rounds_run:
         raise NoUpdateError(
             f"no round produced a global update (last round: {strategy.last_train.skipped}; "
             f"failed: {strategy.last_train.failed}; rejected: {strategy.last_train.rejected})"
         )
+    stop = stop or BUDGET
     results.save_model(arrays, index.classes, cfg.model)
-    final = results.rounds[-1]["central"]
+    confusion = evaluator.confusion(arrays) if evaluator else None
+    write_final_report(results.dir, results.rounds, index.classes, confusion, stop)
+    best = best_round(results.rounds)
     return {
-        "rounds-completed": cfg.num_server_rounds,
+        "rounds-completed": results.rounds[-1]["round"],
         "rounds-without-update": rounds_without_update,
+        "stop-reason": stop,
         "model": cfg.model,
         "classes": index.classes,
-        "final-central": final,
+        "final-central": results.rounds[-1].get("central", {}),
+        "best-round": best[0] if best else None,
+        "best-video-accuracy": best[1] if best else None,
         "results-dir": str(results.dir),
     }
+
+
+class CentralEvaluator:
+    """Scores global weights on the held-out test split (unreadable files set aside once)."""
+
+    def __init__(self, cfg: AppConfig, model: torch.nn.Module, index: Any, device: torch.device) -> None:
+        usable, skipped = scan_videos(index.test)
+        self.cfg, self.device, self.skipped = cfg, device, len(skipped)
+        self.num_classes = len(index.classes)
+        self.model = prepare_model(model, device, cfg.channels_last)
+        self.loader = eval_loader(cfg, usable)
+
+    def _load(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+
+    def __call__(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        self._load(weights)
+        scores = evaluate_model(self.model, self.loader, self.device, self.cfg.bf16, self.cfg.channels_last)
+        return {**scores, "skipped-videos": self.skipped}
+
+    def confusion(self, weights: Mapping[str, np.ndarray]) -> list[list[int]]:
+        """Video-level confusion matrix of ``weights`` on the test split (rows: true class)."""
+        self._load(weights)
+        return evaluate_model(
+            self.model, self.loader, self.device, self.cfg.bf16, self.cfg.channels_last, num_classes=self.num_classes
+        )["confusion"]
 
 
 def _fmt(value: float | None) -> str:

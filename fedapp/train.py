@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,12 @@ def evaluate_model(
     device: torch.device,
     bf16: bool = False,
     channels_last: bool = False,
-) -> dict[str, float]:
-    """Clip-level and video-level scores; a video's prediction averages its clips' softmax."""
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Clip-level and video-level scores; a video's prediction averages its clips' softmax.
+
+    With ``num_classes``, also the video-level confusion matrix (rows: true class) as lists.
+    """
     model.eval()
     loss_sum = 0.0
     clips_seen = clip_correct = failed = 0
@@ -123,7 +128,14 @@ def evaluate_model(
             video_probs[vid] = video_probs.get(vid, 0) + prob
             video_labels[vid] = label
     video_correct = sum(int(video_probs[v].argmax().item() == video_labels[v]) for v in video_probs)
+    extra: dict[str, Any] = {}
+    if num_classes is not None:
+        confusion = [[0] * num_classes for _ in range(num_classes)]
+        for vid, probs in video_probs.items():
+            confusion[video_labels[vid]][int(probs.argmax())] += 1
+        extra["confusion"] = confusion
     return {
+        **extra,
         "loss": loss_sum / max(clips_seen, 1),
         "clip-accuracy": clip_correct / max(clips_seen, 1),
         "video-accuracy": video_correct / max(len(video_probs), 1),

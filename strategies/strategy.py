@@ -149,6 +149,11 @@ class VideoFedAvg(FedAvg):
         """What a checkpoint must keep to resume this strategy (the momentum buffer)."""
         return {"velocity": self.velocity}
 
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state`."""
+        velocity = state.get("velocity")
+        self.velocity = {k: np.asarray(v) for k, v in velocity.items()} if velocity else None
+
     def _screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
         report = RoundReport()
         phase = "train" if with_arrays else "evaluate"
