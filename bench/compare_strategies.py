@@ -5,7 +5,7 @@ updates) and each strategy, one federated run of the real server loop, strategie
 (in process: ``bench/inprocess.py``), recording the central test video accuracy per round.
 Writes a markdown table, a PNG plot and the raw numbers to ``--out`` (default ``docs/``).
 
-    .venv/bin/python -m bench.compare_strategies            # the committed table (~1 h on 2 CPU cores)
+    .venv/bin/python -m bench.compare_strategies            # the committed table (about an hour on 2 CPU cores)
     .venv/bin/python -m bench.compare_strategies --rounds 2 --strategies fedavg median   # a quick look
 """
 
@@ -25,21 +25,22 @@ SCENARIOS = {
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
     "30%-sign-flip": {"partitioning": "iid", "attack": "sign-flip", "attack-fraction": 0.3, "attack-scale": 10.0},
 }
+ATTACK_FRACTION = 0.3
 STRATEGIES = {
     "fedavg": {"strategy": "fedavg"},
     "weighted (inverse-loss)": {"strategy": "weighted", "weight-source": "inverse-loss"},
     "median": {"strategy": "fusion", "fusion-fn": "median"},
     "trimmed-mean β=0.3": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.3},
     "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
-    "krum f=3": {"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 3},
+    "krum": {"strategy": "fusion", "fusion-fn": "krum"},  # f = the number of attackers (below)
     "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 50, "feddf-videos": 32},
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--out", type=Path, default=Path("docs"))
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         "min-available-nodes": args.clients,
         "torch-threads": 2,
         "cache-dir": args.cache_dir,
+        "tensorboard": False,
+        # Krum assumes f attackers: as many as the attack scenario has (round(0.3 × clients)).
+        "krum-malicious": max(1, round(ATTACK_FRACTION * args.clients)),
     }
     curves: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
