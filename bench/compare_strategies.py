@@ -20,12 +20,13 @@ from pathlib import Path
 from bench.inprocess import run_inprocess
 from fedapp.results import atomic_write_bytes, atomic_write_json
 
+ATTACK_FRACTION = 0.3
 SCENARIOS = {
     "iid": {"partitioning": "iid"},
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
-    "30%-sign-flip": {"partitioning": "iid", "attack": "sign-flip", "attack-fraction": 0.3, "attack-scale": 10.0},
+    "30%-sign-flip": {"partitioning": "iid", "attack": "sign-flip", "attack-fraction": ATTACK_FRACTION,
+                      "attack-scale": 10.0},
 }
-ATTACK_FRACTION = 0.3
 STRATEGIES = {
     "fedavg": {"strategy": "fedavg"},
     "weighted (inverse-loss)": {"strategy": "weighted", "weight-source": "inverse-loss"},

@@ -185,7 +185,13 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
     return run_id
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Turn SIGTERM into SystemExit so `finally` blocks stop the SuperLink we started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')

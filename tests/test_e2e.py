@@ -122,3 +122,32 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
         assert record["fusion"]["steps"] >= 0 and "best-val-kl" in record["fusion"]
     if name == "weighted":
         assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9
+
+
+def test_killed_run_resumes_to_the_same_final_round_without_gap(small_run_config, tmp_path):
+    """SIGTERM the launcher after round 2's checkpoint, then resume="latest": rounds 0..4, once each."""
+    import os
+    import signal
+    import time
+
+    results = tmp_path / "results"
+    config = {**small_run_config, "num-server-rounds": 4, "results-dir": str(results), "run-name": "run"}
+    cmd = [sys.executable, "-m", "fedapp.launch", "--run-config", run_config_text(config),
+           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = results / "run" / "checkpoints" / "round-0002"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "round 2 never checkpointed"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    summary = json.loads((results / "run" / "summary.json").read_text()) if (results / "run" / "summary.json").exists() else {}
+    assert summary.get("status") != "completed"
+
+    rc, output, summary = launch({**config, "resume": "latest"}, tmp_path,
+                                 federation="num-supernodes=2 client-resources-num-cpus=1")
+    assert rc == 0, output[-3000:]
+    rounds = [json.loads(line)["round"] for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3, 4]
+    assert summary["rounds-completed"] == 4
