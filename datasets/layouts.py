@@ -28,6 +28,11 @@ _UCF_GROUP = re.compile(r"_(g\d+)_")
 _TRAILING_CLIP_NUMBER = re.compile(r"_\d+$")
 
 
+def list_videos(folder: str | Path) -> list[Path]:
+    """Video files under ``folder`` (recursively, by extension), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+
+
 class LayoutError(ValueError):
     """A dataset layout is missing a file or folder, or one of its files has a bad line."""
 
@@ -232,7 +237,7 @@ def load_class_folders(root: str | Path, test_fraction: float = 0.2, split_by: s
     classes: list[str] = []
     keyed_samples: list[tuple[VideoSample, str]] = []
     for folder in sorted(entry for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")):
-        videos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        videos = list_videos(folder)
         if not videos:
             logger.warning("class folder %s has no %s videos; not used as a class", folder, "/".join(VIDEO_EXTENSIONS))
             continue

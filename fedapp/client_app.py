@@ -59,8 +59,9 @@ def make_client(
     """The VideoClient for this node: its partition of the dataset, unreadable files set aside."""
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
-    key = (cfg.dataset, data_dir or cfg.data_dir, cfg.fold, cfg.partitioning, cfg.partition_seed,
-           cfg.dirichlet_alpha, cfg.classes_per_client, partition_id, num_partitions, str(cfg.cache_path))
+    # Indexes are cached for the process's lifetime, so id(index) identifies the dataset.
+    key = (id(index), cfg.partitioning, cfg.partition_seed, cfg.dirichlet_alpha, cfg.classes_per_client,
+           partition_id, num_partitions)
     if key not in _SCAN_CACHE:
         train, test = node_partition(cfg, index, partition_id, num_partitions)
         usable_train, skipped_train = scan_videos(train)

@@ -15,6 +15,7 @@ from datasets.layouts import (
     VIDEO_EXTENSIONS,
     VideoIndex,
     VideoSample,
+    list_videos,
     load_class_folders,
     load_hmdb51,
     load_manifest,
@@ -73,7 +74,7 @@ def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
     ``feddf-videos`` freshly generated synthetic videos (another seed: never the train/test videos)."""
     if cfg.feddf_data_dir:
         root = Path(cfg.feddf_data_dir).expanduser()
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+        paths = list_videos(root)
         if not paths:
             raise ConfigError(f"feddf-data-dir={cfg.feddf_data_dir!r} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
         return [VideoSample(str(p), -1, p.stem) for p in paths[: cfg.feddf_videos]]

@@ -44,7 +44,8 @@ from datasets.synthetic import SyntheticSpec, generate_dataset
 from datasets.video_io import VideoDecodeError, clip_span
 from fedapp.checkpoint import CheckpointError, model_from_checkpoint
 from fedapp.config import AppConfig, ConfigError, parse_size
-from fedapp.inference import list_videos, video_clips
+from datasets.layouts import list_videos
+from fedapp.inference import video_clips
 from fedapp.models import ModelError
 from fedapp.results import atomic_write_bytes, atomic_write_json
 

@@ -15,17 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.layouts import VIDEO_EXTENSIONS
 from datasets.transforms import EvalClipTransform
 from datasets.video_io import clip_frame_indices, decode_frames, probe_video, uniform_clip_starts
 from fedapp.config import AppConfig
 
 logger = logging.getLogger(__name__)
-
-
-def list_videos(folder: str | Path) -> list[Path]:
-    """Video files under ``folder`` (recursively, by extension), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
 
 
 def video_clips(path: str | Path, cfg: AppConfig) -> torch.Tensor:

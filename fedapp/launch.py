@@ -16,13 +16,16 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from flwr.common.config import parse_config_args
 
@@ -50,6 +53,8 @@ def free_port() -> int:
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process we start: hermetic home, no runtime installs."""
     env = dict(os.environ)
+    # Flower's executables sit beside this interpreter; a venv used without activation is not on PATH.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -57,61 +62,182 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: Path, port: int) -> None:
-    """Point the CLI's connection at our SuperLink (Flower reads connections from FLWR_HOME)."""
+class TlsFiles(NamedTuple):
+    """A SuperLink's TLS material: the CA that signed it, its certificate and its private key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """A dict as ``--run-config`` / ``--node-config`` text (TOML values: strings quoted)."""
+    def value(v: Any) -> str:
+        return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+    return " ".join(f"{k}={value(v)}" for k, v in config.items())
+
+
+def write_connection(flwr_home: Path, port: int, *, name: str = CONNECTION, root_certificates: Path | None = None) -> None:
+    """Point the CLI's connection at our SuperLink (Flower reads connections from FLWR_HOME).
+
+    Without ``root_certificates`` the connection is insecure; with them the CLI verifies the
+    SuperLink's certificate against that CA (Flower requires an absolute path).
+    """
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = ("insecure = true" if root_certificates is None
+                else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
     )
 
 
-def start_superlink(flwr_home: Path, log_dir: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    """A simulation SuperLink of our own, in its own process group so it can be stopped whole."""
+def start_superlink(
+    flwr_home: Path, log_dir: Path, port: int, env: dict[str, str], *,
+    simulation: bool = True, tls: TlsFiles | None = None, supernode_auth: bool = False, database: Path | None = None,
+) -> subprocess.Popen:
+    """A SuperLink of our own on 127.0.0.1:``port``, in its own process group so it can be stopped whole.
+
+    ``simulation`` runs ClientApps in the simulation engine; without it SuperNodes connect. No
+    ``tls`` means ``--insecure``; ``supernode_auth`` (TLS only) admits registered SuperNodes only.
+    Returns once the SuperLink answers its health check.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "flower-superlink", "--isolation", "subprocess",
         "--host", "127.0.0.1", "--port", str(port),
-        "--control-api-address", f"127.0.0.1:{free_port()}",
-        "--database", str(log_dir / "superlink.db"),
+        "--database", str(database or log_dir / "superlink.db"),
         "--log-file", str(log_dir / "superlink.log"),
         "--disable-runtime-dependency-installation",
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "superlink.stderr", "wb"),
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
+    cmd += ["--simulation"] if simulation else []
+    if tls is None:
+        cmd += ["--insecure"]
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+    cmd += ["--enable-supernode-auth"] if supernode_auth else []
+    with open(log_dir / "superlink.stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )
+    try:
+        wait_healthy(proc, port, tls.ca_cert if tls else None, log_dir / "superlink.stderr")
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: Path, timeout: float = 60.0) -> None:
+    """Poll the SuperLink's ``/health`` (over HTTPS, checked against ``ca_cert``, when TLS is on)."""
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
+    url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {log_dir / 'superlink.stderr'}")
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
-                    return proc
+                    return
         except OSError:
             time.sleep(0.3)
-    stop_process_group(proc)
-    raise RuntimeError("flower-superlink did not become healthy within 60 s")
+    raise RuntimeError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log}")
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """``{pid: (parent pid, process group)}`` of every process, from /proc (empty where there is none)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses: split after its closing one.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def descendant_groups(pgid: int) -> set[int]:
+    """Process groups of every descendant of group ``pgid``'s processes, ``pgid`` included.
+
+    The SuperLink starts Flower's SuperExec (which starts the ServerApp) in a session of its own,
+    so stopping the SuperLink's group alone would leave them to notice on their own.
+    """
+    table = process_table()
+    todo = [pid for pid, (_, group) in table.items() if group == pgid]
+    groups, seen = {pgid}, set(todo)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, group) in table.items():
+            if ppid == parent and pid not in seen:
+                seen.add(pid)
+                groups.add(group)
+                todo.append(pid)
+    return groups
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists (an unreaped zombie counts)."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_group(pgid: int, grace: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM process group ``pgid`` and its descendants' groups, SIGKILL what is left after ``grace`` s
+    (``grace`` 0: SIGKILL at once).
+
+    Works on any process group (e.g. PIDs read back from a state file); pass ``proc`` when it is
+    our child so that its exit status is collected by it.
+    """
+    groups = descendant_groups(pgid)
+
+    def reap() -> None:
+        if proc is not None:
+            proc.poll()
+            return
+        try:
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    def wait_gone(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            reap()
+            if not any(group_alive(g) for g in groups):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+    steps = [(signal.SIGTERM, grace)] if grace > 0 else []  # grace 0: SIGKILL at once, like a crash
+    for sig, timeout in [*steps, (signal.SIGKILL, 10.0)]:
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if wait_gone(timeout):
+            return
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the whole process group, SIGKILL what is left after ``grace`` seconds."""
     if proc.poll() is not None:
         return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    stop_group(proc.pid, grace, proc)
+    proc.wait()
 
 
-def run_status(run_id: int, env: dict[str, str]) -> str:
+def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> str:
     """Flower's own verdict on the run, e.g. ``finished:completed`` or ``finished:failed``."""
     out = subprocess.run(
-        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
         cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60,
     )
     try:
@@ -133,34 +259,51 @@ def judge(status: str, summary: dict | None, run_dir: Path) -> Outcome:
     return Outcome(True, "run completed", run_dir, summary)
 
 
-def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
-    """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
+def run_location(run_config: Sequence[str]) -> Path:
+    """The run's results folder, ``results-dir/run-name``, absolute (a relative ``results-dir``
+    is taken from the current directory; the default name is a UTC timestamp)."""
     overrides: dict = {}
     for text in run_config:
         overrides.update(parse_config_args([text]))
     results_dir = Path(str(overrides.get("results-dir", "results")))
     results_dir = results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)
     run_name = str(overrides.get("run-name") or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    run_dir = results_dir.resolve() / run_name
+    return results_dir.resolve() / run_name
+
+
+def run_and_judge(
+    run_config: Sequence[str], run_dir: Path, env: dict[str, str], timeout: float, *,
+    connection: str = CONNECTION, extra_args: Sequence[str] = (),
+) -> Outcome:
+    """``flwr run --stream`` the app against ``connection`` with its results in ``run_dir``, then
+    judge it by Flower's run status and the app's ``summary.json``."""
     log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Pinned so we know where the ServerApp writes, whatever its working directory.
+    forced = f'results-dir="{run_dir.parent}" run-name="{run_dir.name}"'
+    cmd = ["flwr", "run", str(PROJECT_DIR), connection, "--stream", *extra_args]
+    for text in [*run_config, forced]:
+        cmd += ["--run-config", text]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    run_id = stream_run(cmd, env, log_dir / "flwr-run.log", timeout)
+    status = run_status(run_id, env, connection) if run_id is not None else "not started"
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return judge(status, summary, run_dir)
+
+
+def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
+    """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
+    run_dir = run_location(run_config)
     flwr_home = Path(os.environ.get("FEDVIDEO_FLWR_HOME", PROJECT_DIR / ".flwr_home")).resolve()
     env = flwr_env(flwr_home)
     port = free_port()
     write_connection(flwr_home, port)
-    superlink = start_superlink(flwr_home, log_dir, port, env)
+    superlink = start_superlink(flwr_home, run_dir / "logs", port, env)
     try:
-        forced = f'results-dir="{results_dir.resolve()}" run-name="{run_name}"'
-        cmd = ["flwr", "run", str(PROJECT_DIR), CONNECTION, "--stream", "--federation-config", federation_config]
-        for text in [*run_config, forced]:
-            cmd += ["--run-config", text]
-        print(f"$ {' '.join(cmd)}", flush=True)
-        run_id = stream_run(cmd, env, log_dir / "flwr-run.log", timeout)
-        status = run_status(run_id, env) if run_id is not None else "not started"
+        return run_and_judge(run_config, run_dir, env, timeout, extra_args=["--federation-config", federation_config])
     finally:
         stop_process_group(superlink)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return judge(status, summary, run_dir)
 
 
 def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> int | None:

@@ -36,7 +36,8 @@ from fedapp.checkpoint import (
     model_from_checkpoint,
 )
 from fedapp.config import AppConfig, ConfigError
-from fedapp.inference import embed_video, list_videos
+from datasets.layouts import list_videos
+from fedapp.inference import embed_video
 from fedapp.models import ModelError
 from fedapp.results import atomic_write_bytes, atomic_write_json
 

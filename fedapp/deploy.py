@@ -1,0 +1,368 @@
+"""Run the app on real Flower processes: one SuperLink and N SuperNodes, each its own OS process.
+
+Here every process runs on this machine on 127.0.0.1; across machines it is the same pattern:
+the SuperLink on one host (add its name to the server certificate with ``fedapp.certs --san``),
+one ``flower-supernode`` per site pointing at it with its own ``--node-config``, and the CLI
+(``flwr run``) wherever the project and ``ca.crt`` are.
+
+    python -m fedapp.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR]] [--port P]
+    python -m fedapp.deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
+    python -m fedapp.deploy stop-node K [--dir DIR] [--kill]
+    python -m fedapp.deploy start-node K [--dir DIR]
+    python -m fedapp.deploy status [--dir DIR]
+    python -m fedapp.deploy down [--dir DIR]
+
+``up`` starts the SuperLink (runtime dependency installation disabled), waits until it is
+healthy, registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentication),
+starts the SuperNodes (node K gets ``partition-id=K num-partitions=N``, or the K-th
+``--node-data-dir`` as ``data-dir``) and waits until all are online. Every process runs in its own
+process group, logs to DIR/logs/ and has its PID in DIR/state.json. ``run`` submits the app and
+judges it like ``fedapp.launch`` (exit 0 only when Flower's run status and the app's
+``summary.json`` both say completed). ``down`` stops every process by its recorded PID (SIGTERM
+to the group, SIGKILL after a grace period); it is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from fedapp import certs
+from fedapp.launch import (
+    PROJECT_DIR,
+    Outcome,
+    TlsFiles,
+    _exit_on_sigterm,
+    config_text,
+    flwr_env,
+    free_port,
+    group_alive,
+    run_and_judge,
+    run_location,
+    start_superlink,
+    stop_group,
+    write_connection,
+)
+
+CONNECTION = "fedvideo-deploy"
+STATE_FILE = "state.json"
+DEFAULT_DIR = Path("results") / "deployment"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if there is no such process or no /proc).
+
+    Stored with each PID so that ``down`` never signals an unrelated process that got a reused PID.
+    """
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Deployment:
+    """A SuperLink and SuperNodes on 127.0.0.1, described by ``run_dir/state.json``.
+
+    ``with Deployment(...) as d:`` brings it up and always brings it down, also when the body fails.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, secure: bool = False, num_nodes: int = 2, data_dirs: Sequence[str] = (),
+        certs_dir: Path | None = None, port: int | None = None, grace: float = 10.0,
+    ) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.secure = secure
+        self.certs_dir = Path(certs_dir).resolve() if certs_dir else self.run_dir / "certs"
+        self.grace = grace
+        self.log_dir = self.run_dir / "logs"
+        self.flwr_home = self.run_dir / "flwr_home"
+        self.env = flwr_env(self.flwr_home)
+        self.port = port
+        # Our own children, so their exit status is collected (a refused SuperNode exits with 305).
+        self.procs: dict[str, subprocess.Popen] = {}
+        configs = ([config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs] if data_dirs
+                   else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)])
+        self.state: dict[str, Any] = {
+            "secure": secure, "port": port, "connection": CONNECTION, "flwr_home": str(self.flwr_home),
+            "certs": str(self.certs_dir) if secure else None, "superlink": {},
+            "nodes": [{"node_config": c, "key": self._key_path(k)} for k, c in enumerate(configs)],
+        }
+
+    # --- state
+
+    @classmethod
+    def load(cls, run_dir: Path, grace: float = 10.0) -> Deployment:
+        """The deployment an earlier ``up`` left in ``run_dir``."""
+        path = Path(run_dir) / STATE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"no deployment in {Path(run_dir).resolve()} (no {STATE_FILE}): run `up` first")
+        state = json.loads(path.read_text())
+        deployment = cls(run_dir, secure=state["secure"], num_nodes=0, grace=grace,
+                         certs_dir=Path(state["certs"]) if state["certs"] else None, port=state["port"])
+        deployment.state = state
+        return deployment
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.run_dir / STATE_FILE)
+
+    def _key_path(self, k: int) -> str | None:
+        return str(self.certs_dir / certs.node_key_name(k)) if self.secure else None
+
+    def _entries(self) -> list[tuple[str, dict[str, Any]]]:
+        nodes = [(f"node-{k}", node) for k, node in enumerate(self.state["nodes"])]
+        return [("superlink", self.state["superlink"]), *nodes]
+
+    def _record(self, entry: dict[str, Any], name: str, proc: subprocess.Popen) -> None:
+        self.procs[name] = proc
+        entry.update(pid=proc.pid, started=process_start_time(proc.pid))
+        self.save()
+
+    def _alive(self, name: str, entry: Mapping[str, Any]) -> bool:
+        """Whether the process recorded in ``entry`` (or anything left in its group) still runs."""
+        pid = entry.get("pid")
+        if not pid:
+            return False
+        if name in self.procs:
+            self.procs[name].poll()  # reap our own exited child, or it counts as alive
+        started = process_start_time(pid)
+        if started is not None and entry.get("started") not in (None, started):
+            return False  # that PID now belongs to another process
+        return group_alive(pid)
+
+    def alive(self) -> list[str]:
+        """Names of the recorded processes still running."""
+        return [name for name, entry in self._entries() if self._alive(name, entry)]
+
+    def exit_code(self, k: int) -> int | None:
+        """Exit status of SuperNode ``k`` if this object started it and it has exited."""
+        proc = self.procs.get(f"node-{k}")
+        return proc.poll() if proc else None
+
+    def node_log(self, k: int) -> Path:
+        return self.log_dir / f"supernode-{k}.log"
+
+    # --- lifecycle
+
+    def up(self, timeout: float = 120.0) -> None:
+        """SuperLink, key registration, SuperNodes; returns when every SuperNode is online."""
+        if (self.run_dir / STATE_FILE).exists() and Deployment.load(self.run_dir).alive():
+            raise RuntimeError(f"a deployment in {self.run_dir} is still running: `down` it first")
+        try:
+            self._up(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def _up(self, timeout: float) -> None:
+        tls = self._prepare_certs() if self.secure else None
+        port = self.port or free_port()
+        self.state["port"] = port
+        write_connection(self.flwr_home, port, name=CONNECTION, root_certificates=tls.ca_cert if tls else None)
+        self.save()
+        proc = start_superlink(self.flwr_home, self.log_dir, port, self.env, simulation=False, tls=tls,
+                               supernode_auth=self.secure, database=self.run_dir / "superlink.db")
+        self._record(self.state["superlink"], "superlink", proc)
+        for k in range(len(self.state["nodes"])):
+            if self.secure:
+                self.register(k)
+            self.start_node(k, wait=False)
+        for k in range(len(self.state["nodes"])):
+            self.wait_joined(k, timeout)
+
+    def _prepare_certs(self) -> TlsFiles:
+        """The CA and server certificate (made on first use) and a key pair for every SuperNode."""
+        if not (self.certs_dir / certs.CA_CERT).exists():
+            certs.make_certs(self.certs_dir)
+        for node in self.state["nodes"]:
+            if not Path(node["key"]).exists():
+                certs.write_node_key(Path(node["key"]))
+        return TlsFiles(self.certs_dir / certs.CA_CERT, self.certs_dir / certs.SERVER_CERT,
+                        self.certs_dir / certs.SERVER_KEY)
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """A ``flwr`` CLI command against this deployment's connection."""
+        return subprocess.run(["flwr", *args], cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register(self, k: int) -> None:
+        """Register SuperNode ``k``'s public key with the SuperLink (SuperNode authentication)."""
+        public_key = self.state["nodes"][k]["key"] + ".pub"
+        out = self.flwr("supernode", "register", public_key, CONNECTION, "--name", f"node-{k}")
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {public_key} failed ({out.returncode}): "
+                               f"{(out.stdout + out.stderr).strip()[-1000:]}")
+
+    def wait_joined(self, k: int, timeout: float = 120.0) -> int:
+        """Wait until SuperNode ``k`` has joined the SuperLink; returns (and records) its node id.
+
+        A SuperNode logs its id once the SuperLink accepted it; a refused one exits (code 305).
+        """
+        node, proc = self._node(k), self.procs[f"node-{k}"]
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.node_log(k), "rb") as log:
+                log.seek(node["log_offset"])
+                if m := re.search(rb"SuperNode ID: (\d+)", log.read()):
+                    node["node_id"] = int(m.group(1))
+                    self.save()
+                    return node["node_id"]
+            if proc.poll() is not None:
+                raise RuntimeError(f"SuperNode {k} exited with code {proc.returncode}; see {self.node_log(k)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SuperNode {k} did not join within {timeout:.0f} s; see {self.node_log(k)}")
+            time.sleep(0.3)
+
+    def add_node(self, node_config: Mapping[str, Any], *, register: bool = True, wait: bool = True) -> int:
+        """Start one more SuperNode (a new key pair when secure; ``register=False`` leaves the key
+        unknown to the SuperLink, which then refuses the node). Returns its index."""
+        k = len(self.state["nodes"])
+        self.state["nodes"].append({"node_config": config_text(node_config), "key": self._key_path(k)})
+        if self.secure:
+            certs.write_node_key(Path(self.state["nodes"][k]["key"]), force=True)
+            if register:
+                self.register(k)
+        self.start_node(k, wait=wait)
+        return k
+
+    def _node(self, k: int) -> dict[str, Any]:
+        if not 0 <= k < len(self.state["nodes"]):
+            raise ValueError(f"no SuperNode {k}: this deployment has nodes 0..{len(self.state['nodes']) - 1}")
+        return self.state["nodes"][k]
+
+    def start_node(self, k: int, *, wait: bool = True, timeout: float = 120.0) -> None:
+        """(Re)start SuperNode ``k`` with its recorded settings; ``wait``: until it has joined (it
+        gets a new node id)."""
+        node = self._node(k)
+        if self._alive(f"node-{k}", node):
+            self.stop_node(k)
+        port = self.state["port"]
+        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+               "--node-config", node["node_config"]]
+        if self.secure:
+            cmd += ["--root-certificates", str(self.certs_dir / certs.CA_CERT),
+                    "--auth-supernode-private-key", node["key"]]
+        else:
+            cmd += ["--insecure"]
+        # Each node has its own Flower home (where it unpacks the app), as on its own machine.
+        env = flwr_env(self.run_dir / "nodes" / f"node-{k}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.node_log(k), "ab") as log:  # appended: a restarted node keeps its history
+            node.update(log_offset=log.tell(), node_id=None)
+            proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self._record(node, f"node-{k}", proc)
+        if wait:
+            self.wait_joined(k, timeout)
+
+    def stop_node(self, k: int, *, kill: bool = False) -> None:
+        """Stop SuperNode ``k``: SIGTERM (it leaves the federation), or ``kill``: SIGKILL, like a crash."""
+        self._stop(f"node-{k}", self._node(k), 0.0 if kill else self.grace)
+
+    def _stop(self, name: str, entry: Mapping[str, Any], grace: float) -> None:
+        if self._alive(name, entry):
+            stop_group(entry["pid"], grace, self.procs.get(name))
+
+    def down(self) -> None:
+        """Stop every recorded process (SuperNodes first); a no-op for what is already stopped."""
+        for name, entry in reversed(self._entries()):
+            self._stop(name, entry, self.grace)
+
+    def run(self, run_config: Mapping[str, Any] | Sequence[str], timeout: float = 3600.0) -> Outcome:
+        """``flwr run`` the app on this deployment and judge it (results in ``results-dir/run-name``)."""
+        texts = [config_text(run_config)] if isinstance(run_config, Mapping) else list(run_config)
+        run_dir = run_location(texts)
+        if not self._alive("superlink", self.state["superlink"]):
+            return Outcome(False, f"the SuperLink of {self.run_dir} is not running (run `up` first)", run_dir, None)
+        return run_and_judge(texts, run_dir, self.env, timeout, connection=CONNECTION)
+
+    def __enter__(self) -> Deployment:
+        self.up()  # up() brings down what it started if it fails
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                        help=f"the deployment's folder: state.json, logs, Flower homes, certs (default: {DEFAULT_DIR})")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the SuperLink and the SuperNodes")
+    up.add_argument("--nodes", type=int, default=2, help="SuperNodes, node K holding partition K of N (default 2)")
+    up.add_argument("--node-data-dir", action="append", default=[],
+                    help="one SuperNode with its own videos (node config data-dir), repeatable; replaces --nodes")
+    up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication (registered keys only)")
+    up.add_argument("--certs", type=Path, help="certificates and keys from `python -m fedapp.certs` "
+                                               "(default: made on first use in DIR/certs)")
+    up.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
+    run = sub.add_parser("run", help="run the app on the deployment and judge the outcome")
+    run.add_argument("--run-config", action="append", default=[],
+                     help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    for name, text in (("start-node", "(re)start SuperNode K"), ("stop-node", "stop SuperNode K")):
+        node = sub.add_parser(name, help=text)
+        node.add_argument("k", type=int)
+        if name == "stop-node":
+            node.add_argument("--kill", action="store_true", help="SIGKILL at once, like a crashed machine")
+    sub.add_parser("status", help="which recorded processes are running")
+    sub.add_parser("down", help="stop every process of the deployment")
+    args = parser.parse_args(argv)
+    if args.command == "up" and args.nodes < 1 and not args.node_data_dir:
+        parser.error("--nodes must be >= 1")
+    if args.command == "up" and args.certs and not args.secure:
+        parser.error("--certs needs --secure")
+
+    try:
+        if args.command == "up":
+            deployment = Deployment(args.dir, secure=args.secure, num_nodes=args.nodes, data_dirs=args.node_data_dir,
+                                    certs_dir=args.certs, port=args.port, grace=args.grace)
+            deployment.up()
+            print(f"up: SuperLink on 127.0.0.1:{deployment.state['port']} "
+                  f"({'TLS, SuperNode auth' if args.secure else 'insecure'}), "
+                  f"{len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}")
+            return 0
+        if args.command == "down" and not (args.dir / STATE_FILE).exists():
+            print(f"down: nothing to stop in {args.dir.resolve()}")
+            return 0
+        deployment = Deployment.load(args.dir, grace=args.grace)
+        if args.command == "run":
+            outcome = deployment.run(args.run_config, args.timeout)
+            if not outcome.ok:
+                print(f"FAILED: {outcome.message}", file=sys.stderr)
+                print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)
+                return 1
+            print(f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; "
+                  f"results: {outcome.run_dir}")
+            return 0
+        if args.command == "start-node":
+            deployment.start_node(args.k)
+        elif args.command == "stop-node":
+            deployment.stop_node(args.k, kill=args.kill)
+        elif args.command == "down":
+            deployment.down()
+        running = deployment.alive()
+        print(f"running: {', '.join(running) if running else 'nothing'}")
+        return 0
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"{args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
