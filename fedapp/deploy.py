@@ -87,7 +87,7 @@ class Deployment:
         self.flwr_home = self.run_dir / "flwr_home"
         self.env = flwr_env(self.flwr_home)
         self.port = port
-        # Our own children, so their exit status is collected (a refused SuperNode exits with 305).
+        # Our own children, so that their exit status is collected (a refused SuperNode exits non-zero).
         self.procs: dict[str, subprocess.Popen] = {}
         configs = ([config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs] if data_dirs
                    else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)])
@@ -200,14 +200,16 @@ class Deployment:
         """Register SuperNode ``k``'s public key with the SuperLink (SuperNode authentication)."""
         public_key = self.state["nodes"][k]["key"] + ".pub"
         out = self.flwr("supernode", "register", public_key, CONNECTION, "--name", f"node-{k}")
-        if out.returncode != 0:
+        # The SuperLink's database outlives `down`: a key registered by an earlier `up` stays registered.
+        if out.returncode != 0 and "Public key already in use" not in out.stdout + out.stderr:
             raise RuntimeError(f"flwr supernode register {public_key} failed ({out.returncode}): "
                                f"{(out.stdout + out.stderr).strip()[-1000:]}")
 
     def wait_joined(self, k: int, timeout: float = 120.0) -> int:
         """Wait until SuperNode ``k`` has joined the SuperLink; returns (and records) its node id.
 
-        A SuperNode logs its id once the SuperLink accepted it; a refused one exits (code 305).
+        A SuperNode logs its id once the SuperLink accepted it; a refused one exits (Flower logs
+        exit code 305, the process exits with 1).
         """
         node, proc = self._node(k), self.procs[f"node-{k}"]
         deadline = time.monotonic() + timeout
@@ -225,12 +227,13 @@ class Deployment:
             time.sleep(0.3)
 
     def add_node(self, node_config: Mapping[str, Any], *, register: bool = True, wait: bool = True) -> int:
-        """Start one more SuperNode (a new key pair when secure; ``register=False`` leaves the key
-        unknown to the SuperLink, which then refuses the node). Returns its index."""
+        """Start one more SuperNode K (secure: with key node-K, made if missing; ``register=False``
+        leaves it unknown to the SuperLink, which then refuses the node). Returns K."""
         k = len(self.state["nodes"])
         self.state["nodes"].append({"node_config": config_text(node_config), "key": self._key_path(k)})
         if self.secure:
-            certs.write_node_key(Path(self.state["nodes"][k]["key"]), force=True)
+            if not Path(self.state["nodes"][k]["key"]).exists():
+                certs.write_node_key(Path(self.state["nodes"][k]["key"]))
             if register:
                 self.register(k)
         self.start_node(k, wait=wait)
@@ -279,9 +282,15 @@ class Deployment:
         for name, entry in reversed(self._entries()):
             self._stop(name, entry, self.grace)
 
-    def run(self, run_config: Mapping[str, Any] | Sequence[str], timeout: float = 3600.0) -> Outcome:
-        """``flwr run`` the app on this deployment and judge it (results in ``results-dir/run-name``)."""
-        texts = [config_text(run_config)] if isinstance(run_config, Mapping) else list(run_config)
+    def run(self, run_config: Mapping[str, Any] | Sequence[str] | str, timeout: float = 3600.0) -> Outcome:
+        """``flwr run`` the app on this deployment and judge it (results in ``results-dir/run-name``).
+
+        ``run_config``: a dict, or ``--run-config`` texts like ``'num-server-rounds=5 model="r3d_18"'``.
+        """
+        if isinstance(run_config, Mapping):
+            texts = [config_text(run_config)]
+        else:
+            texts = [run_config] if isinstance(run_config, str) else list(run_config)
         run_dir = run_location(texts)
         if not self._alive("superlink", self.state["superlink"]):
             return Outcome(False, f"the SuperLink of {self.run_dir} is not running (run `up` first)", run_dir, None)

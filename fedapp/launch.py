@@ -280,7 +280,7 @@ def run_and_judge(
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # Pinned so we know where the ServerApp writes, whatever its working directory.
-    forced = f'results-dir="{run_dir.parent}" run-name="{run_dir.name}"'
+    forced = config_text({"results-dir": str(run_dir.parent), "run-name": run_dir.name})
     cmd = ["flwr", "run", str(PROJECT_DIR), connection, "--stream", *extra_args]
     for text in [*run_config, forced]:
         cmd += ["--run-config", text]
@@ -315,15 +315,18 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
         start_new_session=True,
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
-                run_id = int(m.group(1))
-            if time.monotonic() > deadline:
-                print(f"launcher: timeout after {timeout:.0f} s, stopping", flush=True)
-                stop_process_group(proc)
-                break
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = int(m.group(1))
+                if time.monotonic() > deadline:
+                    print(f"launcher: timeout after {timeout:.0f} s, stopping", flush=True)
+                    break
+        finally:
+            # On timeout, SIGTERM or Ctrl-C too: otherwise leaving the `with` waits for the stream.
+            stop_process_group(proc)
         proc.wait()
     return run_id
 

@@ -96,6 +96,7 @@ class VideoFedAvg(FedAvg):
         self.proximal_mu = proximal_mu
         self.velocity: dict[str, np.ndarray] | None = None
         self._current: dict[str, np.ndarray] = {}
+        self._sent: list[Message] = []
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.last_train = RoundReport()
         self.last_evaluate = RoundReport()
@@ -108,7 +109,25 @@ class VideoFedAvg(FedAvg):
         self._reference = reference_spec(self._current)
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
-        return super().configure_train(server_round, arrays, config, grid)
+        self._sent = list(super().configure_train(server_round, arrays, config, grid))
+        return self._sent
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = list(super().configure_evaluate(server_round, arrays, config, grid))
+        return self._sent
+
+    def _origin_node(self, reply: Message) -> int:
+        """The node a reply is about. An error the SuperLink writes for a node that vanished comes
+        *from* the SuperLink, so look up where the message it answers was sent (the grid sets the
+        sent messages' ids when it pushes them)."""
+        wanted = reply.metadata.reply_to_message_id
+        if reply.has_error() and wanted:
+            for sent in self._sent:
+                if sent.metadata.message_id == wanted:
+                    return int(sent.metadata.dst_node_id)
+        return int(reply.metadata.src_node_id)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -158,7 +177,7 @@ class VideoFedAvg(FedAvg):
         report = RoundReport()
         phase = "train" if with_arrays else "evaluate"
         for msg in replies:
-            node_id = int(msg.metadata.src_node_id)
+            node_id = self._origin_node(msg)
             if msg.has_error():
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
                 report.failed.append({"node-id": node_id, "reason": reason[-2000:]})

@@ -11,22 +11,17 @@ import sys
 
 import pytest
 
+from fedapp.launch import config_text
 from tests.conftest import PROJECT_DIR
 
 pytestmark = pytest.mark.e2e
-
-
-def run_config_text(config: dict) -> str:
-    """A dict as `flwr run --run-config` text (TOML values)."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in config.items())
 
 
 def launch(config: dict, tmp_path, federation: str = "num-supernodes=3 client-resources-num-cpus=1") -> tuple[int, str, dict]:
     results = tmp_path / "results"
     config = {**config, "results-dir": str(results), "run-name": "run"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedapp.launch", "--run-config", run_config_text(config),
+        [sys.executable, "-m", "fedapp.launch", "--run-config", config_text(config),
          "--federation-config", federation, "--timeout", "600"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
     )
@@ -132,7 +127,7 @@ def test_killed_run_resumes_to_the_same_final_round_without_gap(small_run_config
 
     results = tmp_path / "results"
     config = {**small_run_config, "num-server-rounds": 4, "results-dir": str(results), "run-name": "run"}
-    cmd = [sys.executable, "-m", "fedapp.launch", "--run-config", run_config_text(config),
+    cmd = [sys.executable, "-m", "fedapp.launch", "--run-config", config_text(config),
            "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
     proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = results / "run" / "checkpoints" / "round-0002"

@@ -6,7 +6,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import fedavg, weighted_average
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import VideoFedAvg, aggregate_metrics
-from tests.flower_messages import error_reply, instruction, reply
+from tests.flower_messages import ensure_identity, error_reply, instruction, reply
 
 
 def model(rng, scale=1.0):
@@ -221,3 +221,23 @@ def test_proximal_mu_is_sent_to_clients():
     rng = np.random.default_rng(10)
     (message,) = strategy.configure_train(1, numpy_to_arrays(model(rng)), ConfigRecord(), Grid())
     assert message.content["config"]["proximal-mu"] == 0.01
+
+
+def test_error_written_by_the_superlink_is_attributed_to_the_node_that_vanished():
+    class Grid:
+        def get_node_ids(self):
+            return [11, 22]
+
+    rng = np.random.default_rng(11)
+    global_model = model(rng)
+    ensure_identity()
+    strategy = VideoFedAvg(min_available_nodes=2, min_train_nodes=1)
+    sent = list(strategy.configure_train(1, numpy_to_arrays(global_model), ConfigRecord(), Grid()))
+    for i, message in enumerate(sent):  # what the grid does when it pushes them
+        message.metadata.__dict__["_message_id"] = f"id-{i}"
+    vanished = error_reply(0, "node failed to report a heartbeat", code=5)
+    vanished.metadata.__dict__["_reply_to_message_id"] = "id-1"
+    vanished.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
+    ok = reply(11, global_model, {"num-examples": 3})
+    strategy.aggregate_train(1, [ok, vanished])
+    assert [f["node-id"] for f in strategy.last_train.failed] == [22]

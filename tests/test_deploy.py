@@ -1,0 +1,149 @@
+"""Deployment on real processes: a SuperLink and SuperNodes on 127.0.0.1 (``fedapp.deploy``), with
+TLS and SuperNode authentication (``fedapp.certs``), and a SuperNode killed mid-round. The process
+tests take one to three minutes each: marked e2e. Every process is stopped by PID even when a test
+fails (the Deployment context manager), and each test checks that none is left."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedapp import certs
+from fedapp.deploy import Deployment
+from fedapp.launch import group_alive
+from tests.conftest import PROJECT_DIR
+
+
+def rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def assert_all_stopped(deployment: Deployment) -> None:
+    """No process recorded in state.json is left (checked by PID and by process group)."""
+    state = json.loads((deployment.run_dir / "state.json").read_text())
+    pids = [state["superlink"]["pid"], *(node["pid"] for node in state["nodes"])]
+    assert not [pid for pid in pids if group_alive(pid)], f"still running: {pids}"
+    assert Deployment.load(deployment.run_dir).alive() == []
+
+
+def failure_text(outcome, deployment: Deployment) -> str:
+    logs = sorted(deployment.log_dir.glob("*.log"))
+    return outcome.message + "".join(f"\n--- {p.name}\n{p.read_text()[-1500:]}" for p in logs)
+
+
+def test_certs_are_signed_for_loopback_and_private_keys_are_private(tmp_path):
+    written = certs.make_certs(tmp_path, nodes=2, sans=["127.0.0.1", "localhost", "10.1.2.3"])
+    for path in written:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o644 if path.suffix in {".crt", ".pem", ".pub"} else 0o600), (path, oct(mode))
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.1.2.3"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    key = load_ssh_private_key((tmp_path / "node-1").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key((tmp_path / "node-1.pub").read_bytes()) == key.public_key()
+    before = (tmp_path / "ca.key").read_bytes()
+    with pytest.raises(FileExistsError):
+        certs.make_certs(tmp_path, nodes=2)
+    assert (tmp_path / "ca.key").read_bytes() == before
+    assert certs.main([str(tmp_path), "--nodes", "1"]) == 1  # the CLI refuses too
+    assert certs.main([str(tmp_path), "--nodes", "1", "--force"]) == 0
+    assert (tmp_path / "ca.key").read_bytes() != before
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+
+
+def test_cli_down_without_deployment_is_a_no_op(tmp_path):
+    cmd = [sys.executable, "-m", "fedapp.deploy", "--dir", str(tmp_path / "none")]
+    down = subprocess.run([*cmd, "down"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    stop = subprocess.run([*cmd, "stop-node", "0"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 1 and "run `up` first" in stop.stderr
+
+
+@pytest.mark.e2e
+def test_insecure_superlink_and_two_supernodes_complete_two_rounds(small_run_config, tmp_path):
+    config = {**small_run_config, "num-server-rounds": 2, "results-dir": str(tmp_path / "results"), "run-name": "run"}
+    with Deployment(tmp_path / "deployment", num_nodes=2) as deployment:
+        node_ids = {node["node_id"] for node in deployment.state["nodes"]}
+        outcome = deployment.run(config, timeout=600)
+    assert_all_stopped(deployment)
+    assert outcome.ok, failure_text(outcome, deployment)
+    assert outcome.summary["rounds-completed"] == 2
+    history = rounds(outcome.run_dir)
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for record in history[1:]:
+        assert {c["node-id"] for c in record["train-clients"]["clients"]} == node_ids
+        assert {"loss", "video-accuracy"} <= set(record["central"])
+
+
+@pytest.mark.e2e
+def test_tls_and_supernode_auth_admit_registered_keys_only(small_run_config, tmp_path):
+    config = {**small_run_config, "num-server-rounds": 1, "results-dir": str(tmp_path / "results"), "run-name": "run"}
+    with Deployment(tmp_path / "deployment", secure=True, num_nodes=2) as deployment:
+        intruder = deployment.add_node({"partition-id": 0, "num-partitions": 2}, register=False, wait=False)
+        with pytest.raises(RuntimeError, match="exited with code"):
+            deployment.wait_joined(intruder, timeout=120)
+        # Flower logs exit code 305, but the process itself exits with 1 (uvicorn's shutdown wins).
+        assert deployment.exit_code(intruder) != 0
+        log = deployment.node_log(intruder).read_text()
+        assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+        registered = {node["node_id"] for node in deployment.state["nodes"][:2]}
+        outcome = deployment.run(config, timeout=600)
+    assert_all_stopped(deployment)
+    assert outcome.ok, failure_text(outcome, deployment)
+    record = rounds(outcome.run_dir)[1]
+    assert {c["node-id"] for c in record["train-clients"]["clients"]} == registered
+    assert "root-certificates" in (deployment.flwr_home / "config.toml").read_text()
+
+
+def kill_when_training(deployment: Deployment, k: int, timeout: float = 300.0) -> None:
+    """SIGKILL SuperNode ``k`` (a crash) as soon as it has started its ClientApp for round 1's training."""
+    node = deployment.state["nodes"][k]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(deployment.node_log(k), "rb") as log:
+            log.seek(node["log_offset"])
+            text = log.read()
+            train = text.find(b"Receiving: train message")
+            if train >= 0 and b"Start `flwr-clientapp` process" in text[train:]:
+                deployment.stop_node(k, kill=True)
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_run_finishes_when_a_supernode_dies_mid_round(small_run_config, tmp_path):
+    """3 SuperNodes, 2 needed; one is killed during round 1's training. Its reply becomes an error
+    after about 60 s (Flower marks the node unavailable), round 1 aggregates the other two, round 2
+    runs on the survivors."""
+    config = {**small_run_config, "num-server-rounds": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2,
+              "min-available-nodes": 2, "round-timeout": 150.0,
+              "results-dir": str(tmp_path / "results"), "run-name": "run"}
+    with Deployment(tmp_path / "deployment", num_nodes=3) as deployment:
+        killer = threading.Thread(target=kill_when_training, args=(deployment, 2), daemon=True)
+        killer.start()
+        outcome = deployment.run(config, timeout=300)
+        killer.join(timeout=10)
+        assert deployment.alive() == ["superlink", "node-0", "node-1"]
+    assert_all_stopped(deployment)
+    assert outcome.ok, failure_text(outcome, deployment)
+    survivors = {node["node_id"] for node in deployment.state["nodes"][:2]}
+    round_1, round_2 = rounds(outcome.run_dir)[1:]
+    assert {c["node-id"] for c in round_1["train-clients"]["clients"]} == survivors
+    # The error reply comes from the SuperLink, so it names node 1 (the SuperLink), not the dead node.
+    [failure] = round_1["train-clients"]["failed"]
+    assert "error code 5" in failure["reason"]
+    assert {c["node-id"] for c in round_2["train-clients"]["clients"]} == survivors
