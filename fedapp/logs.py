@@ -14,8 +14,12 @@ APP_PACKAGES = ("fedapp", "datasets", "strategies")
 
 
 class _ToFlowerLogger(logging.Handler):
+    # To Flower's handlers only: the record still propagates normally to the root logger, so
+    # whoever listens there (pytest's caplog, a user's logging config) sees it exactly once.
     def emit(self, record: logging.LogRecord) -> None:
-        FLOWER_LOGGER.handle(record)
+        for handler in FLOWER_LOGGER.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def route_app_logs_to_flower(level: int = logging.INFO) -> None:
@@ -23,6 +27,5 @@ def route_app_logs_to_flower(level: int = logging.INFO) -> None:
     for name in APP_PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(level)
-        logger.propagate = False
         if not any(isinstance(h, _ToFlowerLogger) for h in logger.handlers):
             logger.addHandler(_ToFlowerLogger())
