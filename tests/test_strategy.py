@@ -233,10 +233,10 @@ def test_error_written_by_the_superlink_is_attributed_to_the_node_that_vanished(
     ensure_identity()
     strategy = VideoFedAvg(min_available_nodes=2, min_train_nodes=1)
     sent = list(strategy.configure_train(1, numpy_to_arrays(global_model), ConfigRecord(), Grid()))
-    for i, message in enumerate(sent):  # what the grid does when it pushes them
-        message.metadata.__dict__["_message_id"] = f"id-{i}"
+    for message in sent:  # what the grid does when it pushes them (sampling order is random)
+        message.metadata.__dict__["_message_id"] = f"id-{message.metadata.dst_node_id}"
     vanished = error_reply(0, "node failed to report a heartbeat", code=5)
-    vanished.metadata.__dict__["_reply_to_message_id"] = "id-1"
+    vanished.metadata.__dict__["_reply_to_message_id"] = "id-22"
     vanished.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
     ok = reply(11, global_model, {"num-examples": 3})
     strategy.aggregate_train(1, [ok, vanished])
