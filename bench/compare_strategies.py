@@ -12,7 +12,6 @@ Writes a markdown table, a PNG plot and the raw numbers to ``--out`` (default ``
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

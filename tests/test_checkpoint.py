@@ -1,8 +1,6 @@
 """Checkpoints: atomic writes, verification, pruning, compatibility, and resume without gaps."""
 
 import json
-import os
-import shutil
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import fedavg, weighted_average
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import VideoFedAvg, aggregate_metrics
-from tests.flower_messages import ensure_identity, error_reply, instruction, reply
+from tests.flower_messages import ensure_identity, error_reply, reply
 
 
 def model(rng, scale=1.0):
