@@ -2,8 +2,8 @@
 ClientApp handlers, with Flower's transport replaced by direct calls.
 
 ``InProcessGrid`` stands in for ``flwr.serverapp.Grid`` (the round loop only uses
-``get_node_ids`` and ``send_and_receive``): each message goes to the ClientApp's ``handle`` with a
-per-node ``Context`` whose ``state`` persists across rounds, as in Flower's engines. A client that
+``get_node_ids`` and ``send_and_receive``): each message goes to the ClientApp itself (its mods
+included) with a per-node ``Context`` whose ``state`` persists across rounds, as in Flower's engines. A client that
 raises becomes an error reply, as in Flower. What is skipped: serialization over the wire, process
 spawning and Ray; ~40 s of fixed start-up per run that benchmarks with many runs cannot afford.
 """
@@ -18,13 +18,10 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedapp.bridge import EVALUATE, FIT
-from fedapp.client_app import handle
+from fedapp.client_app import app as client_app
 from fedapp.config import parse_config
 from fedapp.results import RunResults
 from fedapp.server_app import run_federation
-
-PHASES = {"train": FIT, "evaluate": EVALUATE}
 
 
 class InProcessGrid:
@@ -51,7 +48,7 @@ class InProcessGrid:
         for msg in messages:
             context = self.contexts[msg.metadata.dst_node_id]
             try:
-                replies.append(handle(context, msg, PHASES[msg.metadata.message_type]))
+                replies.append(client_app(msg, context))
             except Exception as exc:  # a client that raises fails only its own reply, as in Flower
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
                 replies.append(Message(Error(code=2, reason=reason), reply_to=msg))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from datasets.clip_cache import ClipCache
 from datasets.layouts import VideoSample
 from datasets.transforms import EvalClipTransform, TrainClipTransform
 from datasets.video_io import (
@@ -43,14 +45,18 @@ class ClipSpec:
 
 
 class _ClipDatasetBase(torch.utils.data.Dataset):
-    """Shared decoding with a frame-count cache and one warning per unreadable file."""
+    """Shared decoding with a frame-count cache, an optional decoded-clip cache on disk
+    (``cache_dir``, see :mod:`datasets.clip_cache`) and one warning per unreadable file."""
 
-    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec):
+    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec, cache_dir: str | Path | None = None):
         self.samples = list(samples)
         self.spec = spec
+        self.cache = ClipCache(Path(cache_dir), spec.resize) if cache_dir else None
         self._num_frames: dict[str, int] = {}
         # Per instance, so per DataLoader worker: each worker process warns at most once per file.
         self._warned: set[str] = set()
+        # Files whose cache entry could not be built: decoded clip by clip, as without a cache.
+        self._uncacheable: set[str] = set()
 
     def _frame_count(self, sample: VideoSample) -> int:
         """Number of frames of the sample's video, probed once; raises VideoDecodeError."""
@@ -58,9 +64,33 @@ class _ClipDatasetBase(torch.utils.data.Dataset):
             self._num_frames[sample.path] = probe_video(sample.path).num_frames
         return self._num_frames[sample.path]
 
-    def _decode_clip(self, sample: VideoSample, num_frames: int, start: int) -> np.ndarray:
-        """The uint8 clip starting at frame ``start``; raises VideoDecodeError."""
+    def _open(self, sample: VideoSample) -> tuple[int, np.ndarray | None]:
+        """``(frame count, whole decoded video memory-mapped or None without cache)``; raises VideoDecodeError."""
+        video = self._cached_video(sample)
+        if video is not None:
+            return len(video), video
+        return self._frame_count(sample), None
+
+    def _cached_video(self, sample: VideoSample) -> np.ndarray | None:
+        if self.cache is None or sample.path in self._uncacheable:
+            return None
+        video = self.cache.load(sample.path)
+        if video is not None:
+            return video
+        try:
+            return self.cache.build(sample.path, self._frame_count(sample))
+        except (VideoDecodeError, OSError) as error:
+            # Never cached: the per-clip decode below skips and counts a bad file exactly as
+            # without a cache (a truncated file's early clips still decode).
+            logger.debug("not caching %s: %s", sample.path, error)
+            self._uncacheable.add(sample.path)
+            return None
+
+    def _decode_clip(self, sample: VideoSample, num_frames: int, start: int, video: np.ndarray | None) -> np.ndarray:
+        """The uint8 clip starting at frame ``start``, from ``video`` when cached; raises VideoDecodeError."""
         indices = clip_frame_indices(num_frames, self.spec.clip_len, self.spec.stride, start)
+        if video is not None:
+            return video[indices]  # fancy indexing copies just these frames out of the memory map
         return decode_frames(sample.path, indices, self.spec.resize)
 
     def _warn_once(self, sample: VideoSample, error: VideoDecodeError) -> None:
@@ -78,8 +108,15 @@ class TrainClipDataset(_ClipDatasetBase):
     An unreadable file gives ``(None, label, index)``.
     """
 
-    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec, transform: TrainClipTransform, seed: int = 0):
-        super().__init__(samples, spec)
+    def __init__(
+        self,
+        samples: Sequence[VideoSample],
+        spec: ClipSpec,
+        transform: TrainClipTransform,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+    ):
+        super().__init__(samples, spec, cache_dir)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -95,9 +132,9 @@ class TrainClipDataset(_ClipDatasetBase):
         sample = self.samples[index]
         rng = np.random.default_rng([self.seed, index, self.epoch])
         try:
-            num_frames = self._frame_count(sample)
+            num_frames, video = self._open(sample)
             start = random_clip_start(num_frames, self.spec.clip_len, self.spec.stride, rng)
-            frames = self._decode_clip(sample, num_frames, start)
+            frames = self._decode_clip(sample, num_frames, start, video)
         except VideoDecodeError as error:
             self._warn_once(sample, error)
             return None, sample.label, index
@@ -114,11 +151,16 @@ class EvalClipDataset(_ClipDatasetBase):
     """
 
     def __init__(
-        self, samples: Sequence[VideoSample], spec: ClipSpec, transform: EvalClipTransform, clips_per_video: int = 3
+        self,
+        samples: Sequence[VideoSample],
+        spec: ClipSpec,
+        transform: EvalClipTransform,
+        clips_per_video: int = 3,
+        cache_dir: str | Path | None = None,
     ):
         if clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
-        super().__init__(samples, spec)
+        super().__init__(samples, spec, cache_dir)
         self.transform = transform
         self.clips_per_video = clips_per_video
 
@@ -131,9 +173,9 @@ class EvalClipDataset(_ClipDatasetBase):
         video_index, clip_number = divmod(index, self.clips_per_video)
         sample = self.samples[video_index]
         try:
-            num_frames = self._frame_count(sample)
+            num_frames, video = self._open(sample)
             starts = uniform_clip_starts(num_frames, self.spec.clip_len, self.spec.stride, self.clips_per_video)
-            frames = self._decode_clip(sample, num_frames, starts[clip_number])
+            frames = self._decode_clip(sample, num_frames, starts[clip_number], video)
         except VideoDecodeError as error:
             self._warn_once(sample, error)
             return None, sample.label, video_index

@@ -14,15 +14,19 @@ from datasets.clip_dataset import scan_videos
 from fedapp.attacks import is_attacker
 from fedapp.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client import VideoClient
+from fedapp.compression_mod import compression_mod
 from fedapp.config import AppConfig, ConfigError, parse_config
 from fedapp.data import load_video_index, node_partition
 from fedapp.logs import route_app_logs_to_flower
+from fedapp.privacy import dp_clipping_mod
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
 route_app_logs_to_flower()
 
-app = ClientApp()
+# dp_clipping_mod acts only when the server's client-side DP wrapper sends a clipping norm.
+# compression_mod comes first (outermost): it encodes the final, already clipped update.
+app = ClientApp(mods=[compression_mod, dp_clipping_mod])
 
 # Probing every file costs a pass over the data: remember the result per partition (a simulation
 # process serves many virtual clients, so the key must include the partition).

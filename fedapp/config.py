@@ -14,7 +14,9 @@ from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
 from fedapp.attacks import ATTACKS
 from fedapp.models import MODEL_NAMES, POOLINGS
+from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
+from strategies.privacy import DP_MODES
 from strategies.weighting import WEIGHT_SOURCES
 
 STRATEGIES = ("fedavg", "average", "weighted", "fusion")
@@ -56,6 +58,12 @@ class AppConfig:
     feddf_patience: int = 5
     feddf_data_dir: str = ""
     feddf_videos: int = 64
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
+    compression: str = "none"
+    topk_fraction: float = 0.01
     dataset: str = "synthetic"
     data_dir: str = ""
     splits_dir: str = ""
@@ -77,6 +85,7 @@ class AppConfig:
     resize: str = "64x64"
     crop_size: int = 64
     eval_clips: int = 3
+    clip_cache_dir: str = ""
     model: str = "tiny3d"
     pooling: str = "mean"
     pretrained_path: str = ""
@@ -223,6 +232,12 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("feddf-temperature", cfg.feddf_temperature, 0.0, low_open=True)
     _range("feddf-patience", cfg.feddf_patience, 1)
     _range("feddf-videos", cfg.feddf_videos, 1)
+    _choice("dp", cfg.dp, DP_MODES)
+    _range("dp-noise-multiplier", cfg.dp_noise_multiplier, 0.0)
+    _range("dp-clipping-norm", cfg.dp_clipping_norm, 0.0, low_open=True)
+    _range("dp-delta", cfg.dp_delta, 0.0, 0.1, low_open=True)
+    _choice("compression", cfg.compression, COMPRESSION_METHODS)
+    _range("topk-fraction", cfg.topk_fraction, 0.0, 1.0, low_open=True)
     _choice("dataset", cfg.dataset, DATASETS)
     _range("fold", cfg.fold, 1, 3)
     _range("test-fraction", cfg.test_fraction, 0.0, 1.0, low_open=True)
@@ -241,6 +256,7 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     height, width = parse_size(cfg.resize, "resize")
     _range("crop-size", cfg.crop_size, 8, min(height, width))
     _range("eval-clips", cfg.eval_clips, 1)
+    _check_clip_cache_dir(cfg.clip_cache_dir)
     _choice("model", cfg.model, MODEL_NAMES)
     _choice("pooling", cfg.pooling, POOLINGS)
     _range("local-epochs", cfg.local_epochs, 1)
@@ -249,7 +265,10 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("lr", cfg.lr, 0.0, low_open=True)
     _range("momentum", cfg.momentum, 0.0, 1.0)
     _range("weight-decay", cfg.weight_decay, 0.0)
-    _range("num-workers", cfg.num_workers, 0)
+    if cfg.num_workers < -1:
+        raise ConfigError(
+            f"num-workers={cfg.num_workers!r} is out of range: allowed -1 (auto: this process's CPUs minus one) or >= 0"
+        )
     _range("torch-threads", cfg.torch_threads, 0)
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device={cfg.device!r} is not allowed: choose auto, cpu, cuda or cuda:N")
@@ -266,6 +285,21 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+def _check_clip_cache_dir(value: str) -> None:
+    """``clip-cache-dir``: empty (off) or an absolute folder outside the app (never bundled with it)."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    app_dir = Path(__file__).resolve().parent.parent
+    if not path.is_absolute() or path.resolve().is_relative_to(app_dir):
+        raise ConfigError(
+            f"clip-cache-dir={value!r} is not allowed: give an absolute path (or ~/...) outside the app folder "
+            f"{str(app_dir)!r}, or '' to turn the clip cache off"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"clip-cache-dir={value!r} is not a directory")
 
 
 def check_data_paths(cfg: AppConfig) -> None:

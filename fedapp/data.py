@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -119,14 +120,25 @@ def _take(cfg: AppConfig, samples: Sequence[VideoSample], partition_id: int, num
     return [samples[i] for i in parts[partition_id]]
 
 
+def loader_workers(num_workers: int) -> int:
+    """DataLoader workers for ``num-workers``: -1 means the CPUs this process may use minus one
+    (one stays for the training loop), at least 0."""
+    if num_workers != -1:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cpus - 1, 0)
+
+
 def train_loader(cfg: AppConfig, samples: Sequence[VideoSample], seed: int) -> DataLoader:
     """Shuffled loader of one random clip per video per epoch."""
-    dataset = TrainClipDataset(samples, cfg.clip_spec, TrainClipTransform(cfg.crop_size), seed=seed)
+    dataset = TrainClipDataset(
+        samples, cfg.clip_spec, TrainClipTransform(cfg.crop_size), seed=seed, cache_dir=cfg.clip_cache_dir or None
+    )
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=True,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers),
         collate_fn=collate_clips,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
@@ -136,12 +148,18 @@ def train_loader(cfg: AppConfig, samples: Sequence[VideoSample], seed: int) -> D
 
 def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample]) -> DataLoader:
     """Loader of ``eval-clips`` uniformly spaced clips per video, in order."""
-    dataset = EvalClipDataset(samples, cfg.clip_spec, EvalClipTransform(cfg.crop_size), clips_per_video=cfg.eval_clips)
+    dataset = EvalClipDataset(
+        samples,
+        cfg.clip_spec,
+        EvalClipTransform(cfg.crop_size),
+        clips_per_video=cfg.eval_clips,
+        cache_dir=cfg.clip_cache_dir or None,
+    )
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=False,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg.num_workers),
         collate_fn=collate_clips,
         pin_memory=torch.cuda.is_available(),
     )

@@ -39,6 +39,7 @@ from fedapp.stopping import BUDGET, best_round, stop_reason
 from fedapp.train import evaluate_model, set_torch_threads
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.distillation import DistillConfig, distill_arrays
+from strategies.privacy import PrivateStrategy
 from strategies.strategy import AverageStrategy, FusionStrategy, RoundReport, VideoFedAvg, WeightedStrategy
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,20 @@ class NoUpdateError(RuntimeError):
 
 def build_strategy(
     cfg: AppConfig, distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None
+) -> VideoFedAvg | PrivateStrategy:
+    """The strategy named by ``strategy`` (and its family's keys), inside Flower's DP wrapper when
+    ``dp`` is on."""
+    strategy = _base_strategy(cfg, distiller)
+    if cfg.dp == "none":
+        return strategy
+    return PrivateStrategy(
+        strategy, cfg.dp, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta, compression=cfg.compression
+    )
+
+
+def _base_strategy(
+    cfg: AppConfig, distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None
 ) -> VideoFedAvg:
-    """The strategy named by ``strategy`` (and its family's keys)."""
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -218,7 +231,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
         bytes_down = model_bytes * len(messages)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        bytes_up = sum(sum(a.nbytes for a in c.arrays.values()) for c in strategy.last_train.accepted if c.arrays)
+        bytes_up = sum(c.payload_bytes for c in strategy.last_train.accepted)  # as received: compressed if on
         if new_arrays is None:
             rounds_without_update += 1
         else:
@@ -243,6 +256,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
             "evaluate-clients": strategy.last_evaluate.to_dict() if cfg.fraction_evaluate > 0 else None,
             "central": central_metrics,
             "fusion": strategy.last_fusion_info,
+            **({"privacy": strategy.last_privacy} if isinstance(strategy, PrivateStrategy) else {}),
             "bytes-down": bytes_down,
             "bytes-up": bytes_up,
             "round-time-s": time.time() - round_start,
@@ -292,6 +306,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         "best-round": best[0] if best else None,
         "best-video-accuracy": best[1] if best else None,
         "results-dir": str(results.dir),
+        **({"privacy": strategy.settings()} if isinstance(strategy, PrivateStrategy) else {}),
     }
 
 

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import average, fedavg, weighted_average
+from strategies.compression import decompress, payload_bytes
 from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
@@ -39,6 +40,8 @@ class ClientReply:
     node_id: int
     metrics: dict[str, Any]
     arrays: dict[str, np.ndarray] | None = None
+    message: Message | None = field(default=None, repr=False, compare=False)  # the reply it came from
+    payload_bytes: int = 0  # tensor bytes as received, before decompression
 
 
 @dataclass
@@ -105,12 +108,19 @@ class VideoFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._current = arrays_to_numpy(arrays)
-        self._reference = reference_spec(self._current)
+        self.set_global(arrays_to_numpy(arrays))
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
         self._sent = list(super().configure_train(server_round, arrays, config, grid))
         return self._sent
+
+    def set_global(self, arrays: dict[str, np.ndarray]) -> None:
+        """The global model this round's replies are checked against and stepped from.
+
+        ``configure_train`` sets it to the model sent; the DP wrapper narrows it to the tensors it
+        privatises (``strategies.privacy``)."""
+        self._current = arrays
+        self._reference = reference_spec(arrays)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -132,7 +142,7 @@ class VideoFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        report = self._screen(server_round, replies, with_arrays=True)
+        report = self.screen(server_round, replies, with_arrays=True)
         self.last_train = report
         self.last_fusion_info = {}
         if len(report.accepted) < max(self.min_train_nodes, 1):
@@ -154,7 +164,7 @@ class VideoFedAvg(FedAvg):
         return numpy_to_arrays(merged), MetricRecord(aggregate_metrics(report.accepted))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        report = self._screen(server_round, replies, with_arrays=False)
+        report = self.screen(server_round, replies, with_arrays=False)
         self.last_evaluate = report
         if not report.accepted:
             return None
@@ -173,7 +183,8 @@ class VideoFedAvg(FedAvg):
         velocity = state.get("velocity")
         self.velocity = {k: np.asarray(v) for k, v in velocity.items()} if velocity else None
 
-    def _screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
+    def screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
+        """Sort replies into accepted, rejected (malformed) and failed (errors), logging each."""
         report = RoundReport()
         phase = "train" if with_arrays else "evaluate"
         for msg in replies:
@@ -202,14 +213,20 @@ class VideoFedAvg(FedAvg):
             return None, f"expected one MetricRecord, got {len(metric_records)}"
         metrics = dict(metric_records[0])
         arrays = None
+        received = 0
         if with_arrays:
             array_records = list(content.array_records.values())
             if len(array_records) != 1:
                 return None, f"expected one ArrayRecord, got {len(array_records)}"
             try:
-                arrays = arrays_to_numpy(array_records[0])
+                payload = arrays_to_numpy(array_records[0])
             except Exception as exc:  # a reply we cannot even deserialize is just another bad reply
                 return None, f"arrays could not be read: {exc}"
+            received = payload_bytes(payload)
+            try:  # a compressed update (run config `compression`) becomes full tensors; plain ones pass
+                arrays = decompress(payload, self._current)
+            except Exception as exc:  # malformed parts raise ValueError; nothing a client sends may crash us
+                return None, f"compressed update could not be decoded: {exc}"
             reason = check_update(arrays, metrics.get("num-examples"), self._reference)
         else:
             n = metrics.get("num-examples")
@@ -220,7 +237,7 @@ class VideoFedAvg(FedAvg):
             reason = f"non-finite metrics {bad}" if bad else None
         if reason is not None:
             return None, reason
-        return ClientReply(int(msg.metadata.src_node_id), metrics, arrays), ""
+        return ClientReply(int(msg.metadata.src_node_id), metrics, arrays, message=msg, payload_bytes=received), ""
 
 
 

@@ -97,6 +97,7 @@ STRATEGY_RUNS = {
              "min-available-nodes": 5},
     "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 10, "feddf-videos": 8},
     "fedavgm-fedprox-fedbn": {"server-momentum": 0.9, "server-lr": 0.5, "proximal-mu": 0.01, "fedbn": True},
+    "dp-client-side": {"strategy": "average", "dp": "client-side", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0},
 }
 
 
@@ -117,6 +118,9 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
         assert record["fusion"]["steps"] >= 0 and "best-val-kl" in record["fusion"]
     if name == "weighted":
         assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9
+    if name == "dp-client-side":  # clipped on the nodes by Flower's fixedclipping_mod, noised on the server
+        assert record["privacy"]["update-norm-median"] <= 2.0 + 1e-4
+        assert summary["privacy"]["epsilon"] > 0 and summary["privacy"]["releases"] == 1
 
 
 def test_killed_run_resumes_to_the_same_final_round_without_gap(small_run_config, tmp_path):

@@ -1,0 +1,246 @@
+"""Differential privacy on top of any strategy, through Flower's own DP wrappers.
+
+Flower's ``DifferentialPrivacyServerSideFixedClipping`` / ``…ClientSideFixedClipping`` clip each
+client's model update to an L2 norm (on the server, or on the client with ``fixedclipping_mod``)
+and add Gaussian noise of standard deviation ``noise_multiplier × clipping_norm / clients`` to the
+aggregate. They do that arithmetic on every array of the model, which breaks on integer tensors:
+scaling BatchNorm's int64 ``num_batches_tracked`` in place raises, and its per-round step count
+would dominate the update norm anyway. So the private release covers the floating-point state
+(weights, BatchNorm affine parameters and running statistics); the integer step counters, which
+the layers do not use with momentum-based BatchNorm, are averaged outside the mechanism.
+Noise can push a running variance below zero: the released model clamps variances at zero, which
+is post-processing and costs no privacy.
+
+The privacy budget is accounted (Rényi DP through Flower's ``RdpAccountant``, no sampling
+amplification, client-level add-or-remove neighbours) only where the sensitivity argument holds:
+a uniform mean of the clipped updates (``strategy = "average"``, ``server-lr = 1``,
+``server-momentum = 0``) with noise. Other strategies still run clipped and noised, with
+``epsilon`` recorded as not accounted and the reason. Client metrics (losses, class counts) are
+not privatised, as in Flower's accountant.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+
+from strategies.aggregation import average
+from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.strategy import AverageStrategy, RoundReport, VideoFedAvg
+
+logger = logging.getLogger(__name__)
+
+DP_MODES = ("none", "server-side", "client-side")
+
+
+def is_private(array: np.ndarray) -> bool:
+    """Whether a tensor goes through clipping and noise: floating-point ones do, counters don't."""
+    return np.issubdtype(np.asarray(array).dtype, np.floating)
+
+
+def split_private(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(floating-point tensors, integer tensors)``, each in the model's order."""
+    private = {k: v for k, v in arrays.items() if is_private(v)}
+    return private, {k: v for k, v in arrays.items() if k not in private}
+
+
+def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``update - reference`` over all tensors (the norm Flower's clipping bounds)."""
+    total = 0.0
+    for key, value in update.items():
+        delta = np.asarray(value, np.float64) - np.asarray(reference[key], np.float64)
+        total += float(np.dot(delta.ravel(), delta.ravel()))
+    return float(np.sqrt(total))
+
+
+def clamp_variances(arrays: dict[str, np.ndarray]) -> int:
+    """Set negative BatchNorm running variances to zero in place; return how many were negative."""
+    clamped = 0
+    for key, value in arrays.items():
+        if key.endswith("running_var"):
+            negative = value < 0
+            clamped += int(negative.sum())
+            value[negative] = 0
+    return clamped
+
+
+def epsilon_spent(noise_multiplier: float, releases: int, delta: float) -> float:
+    """ε after ``releases`` Gaussian releases of sensitivity-1/noise ``noise_multiplier`` at ``delta``."""
+    from flwr.serverapp import (  # lazy: the accountant needs the optional dp-accounting package
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        RdpAccountant,
+        SamplingMethod,
+    )
+
+    if releases == 0:
+        return 0.0
+    accountant = RdpAccountant(
+        PrivacyConfig(delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    )
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), count=releases)
+    return accountant.get_privacy_spent().epsilon
+
+
+def accounting_gap(inner: VideoFedAvg, noise_multiplier: float, mode: str, compression: str = "none") -> str:
+    """Why ε cannot be accounted for this setup, or ``""`` when it can."""
+    if mode == "client-side" and compression != "none":
+        return f"compression={compression!r} re-encodes the clipped update after clipping, which can exceed the norm"
+    if noise_multiplier <= 0:
+        return "noise-multiplier is 0: clipping only, no privacy guarantee"
+    if type(inner) is not AverageStrategy:
+        return "the guarantee needs a uniform mean of clipped updates (strategy='average')"
+    if inner.server_lr != 1.0 or inner.server_momentum != 0.0:
+        return "server-lr/server-momentum rescale the clipped mean after noise is calibrated"
+    return ""
+
+
+class PrivateStrategy(Strategy):
+    """One of our strategies inside Flower's fixed-clipping DP wrapper, integer tensors kept out.
+
+    Replies are screened by the inner strategy first (a malformed one would otherwise crash
+    Flower's clipping arithmetic); the survivors reach the wrapper with only their floating-point
+    tensors, and the wrapper's noise is calibrated to the number of survivors, the clients that
+    actually enter the mean.
+    """
+
+    def __init__(
+        self,
+        inner: VideoFedAvg,
+        mode: str,
+        noise_multiplier: float,
+        clipping_norm: float,
+        delta: float,
+        compression: str = "none",
+    ) -> None:
+        super().__init__()
+        if mode not in ("server-side", "client-side"):
+            raise ValueError(f"dp mode {mode!r}: expected 'server-side' or 'client-side'")
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping if mode == "server-side" else DifferentialPrivacyClientSideFixedClipping
+        )
+        self.inner = inner
+        self.mode = mode
+        self.delta = delta
+        self.dp = wrapper(inner, noise_multiplier, clipping_norm, num_sampled_clients=1)
+        self.accounting_gap = accounting_gap(inner, noise_multiplier, mode, compression)
+        self.releases = 0
+        self.last_privacy: dict[str, Any] = {}
+        self._sent: dict[str, np.ndarray] = {}
+
+    # The round loop reads the inner strategy's reports through the wrapper.
+    @property
+    def last_train(self) -> RoundReport:
+        return self.inner.last_train
+
+    @property
+    def last_evaluate(self) -> RoundReport:
+        return self.inner.last_evaluate
+
+    @property
+    def last_fusion_info(self) -> dict[str, Any]:
+        return self.inner.last_fusion_info
+
+    def settings(self) -> dict[str, Any]:
+        """The privacy settings and budget spent so far, as recorded in the results."""
+        accounted = not self.accounting_gap
+        return {
+            "mode": self.mode,
+            "noise-multiplier": self.dp.noise_multiplier,
+            "clipping-norm": self.dp.clipping_norm,
+            "delta": self.delta,
+            "releases": self.releases,
+            "epsilon": epsilon_spent(self.dp.noise_multiplier, self.releases, self.delta) if accounted else None,
+            "accounting": "rdp, no sampling amplification, client-level" if accounted else f"not accounted: {self.accounting_gap}",
+            "private-tensors": "floating-point tensors; integer BatchNorm step counters averaged outside the mechanism",
+        }
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent = arrays_to_numpy(arrays)
+        return self.dp.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        screened = self.inner.screen(server_round, replies, with_arrays=True)
+        sent_private, _ = split_private(self._sent)
+        survivors, counters, norms = [], [], []
+        for reply in list(screened.accepted):
+            private, integer = split_private(reply.arrays)
+            norm = update_norm(private, sent_private)
+            if norm == 0:  # Flower's clipping divides by the norm; such a reply changes nothing
+                screened.accepted.remove(reply)
+                screened.rejected.append({"node-id": reply.node_id, "reason": "update is the global model (norm 0)"})
+                continue
+            norms.append(norm)
+            counters.append(integer)
+            reply.message.content["arrays"] = numpy_to_arrays(private)
+            survivors.append(reply.message)
+
+        # The wrapper clips against, and the inner strategy checks and steps from, the private part.
+        self.inner.set_global(sent_private)
+        if isinstance(self.dp, DifferentialPrivacyServerSideFixedClipping):
+            self.dp.current_arrays = numpy_to_arrays(sent_private)
+        self.dp.num_sampled_clients = max(len(survivors), 1)
+        self.inner.last_train = RoundReport()
+        new_private, metrics = self.dp.aggregate_train(server_round, survivors)
+        screened.skipped = self.inner.last_train.skipped
+        self.inner.last_train = screened  # the full picture: rejected and failed replies too
+
+        server_side = isinstance(self.dp, DifferentialPrivacyServerSideFixedClipping)
+        self.last_privacy = {
+            # Client-side, the server only ever sees updates that are already clipped.
+            "update-norm-median": float(np.median(norms)) if norms else None,
+            "clipped-updates": sum(n > self.dp.clipping_norm for n in norms) if server_side else None,
+        }
+        if new_private is None:
+            self.last_privacy.update(self.settings())
+            return None, None
+        released = arrays_to_numpy(new_private)
+        negative = clamp_variances(released)
+        merged_counters = average(counters) if counters and counters[0] else {}
+        merged = {k: released[k] if k in released else merged_counters[k] for k in self._sent}
+        if self.dp.noise_multiplier > 0:
+            self.releases += 1
+        self.last_privacy.update(
+            {
+                "noise-stdv": self.dp.noise_multiplier * self.dp.clipping_norm / self.dp.num_sampled_clients,
+                "clients-in-mean": len(survivors),
+                "negative-variances-clamped": negative,
+                **self.settings(),
+            }
+        )
+        return numpy_to_arrays(merged), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.dp.summary()
+
+    def state(self) -> dict[str, Any]:
+        """The inner strategy's state plus the number of private releases (the budget spent)."""
+        return {**self.inner.state(), "dp-releases": self.releases}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.releases = int(state.pop("dp-releases", 0))
+        self.inner.load_state(state)
