@@ -134,16 +134,7 @@ def train_loader(cfg: AppConfig, samples: Sequence[VideoSample], seed: int) -> D
     dataset = TrainClipDataset(
         samples, cfg.clip_spec, TrainClipTransform(cfg.crop_size), seed=seed, cache_dir=cfg.clip_cache_dir or None
     )
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        num_workers=loader_workers(cfg.num_workers),
-        collate_fn=collate_clips,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
-    )
+    return _loader(cfg, dataset, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample]) -> DataLoader:
@@ -155,11 +146,16 @@ def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample]) -> DataLoader:
         clips_per_video=cfg.eval_clips,
         cache_dir=cfg.clip_cache_dir or None,
     )
+    return _loader(cfg, dataset, shuffle=False)
+
+
+def _loader(cfg: AppConfig, dataset: torch.utils.data.Dataset, **kwargs) -> DataLoader:
+    # Pinned host memory lets the training loop's non-blocking copies overlap with compute on CUDA.
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=False,
         num_workers=loader_workers(cfg.num_workers),
         collate_fn=collate_clips,
         pin_memory=torch.cuda.is_available(),
+        **kwargs,
     )

@@ -293,7 +293,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         )
     stop = stop or BUDGET
     results.save_model(arrays, index.classes, cfg.model)
-    confusion = evaluator.confusion(arrays) if evaluator else None
+    confusion = evaluator.confusion_of(arrays) if evaluator else None
     write_final_report(results.dir, results.rounds, index.classes, confusion, stop)
     best = best_round(results.rounds)
     return {
@@ -319,21 +319,23 @@ class CentralEvaluator:
         self.num_classes = len(index.classes)
         self.model = prepare_model(model, device, cfg.channels_last)
         self.loader = eval_loader(cfg, usable)
-
-    def _load(self, weights: Mapping[str, np.ndarray]) -> None:
-        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+        # The confusion matrix of the weights scored last: the final report reuses it instead of
+        # a second pass over the test split.
+        self._last: tuple[Mapping[str, np.ndarray], list[list[int]]] | None = None
 
     def __call__(self, weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        self._load(weights)
-        scores = evaluate_model(self.model, self.loader, self.device, self.cfg.bf16, self.cfg.channels_last)
+        self.model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()}, strict=True)
+        scores = evaluate_model(
+            self.model, self.loader, self.device, self.cfg.bf16, self.cfg.channels_last, num_classes=self.num_classes
+        )
+        self._last = (weights, scores.pop("confusion"))
         return {**scores, "skipped-videos": self.skipped}
 
-    def confusion(self, weights: Mapping[str, np.ndarray]) -> list[list[int]]:
+    def confusion_of(self, weights: Mapping[str, np.ndarray]) -> list[list[int]]:
         """Video-level confusion matrix of ``weights`` on the test split (rows: true class)."""
-        self._load(weights)
-        return evaluate_model(
-            self.model, self.loader, self.device, self.cfg.bf16, self.cfg.channels_last, num_classes=self.num_classes
-        )["confusion"]
+        if self._last is None or self._last[0] is not weights:
+            self(weights)
+        return self._last[1]
 
 
 def _fmt(value: float | None) -> str:

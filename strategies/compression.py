@@ -15,7 +15,8 @@ alone or with one suffix:
                                     the tensor's dtype; every other entry keeps the global value
 
 Top-k keeps ``ceil(topk-fraction · numel)`` entries *per tensor*, so every layer moves every round
-(a model-wide top-k could starve layers whose deltas are small in absolute terms); what is not sent
+(a model-wide top-k could starve layers whose deltas are small in absolute terms), and sends tensors
+under ``TOPK_MIN_ELEMENTS`` whole (biases, BatchNorm); what is not sent
 becomes the residual, added to the next round's delta (error feedback), so nothing is lost, only
 delayed. :func:`decompress` of a payload of plain names is the identity.
 """
@@ -29,6 +30,10 @@ import numpy as np
 
 METHODS = ("none", "fp16", "int8", "topk")
 SEP = "::"
+# Top-k sends smaller tensors whole: biases and BatchNorm parameters and statistics, whose one or
+# two surviving entries per round would leave the running statistics out of step with the weights
+# they normalise (the model then scores at chance), for well under 1 % of a model's bytes.
+TOPK_MIN_ELEMENTS = 1024
 # The parts each encoding is made of (by key suffix; "" = the plain tensor).
 _ENCODINGS = {
     frozenset({""}): "plain",
@@ -149,6 +154,8 @@ def _encode(delta: np.ndarray, method: str, topk_fraction: float) -> dict[str, n
         q = np.clip(q, -127, 127).astype(np.int8)  # float32 rounding of the scale can give 127.00001
         return {"int8": np.asarray(q), "scale": scale}
     flat = delta.reshape(-1)
+    if flat.size < TOPK_MIN_ELEMENTS:
+        return None
     k = topk_count(flat.size, topk_fraction)
     index_dtype = np.int32 if flat.size <= np.iinfo(np.int32).max else np.int64
     if k * (np.dtype(index_dtype).itemsize + flat.itemsize) >= flat.nbytes:

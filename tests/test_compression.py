@@ -10,7 +10,15 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedapp.compression_mod import RESIDUAL_KEY, compression_mod
 from fedapp.config import ConfigError, parse_config
 from strategies.aggregation import fedavg
-from strategies.compression import METHODS, SEP, compress, decompress, payload_bytes, topk_count
+from strategies.compression import (
+    METHODS,
+    SEP,
+    TOPK_MIN_ELEMENTS,
+    compress,
+    decompress,
+    payload_bytes,
+    topk_count,
+)
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import VideoFedAvg
 from tests.flower_messages import error_reply, instruction, reply
@@ -21,7 +29,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def global_model(rng):
     return {
-        "conv.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
+        "conv.weight": rng.normal(size=(16, 8, 3, 3)).astype(np.float32),  # above TOPK_MIN_ELEMENTS
         "conv.bias": rng.normal(size=(8,)).astype(np.float32),
         "bn.running_var": rng.uniform(0.5, 2.0, size=(8,)).astype(np.float32),
         "bn.num_batches_tracked": np.array(7, dtype=np.int64),
@@ -147,10 +155,10 @@ def test_decompress_of_plain_arrays_is_the_identity(pair):
 
 def test_error_feedback_sends_every_small_update_eventually():
     # One coordinate moves a lot every round; the others move a little, below the top-k threshold.
-    ref = {"w": np.zeros(100, np.float32)}
-    step = np.full(100, 0.01, np.float32)
+    ref = {"w": np.zeros(2000, np.float32)}
+    step = np.full(2000, 0.01, np.float32)
     step[0] = 1.0
-    residual, sent = {}, np.zeros(100, np.float64)
+    residual, sent = {}, np.zeros(2000, np.float64)
     sent_small = set()
     rounds = 300
     for r in range(1, rounds + 1):
@@ -160,14 +168,22 @@ def test_error_feedback_sends_every_small_update_eventually():
         # Nothing is lost: what was sent plus what is held back is everything the client computed.
         np.testing.assert_allclose(sent + residual["w"], r * step.astype(np.float64), rtol=1e-5, atol=1e-5)
     # Without error feedback coordinate 0 would win every round and the others would never be sent.
-    assert len(sent_small) > 50
+    assert len(sent_small) > 1000
     assert np.abs(residual["w"]).max() < 2.0
 
 
 def test_a_residual_of_another_shape_is_ignored():
-    ref = {"w": np.zeros(10, np.float32)}
-    payload, residual = compress({"w": np.ones(10, np.float32)}, ref, "topk", 0.1, {"w": np.ones(3, np.float32)})
-    assert payload["w::val"].tolist() == [1.0] and residual["w"].sum() == 9.0
+    ref = {"w": np.zeros(2000, np.float32)}
+    payload, residual = compress({"w": np.ones(2000, np.float32)}, ref, "topk", 0.1, {"w": np.ones(3, np.float32)})
+    assert payload["w::val"].tolist() == [1.0] * 200 and residual["w"].sum() == 1800.0
+
+
+def test_topk_sends_small_tensors_whole():
+    """Biases and BatchNorm statistics: one entry a round would desynchronise them from the weights."""
+    ref = {"bn.running_var": np.ones(TOPK_MIN_ELEMENTS - 1, np.float32), "w": np.zeros(TOPK_MIN_ELEMENTS, np.float32)}
+    upd = {k: v + 0.5 for k, v in ref.items()}
+    payload, residual = compress(upd, ref, "topk", 0.01)
+    assert set(payload) == {"bn.running_var", "w::idx", "w::val"} and set(residual) == {"w"}
 
 
 # --- fallbacks: sent whole rather than corrupted --------------------------------------------------------
@@ -276,8 +292,9 @@ def test_payload_bytes(pair):
     topk, _ = compress(upd, ref, "topk", 0.1)
     ks = {k: topk_count(upd[k].size, 0.1) for k in floats}
     # (int32 index + float32 value) per kept entry; tensors where that is no smaller go whole
-    sparse = sum(8 * k for name, k in ks.items() if 8 * k < upd[name].nbytes)
-    whole = sum(upd[name].nbytes for name, k in ks.items() if 8 * k >= upd[name].nbytes)
+    dense = {name for name, k in ks.items() if 8 * k >= upd[name].nbytes or upd[name].size < TOPK_MIN_ELEMENTS}
+    sparse = sum(8 * k for name, k in ks.items() if name not in dense)
+    whole = sum(upd[name].nbytes for name in dense)
     assert payload_bytes(topk) == sparse + whole + 4 + counter
     assert payload_bytes(topk) < payload_bytes(int8) < payload_bytes(fp16) < full
 

@@ -1,0 +1,78 @@
+"""The benchmark scripts run end to end on tiny sizes and print sane numbers (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from bench import aggregation, bytes_per_round, client_throughput, federation_overhead
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _run(main, argv: list[str], tmp_path: Path, capsys) -> dict:
+    out = tmp_path / "result.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    assert "|" in capsys.readouterr().out  # a table was printed
+    return json.loads(out.read_text())
+
+
+def test_aggregation_benchmark(tmp_path: Path, capsys) -> None:
+    result = _run(aggregation.main, ["--model", "tiny3d", "--clients", "3", "--repeats", "1"], tmp_path, capsys)
+    assert result["input-bytes"] == 3 * result["model-bytes"] > 0
+    assert _positive(result["bound-s"])
+    names = [row["function"] for row in result["rows"]]
+    for expected in ("fedavg", "average", "weighted_average", "coordinate_median", "geometric_median"):
+        assert expected in names
+    assert any(n.startswith("trimmed_mean") for n in names) and any(n.startswith("krum") for n in names)
+    for row in result["rows"]:
+        assert _positive(row["best-s"]) and math.isfinite(row["x-bound"]) and row["x-bound"] > 0
+        assert row["peak-extra-bytes"] >= 0
+    # fedavg allocates at least its float64 accumulator (2× the float32 model) and its output
+    fedavg = next(r for r in result["rows"] if r["function"] == "fedavg")
+    assert fedavg["peak-extra-models"] > 2
+
+
+def test_bytes_per_round_benchmark(tmp_path: Path, capsys) -> None:
+    result = _run(bytes_per_round.main, ["--models", "tiny3d", "--clients", "3"], tmp_path, capsys)
+    (model,) = result["models"]
+    rows = {row["setting"]: row for row in model["rows"]}
+    assert set(rows) == {"none", "fp16", "int8", "topk 0.1", "topk 0.01"}
+    assert rows["none"]["up-bytes"] == rows["none"]["down-bytes"] == 3 * model["model-bytes"]
+    for row in rows.values():
+        assert _positive(row["up-bytes"]) and _positive(row["up-vs-none"]) and _positive(row["total-vs-none"])
+        assert row["up-vs-none"] <= 1
+    # the codec shrinks in the expected order
+    assert rows["int8"]["up-bytes"] < rows["fp16"]["up-bytes"] < rows["none"]["up-bytes"]
+    assert rows["topk 0.01"]["up-bytes"] < rows["topk 0.1"]["up-bytes"] < rows["fp16"]["up-bytes"]
+    assert rows["none"]["delta-rel-error"] == 0
+
+
+def test_federation_overhead_benchmark(tmp_path: Path, capsys) -> None:
+    argv = ["--clients", "2", "--rounds", "1", "--classes", "2", "--videos-per-class", "6", "--frames", "6",
+            "--size", "16", "--clip-len", "4", "--batch-size", "4", "--eval-clips", "1", "--threads", "1",
+            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    result = _run(federation_overhead.main, argv, tmp_path, capsys)
+    fed, cent = result["federated"], result["centralized"]
+    assert _positive(fed["total-s"]) and _positive(cent["total-s"]) and _positive(result["ratio"])
+    assert _positive(result["train-ratio"])
+    assert fed["steps"] >= cent["steps"] > 0
+    assert _positive(fed["breakdown-s"][federation_overhead.CLIENT_TRAIN])
+    assert _positive(fed["breakdown-s"][federation_overhead.CENTRAL_EVAL])
+    assert _positive(fed["breakdown-s"][federation_overhead.AGGREGATION])
+    # self-times never double count: the categories add up to the wall time
+    assert math.isclose(sum(fed["breakdown-s"].values()), fed["total-s"], rel_tol=1e-9)
+
+
+def test_client_throughput_benchmark(tmp_path: Path, capsys) -> None:
+    argv = ["--models", "tiny3d", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--clip-len", "4",
+            "--size", "16", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    result = _run(client_throughput.main, argv, tmp_path, capsys)
+    assert result["modes"] == ["limit", "cold", "cached"]
+    (row,) = result["rows"]
+    for mode in result["modes"]:
+        assert _positive(row[f"{mode}-clips-per-s"]) and _positive(row[f"{mode}-vs-limit"])
+    assert all(_positive(v) for v in result["decode-only-clips-per-s"].values())
