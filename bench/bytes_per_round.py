@@ -27,14 +27,13 @@ is kept as the client's residual and sent in later rounds, which this single rou
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.run import run_benchmark
 from strategies.compression import compress, decompress, payload_bytes
 
 MODELS = ("tiny3d", "mc3_18", "r3d_18", "r2plus1d_18", "framepool_resnet18")
@@ -155,15 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    result = benchmark(args)
-    result["load-average-1min"] = [load_before, os.getloadavg()[0]]  # the machine is shared: how busy it was
-    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0
+    return run_benchmark(parse_args(argv), benchmark, format_table)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ CUDA-only there, by design).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,6 +41,7 @@ from typing import Any
 
 import torch
 
+from bench.run import run_benchmark
 from fedapp.models import MODEL_NAMES
 
 NUM_CLASSES = 8  # the synthetic dataset's
@@ -255,15 +254,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    load_before = os.getloadavg()[0]
-    result = benchmark(args)
-    result["load-average-1min"] = [load_before, os.getloadavg()[0]]  # the machine is shared: how busy it was
-    print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    return 0
+    return run_benchmark(parse_args(argv), benchmark, format_table)
 
 
 if __name__ == "__main__":
