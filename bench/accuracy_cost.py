@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.inprocess import run_inprocess
+from bench.inprocess import comparison_config, run_inprocess
 from fedapp.results import atomic_write_bytes, atomic_write_json
 
 
@@ -55,16 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
     args = parser.parse_args(argv)
 
-    base = {
-        "num-server-rounds": args.rounds,
-        "strategy": "average",
-        "fraction-evaluate": 0.0,  # central evaluation is the measure; client evaluation only costs time
-        "min-train-nodes": args.clients,
-        "min-available-nodes": args.clients,
-        "torch-threads": 2,
-        "cache-dir": args.cache_dir,
-        "tensorboard": False,
-    }
+    base = {**comparison_config(args.rounds, args.clients, args.cache_dir), "strategy": "average"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, variant) in enumerate(STUDIES[args.study](args).items()):

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.inprocess import run_inprocess
+from bench.inprocess import comparison_config, run_inprocess
 from fedapp.results import atomic_write_bytes, atomic_write_json
 
 ATTACK_FRACTION = 0.3
@@ -48,13 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = {
-        "num-server-rounds": args.rounds,
-        "fraction-evaluate": 0.0,  # central evaluation is the comparison; client evaluation only costs time
-        "min-train-nodes": args.clients,
-        "min-available-nodes": args.clients,
-        "torch-threads": 2,
-        "cache-dir": args.cache_dir,
-        "tensorboard": False,
+        **comparison_config(args.rounds, args.clients, args.cache_dir),
         # Krum assumes f attackers: as many as the attack scenario has (round(0.3 × clients)).
         "krum-malicious": max(1, round(ATTACK_FRACTION * args.clients)),
     }

@@ -63,3 +63,17 @@ def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | 
     summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results)
     results.write_summary({"status": "completed", **summary})
     return results
+
+
+def comparison_config(rounds: int, clients: int, cache_dir: str = "") -> dict[str, Any]:
+    """Run config of a learning comparison: every client trains every round, and the central test
+    accuracy is the measure (client evaluation only costs time; no TensorBoard files)."""
+    return {
+        "num-server-rounds": rounds,
+        "fraction-evaluate": 0.0,
+        "min-train-nodes": clients,
+        "min-available-nodes": clients,
+        "torch-threads": 2,
+        "cache-dir": cache_dir,
+        "tensorboard": False,
+    }
