@@ -1,30 +1,53 @@
 """The one bridge between Flower's Message API and a ``NumPyClient``.
 
 A Message-API server sends ``{"arrays": ArrayRecord, "config": ConfigRecord}``; a NumPyClient speaks
-``fit(ndarrays, config)`` / ``evaluate(ndarrays, config)``. This module translates both ways, keeping
-the tensor names of the incoming ArrayRecord so the server can rebuild a state_dict.
+``fit(ndarrays, config)`` / ``evaluate(ndarrays, config)``, a positional list. Tensors travel by
+name: the client declares the names its list stands for (``state_keys``), the bridge orders the
+incoming ArrayRecord by those names (refusing a missing or unexpected one) and names the returned
+list the same way. The order of the ArrayRecord itself never matters (a checkpoint read back from
+safetensors, for one, comes in name order, not state_dict order).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 
-from strategies.records import numpy_to_arrays
+from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 FIT = "fit"
 EVALUATE = "evaluate"
 
 
-def call_numpy_client(client: NumPyClient, msg: Message, phase: str) -> Message:
+class NamedNumPyClient(NumPyClient):
+    """A NumPyClient that names the tensors of its ``fit`` / ``evaluate`` parameter lists."""
+
+    def state_keys(self) -> list[str]:
+        """The tensor names, in the order of the lists ``fit`` and ``evaluate`` take and return."""
+        raise NotImplementedError
+
+
+def ordered_arrays(arrays: Mapping[str, np.ndarray], keys: Sequence[str]) -> list[np.ndarray]:
+    """``arrays`` as a list in the order of ``keys``; refuses a missing or an unexpected name."""
+    missing = [k for k in keys if k not in arrays]
+    unexpected = [k for k in arrays if k not in set(keys)]
+    if missing or unexpected:
+        raise ValueError(
+            f"the received model does not match this client's: missing tensors {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    return [arrays[k] for k in keys]
+
+
+def call_numpy_client(client: NamedNumPyClient, msg: Message, phase: str) -> Message:
     """Run ``client.fit`` or ``client.evaluate`` on a Message and wrap the result as the reply."""
-    record = msg.content["arrays"]
-    names = list(record.keys())
-    ndarrays = [array.numpy() for array in record.values()]
+    names = client.state_keys()
+    ndarrays = ordered_arrays(arrays_to_numpy(msg.content["arrays"]), names)
     config = dict(msg.content["config"]) if "config" in msg.content else {}
     if phase == FIT:
         new_arrays, num_examples, metrics = client.fit(ndarrays, config)

@@ -177,6 +177,9 @@ def check_compatible(checkpoint: Checkpoint, model_name: str, classes: Sequence[
         raise CheckpointError(f"checkpoint {checkpoint.path} is for model {checkpoint.manifest.get('model')!r}, this run uses {model_name!r}")
     if checkpoint.classes != list(classes):
         raise CheckpointError(f"checkpoint {checkpoint.path} has other classes ({len(checkpoint.classes)}) than this dataset ({len(classes)})")
+    unexpected = [key for key in checkpoint.arrays if key not in reference]
+    if unexpected:
+        raise CheckpointError(f"checkpoint {checkpoint.path} has tensors this model does not: {unexpected[:5]}")
     for key, value in reference.items():
         got = checkpoint.arrays.get(key)
         if got is None or got.shape != value.shape or got.dtype != value.dtype:

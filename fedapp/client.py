@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.client import NumPyClient
 
 from datasets.layouts import VideoSample
+from fedapp.bridge import NamedNumPyClient
 from fedapp.attacks import flipped_labels, poison_update
 from fedapp.config import AppConfig
 from fedapp.data import eval_loader, train_loader
 from fedapp.models import batchnorm_state_keys, build_model, prepare_model, select_device
-from fedapp.train import evaluate_model, load_state_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
+from fedapp.train import evaluate_model, load_named_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,13 @@ class NoUsableVideoError(RuntimeError):
     """This client has no video it can decode for the requested phase."""
 
 
-class VideoClient(NumPyClient):
+@lru_cache(maxsize=16)
+def model_state_keys(model_name: str, num_classes: int, pooling: str) -> tuple[str, ...]:
+    """The state_dict names of a model, in order (cached: building a model only to read them costs)."""
+    return tuple(build_model(model_name, num_classes, pooling=pooling).state_dict())
+
+
+class VideoClient(NamedNumPyClient):
     """Fine-tunes the global model on this node's videos (``fit``) and scores it on its test videos.
 
     ``skipped`` lists the node's files that could not be decoded; they are reported in every reply's
@@ -57,19 +64,24 @@ class VideoClient(NumPyClient):
         self.device = select_device(cfg.device)
         set_torch_threads(cfg.torch_threads)
 
+    def state_keys(self) -> list[str]:
+        return list(model_state_keys(self.cfg.model, len(self.classes), self.cfg.pooling))
+
     def _model(self, parameters: list[np.ndarray]):
         model = build_model(
             self.cfg.model, len(self.classes), freeze_backbone=self.cfg.freeze_backbone, pooling=self.cfg.pooling
         )
-        load_state_arrays(model, self._with_local_batchnorm(model, parameters))
+        keys = self.state_keys()
+        if len(parameters) != len(keys):
+            raise ValueError(f"got {len(parameters)} arrays for a model with {len(keys)} tensors")
+        load_named_arrays(model, self._with_local_batchnorm(dict(zip(keys, parameters))))
         return prepare_model(model, self.device, self.cfg.channels_last)
 
-    def _with_local_batchnorm(self, model, parameters: list[np.ndarray]) -> list[np.ndarray]:
+    def _with_local_batchnorm(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FedBN: this node's own BatchNorm tensors replace the global ones once it has them."""
         if not self.cfg.fedbn or not self.local_state:
-            return parameters
-        keys = list(model.state_dict())
-        return [self.local_state.get(k, p) for k, p in zip(keys, parameters)]
+            return arrays
+        return {k: self.local_state.get(k, a) for k, a in arrays.items()}
 
     def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))

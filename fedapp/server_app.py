@@ -210,7 +210,13 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
         check_compatible(checkpoint, cfg.model, index.classes, arrays)
-        arrays = checkpoint.arrays
+        if checkpoint.round >= cfg.num_server_rounds:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} is at round {checkpoint.round}: num-server-rounds="
+                f"{cfg.num_server_rounds} leaves nothing to train; raise num-server-rounds to continue"
+            )
+        # In the model's own state_dict order (safetensors gives them back in name order).
+        arrays = {key: checkpoint.arrays[key] for key in arrays}
         strategy.load_state(checkpoint.manifest["strategy-state"])
         results.restore_history(checkpoint.manifest["history"])
         first_round = checkpoint.round + 1
@@ -286,9 +292,9 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     if tensorboard:
         tensorboard.close()
     rounds_run = results.rounds[-1]["round"] - first_round + 1
-    if first_round == 1 and rounds_without_update == rounds_run:
+    if rounds_without_update == rounds_run:  # resumed or not: a run that trained nothing failed
         raise NoUpdateError(
-            f"no round produced a global update (last round: {strategy.last_train.skipped}; "
+            f"no round produced a global update (rounds {first_round}..{results.rounds[-1]['round']}; last round: {strategy.last_train.skipped}; "
             f"failed: {strategy.last_train.failed}; rejected: {strategy.last_train.rejected})"
         )
     stop = stop or BUDGET

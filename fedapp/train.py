@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,11 +157,10 @@ def state_arrays(model: nn.Module) -> list:
     return [t.detach().cpu().numpy() for t in model.state_dict().values()]
 
 
-def load_state_arrays(model: nn.Module, arrays: Iterable) -> None:
-    """Load numpy arrays given in ``state_dict`` order, strictly (count and shapes must match)."""
-    keys = list(model.state_dict().keys())
-    arrays = list(arrays)
-    if len(arrays) != len(keys):
-        raise ValueError(f"got {len(arrays)} arrays for a model with {len(keys)} tensors")
-    state = {k: torch.as_tensor(a) for k, a in zip(keys, arrays)}
-    model.load_state_dict(state, strict=True)
+def load_named_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Load ``{state_dict name: array}`` strictly: every name must match, every shape must fit."""
+    missing = [k for k in model.state_dict() if k not in arrays]
+    unexpected = [k for k in arrays if k not in model.state_dict()]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: torch.as_tensor(a) for k, a in arrays.items()}, strict=True)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+RUNNING_STATS = ("running_mean", "running_var")
 
 
 def server_step(
@@ -18,8 +19,10 @@ def server_step(
 ) -> tuple[Weights, Weights | None]:
     """Treat ``current - aggregate`` as a pseudo-gradient and take one SGD(+momentum) step.
 
-    ``lr=1, momentum=0`` returns the aggregate itself (plain FedAvg). Integer tensors (BatchNorm's
-    ``num_batches_tracked``) are counters, not parameters: they take the aggregate's value.
+    ``lr=1, momentum=0`` returns the aggregate itself (plain FedAvg). BatchNorm's buffers are not
+    parameters: the counter ``num_batches_tracked`` and the running statistics take the aggregate's
+    value (a momentum step on ``running_var`` overshoots below zero within a few rounds, and the
+    model turns NaN).
     Returns the new model and the new velocity (``None`` when momentum is off).
     """
     if lr == 1.0 and momentum == 0.0:
@@ -28,7 +31,7 @@ def server_step(
     new_velocity: Weights = {}
     for key, agg in aggregate.items():
         agg = np.asarray(agg)
-        if not np.issubdtype(agg.dtype, np.floating):
+        if not np.issubdtype(agg.dtype, np.floating) or key.endswith(RUNNING_STATS):
             new[key] = agg
             continue
         delta = np.asarray(agg, np.float64) - np.asarray(current[key], np.float64)

@@ -83,12 +83,13 @@ def test_fedbn_keeps_batchnorm_local(setup):
     assert bn_keys and set(local_state) == set(bn_keys)
     keys = list(model.state_dict())
     # next round: the global BatchNorm tensors are replaced by this node's own
-    merged = client._with_local_batchnorm(model, initial)
-    for key, value, start in zip(keys, merged, initial):
+    named = dict(zip(keys, initial))
+    merged = client._with_local_batchnorm(named)
+    for key, start in named.items():
         expected = local_state[key] if key in local_state else start
-        np.testing.assert_array_equal(value, expected)
+        np.testing.assert_array_equal(merged[key], expected)
     without = make_client(parse_config(run_config), {"partition-id": 0, "num-partitions": 2})
-    assert without._with_local_batchnorm(model, initial) is initial
+    assert without._with_local_batchnorm(named) is named
 
 
 def test_node_weight_is_validated_and_reported(setup):

@@ -1,18 +1,23 @@
 import numpy as np
 import pytest
-from flwr.client import NumPyClient
-
-from fedapp.bridge import EVALUATE, FIT, call_numpy_client, to_metric_record
+from fedapp.bridge import EVALUATE, FIT, NamedNumPyClient, call_numpy_client, to_metric_record
 from strategies.records import arrays_to_numpy
 from tests.flower_messages import instruction
 
 
-class DoublingClient(NumPyClient):
+class DoublingClient(NamedNumPyClient):
+    """Its model's tensors are ``a.weight`` then ``a.bias`` (the state_dict order)."""
+
     def __init__(self):
         self.seen_config = None
+        self.seen_parameters = None
+
+    def state_keys(self):
+        return ["a.weight", "a.bias"]
 
     def fit(self, parameters, config):
         self.seen_config = config
+        self.seen_parameters = parameters
         return [p * 2 for p in parameters], 7, {"train-loss": np.float32(0.5), "class-counts": np.array([3, 4])}
 
     def evaluate(self, parameters, config):
@@ -52,3 +57,23 @@ def test_wrong_array_count_and_bad_metrics_raise():
         to_metric_record({"name": "x"}, 1)
     with pytest.raises(ValueError, match="phase"):
         call_numpy_client(DoublingClient(), instruction(1, GLOBAL), "query")
+
+
+def test_arrays_travel_by_name_whatever_their_order_in_the_record():
+    """A record in another order (a checkpoint read back from safetensors comes in name order:
+    ``a.bias`` before ``a.weight``) reaches the client in its own state_dict order."""
+    reordered = {"a.bias": GLOBAL["a.bias"], "a.weight": GLOBAL["a.weight"]}
+    client = DoublingClient()
+    out = call_numpy_client(client, instruction(3, reordered), FIT)
+    assert [p.shape for p in client.seen_parameters] == [(2, 2), (2,)]
+    arrays = arrays_to_numpy(out.content["arrays"])
+    np.testing.assert_array_equal(arrays["a.weight"], GLOBAL["a.weight"] * 2)
+    np.testing.assert_array_equal(arrays["a.bias"], GLOBAL["a.bias"] * 2)
+
+
+def test_a_model_with_other_tensor_names_is_refused():
+    other = {"a.weight": GLOBAL["a.weight"], "b.bias": GLOBAL["a.bias"]}
+    with pytest.raises(ValueError, match=r"missing tensors \['a.bias'\].*unexpected tensors \['b.bias'\]"):
+        call_numpy_client(DoublingClient(), instruction(1, other), FIT)
+    with pytest.raises(ValueError, match="missing tensors"):
+        call_numpy_client(DoublingClient(), instruction(1, {"a.weight": GLOBAL["a.weight"]}, "evaluate"), EVALUATE)

@@ -16,9 +16,10 @@ from fedapp.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from fedapp.client import VideoClient
 from fedapp.config import parse_config
 from fedapp.results import RunResults
-from fedapp.server_app import run_federation
+from fedapp.server_app import NoUpdateError, run_federation
 
 
 def arrays(seed=0):
@@ -62,7 +63,9 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="other classes"):
         check_compatible(checkpoint, "tiny3d", ["a", "b", "c"], arrays())
     with pytest.raises(CheckpointError, match="shape"):
-        check_compatible(checkpoint, "tiny3d", ["a", "b"], {"w": np.zeros((2, 2), np.float32)})
+        check_compatible(checkpoint, "tiny3d", ["a", "b"], {**arrays(), "w": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"tensors this model does not: \['bn.num_batches_tracked'\]"):
+        check_compatible(checkpoint, "tiny3d", ["a", "b"], {"w": arrays()["w"]})
     weights = path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -96,9 +99,19 @@ def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(small_run_
     # a crash after the checkpoint but before the history write: the file misses round 2
     lines = (run_dir / "rounds.jsonl").read_text().splitlines()
     (run_dir / "rounds.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    before = load_checkpoint(run_dir / "checkpoints" / "round-0002")
     summary, results = run_rounds({**base, "resume": "latest"}, tmp_path, 4, run_dir)
-    rounds = [json.loads(line)["round"] for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3, 4]
+    history = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
+    # The resumed rounds trained: both clients accepted, none failed, and the model moved.
+    for record in history[3:]:
+        assert len(record["train-clients"]["clients"]) == 2, record["train-clients"]
+        assert not record["train-clients"]["failed"] and not record["train-clients"]["skipped"]
+    assert history[4]["central"]["loss"] != pytest.approx(history[2]["central"]["loss"], abs=1e-6)
+    after = load_checkpoint(run_dir / "checkpoints" / "round-0004")
+    assert max(float(np.abs(after.arrays[k].astype(np.float64) - v).max())
+               for k, v in before.arrays.items() if v.dtype.kind == "f") > 1e-4
+    assert summary["rounds-without-update"] == 0
     assert summary["rounds-completed"] == 4
     assert [p.name for p in list_checkpoints(run_dir)][-2:] == ["round-0003", "round-0004"]
     velocity = load_checkpoint(run_dir).manifest["strategy-state"]["velocity"]
@@ -106,6 +119,25 @@ def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(small_run_
     model, classes, cfg = model_from_checkpoint(run_dir)
     assert classes == summary["classes"] and cfg.model == "tiny3d"
     assert best_checkpoint(run_dir) is not None
+
+
+def test_a_resumed_run_in_which_no_client_trains_fails(small_run_config, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_rounds(small_run_config, tmp_path, 1, run_dir)
+
+    def broken_fit(self, parameters, config):
+        raise RuntimeError("this site's GPU fell off the bus")
+
+    monkeypatch.setattr(VideoClient, "fit", broken_fit)
+    with pytest.raises(NoUpdateError, match=r"no round produced a global update \(rounds 2\.\.3"):
+        run_rounds({**small_run_config, "resume": "latest"}, tmp_path, 3, run_dir)
+
+
+def test_resuming_a_finished_run_is_refused(small_run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    run_rounds(small_run_config, tmp_path, 1, run_dir)
+    with pytest.raises(CheckpointError, match="at round 1: num-server-rounds=1 leaves nothing to train"):
+        run_rounds({**small_run_config, "resume": "latest"}, tmp_path, 1, run_dir)
 
 
 def test_resume_refuses_another_model(small_run_config, tmp_path):
