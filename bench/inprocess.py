@@ -20,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.client_app import app as client_app
 from fedapp.config import parse_config
-from fedapp.results import RunResults
+from fedapp.results import RunResults, WriterLock
 from fedapp.server_app import run_federation
 
 
@@ -58,10 +58,10 @@ class InProcessGrid:
 def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | Path) -> RunResults:
     """One federated run with the real server loop; returns its results (``rounds`` in memory)."""
     cfg = parse_config(run_config)
-    results = RunResults(run_dir)
-    results.write_config(cfg.to_dict())
-    summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results)
-    results.write_summary({"status": "completed", **summary})
+    with WriterLock(run_dir):
+        results = RunResults(run_dir)
+        summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results)
+        results.write_summary({"status": "completed", **summary})
     return results
 
 

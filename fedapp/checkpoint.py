@@ -141,6 +141,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, arrays, manifest)
 
 
+def remove_partial_writes(run_dir: str | Path) -> list[Path]:
+    """Delete what a writer killed mid-write left: temp checkpoint folders (``checkpoints/.round-*``)
+    and atomic-write temp files (``.NAME.*.tmp``). Only for the folder's one writer (see WriterLock)."""
+    run_dir = Path(run_dir)
+    found = [*run_dir.glob(f"{CHECKPOINTS_DIR}/.round-*"), *run_dir.glob(".*.tmp"), *run_dir.glob(f"{CHECKPOINTS_DIR}/.*.tmp")]
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return found
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     return sorted(p for p in root.glob("round-*") if (p / MANIFEST).is_file()) if root.is_dir() else []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,79 @@ ROUNDS_FILE = "rounds.jsonl"
 PARTITIONS_FILE = "partitions.json"
 MODEL_FILE = "model.safetensors"
 CLASSES_FILE = "classes.json"
+LOCK_FILE = ".writer.lock"
+# A folder holding any of these already belongs to a run (the launcher's logs/ alone does not).
+RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, ROUNDS_FILE, MODEL_FILE, "checkpoints")
+
+
+class RunFolderError(RuntimeError):
+    """The run folder belongs to another run, or another process is writing it."""
+
+
+def run_folder_taken(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a run's files."""
+    return any((Path(run_dir) / name).exists() for name in RUN_FILES)
+
+
+def lock_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """What the process writing ``run_dir`` recorded (pid, host, start), or None if no one holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                return json.loads(f.read() or "{}")
+            except json.JSONDecodeError:
+                return {}
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+class WriterLock:
+    """The one writer of a run folder: an exclusive ``flock`` on ``run_dir/.writer.lock``, which
+    records the writer's pid, host and start time.
+
+    The kernel drops the lock when its process ends, however it ends (``kill -9`` included), so a
+    stale lock file never blocks a later run; a live writer always does.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> WriterLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise RunFolderError(f"{self.path.parent} is being written by another process ({holder or 'unknown'}): "
+                                 "one writer per run folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> WriterLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -64,9 +140,11 @@ class RunResults:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        self.config_written = False  # the run got past its start checks
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_json(self.dir / CONFIG_FILE, dict(config))
+        self.config_written = True
 
     def write_partitions(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.dir / PARTITIONS_FILE, dict(summary))

@@ -28,13 +28,14 @@ from fedapp.checkpoint import (
     load_checkpoint,
     mark_best,
     prune_checkpoints,
+    remove_partial_writes,
     save_checkpoint,
 )
 from fedapp.data import eval_loader, load_video_index, unlabeled_samples
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.models import build_model, prepare_model, select_device
 from fedapp.report import TensorBoardLog, write_final_report
-from fedapp.results import RunResults
+from fedapp.results import RunFolderError, RunResults, WriterLock, run_folder_taken
 from fedapp.stopping import BUDGET, best_round, stop_reason
 from fedapp.train import evaluate_model, set_torch_threads
 from strategies.records import arrays_to_numpy, numpy_to_arrays
@@ -116,16 +117,32 @@ def make_distiller(
 
 
 def run_directory(run_config: Mapping[str, Any], run_id: int | str) -> Path:
-    """``results-dir/<run-name>``; the default name is a UTC timestamp plus Flower's run id.
+    """The run's folder: ``results-dir/<run-name>`` (default name: a UTC timestamp plus Flower's run
+    id), or, for a resumed run, its checkpoint's run folder.
 
-    A resumed run continues in its checkpoint's run folder. Read from the raw run config (before
-    validation) so that even a config error leaves a summary.
+    One folder, one run: a folder that already holds a run is refused unless ``resume`` names it,
+    and a ``run-name`` that names another folder than the one ``resume`` continues is refused too
+    (RunFolderError). Read from the raw run config (before validation) so that even a config error
+    leaves a summary.
     """
+    results_dir = Path(str(run_config.get("results-dir") or "results")).expanduser().resolve()
+    run_name = str(run_config.get("run-name") or "")
     checkpoint = resume_path(run_config)
     if checkpoint is not None:
-        return checkpoint.parent.parent
-    name = str(run_config.get("run-name") or "") or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
-    return Path(str(run_config.get("results-dir") or "results")).expanduser().resolve() / name
+        folder = checkpoint.parent.parent
+        if run_name and folder != results_dir / run_name:
+            raise RunFolderError(
+                f"resume={run_config.get('resume')!r} continues {folder}, but run-name={run_name!r} names "
+                f"{results_dir / run_name}: leave run-name empty or name the resumed run"
+            )
+        return folder
+    folder = results_dir / (run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}")
+    if run_folder_taken(folder):
+        raise RunFolderError(
+            f"run-name={run_name!r}: {folder} already holds a run; choose another run-name, or set "
+            f"resume=\"{folder}\" to continue that one"
+        )
+    return folder
 
 
 def resume_path(run_config: Mapping[str, Any]) -> Path | None:
@@ -168,23 +185,41 @@ def partition_summary(classes: list[str], report: RoundReport, known: dict[int, 
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; any failure, a config error included, is recorded in ``summary.json``
     and fails the run."""
-    results = RunResults(run_directory(context.run_config, context.run_id))
-    logger.info("results directory: %s", results.dir)
-    started = time.time()
+    serve(grid, context.run_config, context.run_id)
+
+
+def serve(grid: Grid, run_config: Mapping[str, Any], run_id: int) -> dict[str, Any]:
+    """Claim the run folder, run the federation, record the outcome in ``summary.json``.
+
+    A refused start (the folder holds another run, another process writes it) writes nothing. A
+    resumed run that fails before its first round leaves the folder's files as they were; any
+    other failure is recorded as ``status: failed``.
+    """
     try:
-        cfg = parse_config(context.run_config)
-        results.write_config(cfg.to_dict())
-        summary = run_federation(grid, cfg, results)
-    except BaseException as exc:
-        logger.error("run failed: %s: %s", type(exc).__name__, exc)
-        completed = results.rounds[-1]["round"] if results.rounds else 0
-        results.write_summary(
-            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": completed,
-             "wall-time-s": time.time() - started}
-        )
+        run_dir = run_directory(run_config, run_id)
+    except (RunFolderError, CheckpointError) as exc:
+        logger.error("run refused: %s", exc)
         raise
-    results.write_summary({"status": "completed", **summary, "wall-time-s": time.time() - started})
+    resuming = bool(run_config.get("resume"))
+    with WriterLock(run_dir):
+        results = RunResults(run_dir)
+        logger.info("results directory: %s", results.dir)
+        started = time.time()
+        try:
+            summary = run_federation(grid, parse_config(run_config), results)
+        except BaseException as exc:
+            logger.error("run failed: %s: %s", type(exc).__name__, exc)
+            if not resuming or results.config_written:
+                completed = results.rounds[-1]["round"] if results.rounds else 0
+                results.write_summary(
+                    {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": completed,
+                     "run-id": run_id, "wall-time-s": time.time() - started}
+                )
+            raise
+        summary = {"status": "completed", **summary, "run-id": run_id, "wall-time-s": time.time() - started}
+        results.write_summary(summary)
     logger.info("run completed: %s", summary)
+    return summary
 
 
 def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str, Any]:
@@ -206,6 +241,9 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
     strategy = build_strategy(cfg, distiller)
 
     first_round = 1
+    removed = remove_partial_writes(results.dir)  # left by a writer killed mid-write; we hold the lock
+    if removed:
+        logger.info("removed %d partial writes of an earlier process: %s", len(removed), [p.name for p in removed])
     checkpoint_path = resume_path(cfg.to_dict())
     if checkpoint_path is not None:
         checkpoint = load_checkpoint(checkpoint_path)
@@ -223,6 +261,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults) -> dict[str,
         logger.info("resuming from %s: round %d onwards", checkpoint.path, first_round)
     else:
         results.append_round({"round": 0, "central": evaluator(arrays) if evaluator else {}, "wall-time-s": 0.0})
+    results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
 
     tensorboard = TensorBoardLog(results.dir / "tensorboard") if cfg.tensorboard else None
     known_partitions: dict[int, list[int]] = {}
