@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,12 +94,14 @@ def write_connection(flwr_home: Path, port: int, *, name: str = CONNECTION, root
 def start_superlink(
     flwr_home: Path, log_dir: Path, port: int, env: dict[str, str], *,
     simulation: bool = True, tls: TlsFiles | None = None, supernode_auth: bool = False, database: Path | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> subprocess.Popen:
     """A SuperLink of our own on 127.0.0.1:``port``, in its own process group so it can be stopped whole.
 
     ``simulation`` runs ClientApps in the simulation engine; without it SuperNodes connect. No
     ``tls`` means ``--insecure``; ``supernode_auth`` (TLS only) admits registered SuperNodes only.
-    Returns once the SuperLink answers its health check.
+    ``on_start`` sees the process as soon as it exists (the launcher's watchdog guards it). Returns
+    once the SuperLink answers its health check.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -119,6 +121,8 @@ def start_superlink(
         proc = subprocess.Popen(
             cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
         )
+    if on_start is not None:
+        on_start(proc)
     try:
         wait_healthy(proc, port, tls.ca_cert if tls else None, log_dir / "superlink.stderr")
     except BaseException:
@@ -247,10 +251,12 @@ def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -
         return "unknown"
 
 
-def judge(status: str, summary: dict | None, run_dir: Path) -> Outcome:
-    """A run succeeded only if Flower says completed AND the app wrote a completed summary."""
-    if summary is None:
-        return Outcome(False, f"the app wrote no summary in {run_dir} (Flower status: {status})", run_dir, None)
+def judge(status: str, summary: dict | None, run_dir: Path, run_id: int | None = None) -> Outcome:
+    """A run succeeded only if Flower says completed AND the app wrote a completed summary for
+    this run (``run_id``: a resume refused at start leaves the earlier run's summary in place)."""
+    if summary is None or (run_id is not None and summary.get("run-id") != run_id):
+        return Outcome(False, f"the app wrote no summary for run {run_id} in {run_dir} (Flower status: {status}; "
+                              "the reason is in the log above)", run_dir, None)
     if summary.get("status") != "completed":
         return Outcome(False, f"run failed: {summary.get('error', 'unknown error')} (Flower status: {status})",
                        run_dir, summary)
@@ -259,54 +265,99 @@ def judge(status: str, summary: dict | None, run_dir: Path) -> Outcome:
     return Outcome(True, "run completed", run_dir, summary)
 
 
-def run_location(run_config: Sequence[str]) -> Path:
-    """The run's results folder, ``results-dir/run-name``, absolute (a relative ``results-dir``
-    is taken from the current directory; the default name is a UTC timestamp)."""
+def config_overrides(run_config: Sequence[str]) -> dict[str, Any]:
+    """``--run-config`` texts merged into one dict (later texts win)."""
     overrides: dict = {}
     for text in run_config:
         overrides.update(parse_config_args([text]))
+    return overrides
+
+
+def run_location(run_config: Sequence[str]) -> Path:
+    """The run's results folder, absolute, checked before anything starts: ``results-dir/run-name``
+    (a relative ``results-dir`` is taken from the current directory; the default name is a UTC
+    timestamp), or the folder that ``resume`` continues.
+
+    Refuses (RunFolderError, CheckpointError) a folder that holds another run unless ``resume``
+    names it, a ``resume`` with nothing to resume, and a folder another process is writing: the
+    same rules the ServerApp applies, checked here so that a refused start writes no log into it.
+    """
+    from fedapp.results import RunFolderError, lock_holder
+    from fedapp.server_app import run_directory  # imports torch: only when a run is launched
+
+    overrides = config_overrides(run_config)
     results_dir = Path(str(overrides.get("results-dir", "results")))
-    results_dir = results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)
-    run_name = str(overrides.get("run-name") or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    return results_dir.resolve() / run_name
+    results_dir = (results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)).resolve()
+    resume = absolute_resume(overrides.get("resume"))
+    run_name = str(overrides.get("run-name") or ("" if resume else f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
+    run_dir = run_directory({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunFolderError(f"{run_dir} is being written by another process ({holder}): one writer per run folder")
+    return run_dir
+
+
+def absolute_resume(resume: Any) -> str:
+    """``resume`` as the ServerApp must read it: ``latest``, or a path resolved from here (the
+    ServerApp's working directory is the SuperLink's, not ours)."""
+    resume = str(resume or "")
+    return resume if resume in ("", "latest") else str(Path(resume).expanduser().resolve())
 
 
 def run_and_judge(
     run_config: Sequence[str], run_dir: Path, env: dict[str, str], timeout: float, *,
-    connection: str = CONNECTION, extra_args: Sequence[str] = (),
+    connection: str = CONNECTION, extra_args: Sequence[str] = (), log_dir: Path | None = None,
+    watchdog: Any = None,
 ) -> Outcome:
     """``flwr run --stream`` the app against ``connection`` with its results in ``run_dir``, then
     judge it by Flower's run status and the app's ``summary.json``."""
-    log_dir = run_dir / "logs"
+    log_dir = log_dir or launch_log_dir(run_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     # Pinned so we know where the ServerApp writes, whatever its working directory.
-    forced = config_text({"results-dir": str(run_dir.parent), "run-name": run_dir.name})
+    forced: dict[str, Any] = {"results-dir": str(run_dir.parent), "run-name": run_dir.name}
+    resume = absolute_resume(config_overrides(run_config).get("resume"))
+    if resume:
+        forced["resume"] = resume
     cmd = ["flwr", "run", str(PROJECT_DIR), connection, "--stream", *extra_args]
-    for text in [*run_config, forced]:
+    for text in [*run_config, config_text(forced)]:
         cmd += ["--run-config", text]
     print(f"$ {' '.join(cmd)}", flush=True)
-    run_id = stream_run(cmd, env, log_dir / "flwr-run.log", timeout)
+    run_id = stream_run(cmd, env, log_dir / "flwr-run.log", timeout, watchdog)
     status = run_status(run_id, env, connection) if run_id is not None else "not started"
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return judge(status, summary, run_dir)
+    return judge(status, summary, run_dir, run_id)
+
+
+def launch_log_dir(run_dir: Path) -> Path:
+    """``run_dir/logs/launch-<UTC time>``: each launch (a resume too) keeps its own logs."""
+    return run_dir / "logs" / f"launch-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
 
 
 def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
     """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
+    from fedapp.watchdog import Watchdog
+
     run_dir = run_location(run_config)
+    log_dir = launch_log_dir(run_dir)
     flwr_home = Path(os.environ.get("FEDVIDEO_FLWR_HOME", PROJECT_DIR / ".flwr_home")).resolve()
     env = flwr_env(flwr_home)
     port = free_port()
     write_connection(flwr_home, port)
-    superlink = start_superlink(flwr_home, run_dir / "logs", port, env)
+    watchdog = Watchdog()  # stops what we start if this process dies without its finally blocks
     try:
-        return run_and_judge(run_config, run_dir, env, timeout, extra_args=["--federation-config", federation_config])
+        superlink = start_superlink(flwr_home, log_dir, port, env, on_start=watchdog.guard)
+        try:
+            return run_and_judge(run_config, run_dir, env, timeout, log_dir=log_dir, watchdog=watchdog,
+                                 extra_args=["--federation-config", federation_config])
+        finally:
+            stop_process_group(superlink)
+            watchdog.release(superlink)
     finally:
-        stop_process_group(superlink)
+        watchdog.close()
 
 
-def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> int | None:
+def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, watchdog: Any = None) -> int | None:
     """Run ``flwr run --stream``, echoing and saving its output; returns the run id it printed."""
     run_id = None
     deadline = time.monotonic() + timeout
@@ -315,6 +366,8 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
         start_new_session=True,
     ) as proc:
         assert proc.stdout is not None
+        if watchdog is not None:
+            watchdog.guard(proc)
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
@@ -327,6 +380,8 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
         finally:
             # On timeout, SIGTERM or Ctrl-C too: otherwise leaving the `with` waits for the stream.
             stop_process_group(proc)
+            if watchdog is not None:
+                watchdog.release(proc)
         proc.wait()
     return run_id
 
@@ -345,7 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"simulation size and resources (default: {DEFAULT_FEDERATION_CONFIG!r})")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     args = parser.parse_args(argv)
-    outcome = launch(args.run_config, args.federation_config, args.timeout)
+    from fedapp.checkpoint import CheckpointError
+    from fedapp.results import RunFolderError
+
+    try:
+        outcome = launch(args.run_config, args.federation_config, args.timeout)
+    except (RunFolderError, CheckpointError) as exc:  # refused before anything started or was written
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
     print()
     if outcome.ok and outcome.summary:
         final = outcome.summary.get("final-central", {})

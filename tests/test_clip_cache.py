@@ -334,6 +334,11 @@ def test_launcher_passes_fractional_gpus_to_the_federation(tmp_path, monkeypatch
     monkeypatch.setattr(launcher, "start_superlink", lambda *args, **kwargs: None)
     monkeypatch.setattr(launcher, "stop_process_group", lambda proc: None)
     monkeypatch.setattr(launcher, "stream_run", lambda cmd, *args: commands.append(cmd))  # no process: no run id
+
+    class NoWatchdog:  # nothing is started, so nothing to guard
+        guard = release = close = lambda *args: None
+
+    monkeypatch.setattr("fedapp.watchdog.Watchdog", NoWatchdog)
     federation = launcher.config_text(
         {"num-supernodes": 8, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.25}
     )

@@ -123,8 +123,37 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
         assert summary["privacy"]["epsilon"] > 0 and summary["privacy"]["releases"] == 1
 
 
-def test_killed_run_resumes_to_the_same_final_round_without_gap(small_run_config, tmp_path):
-    """SIGTERM the launcher after round 2's checkpoint, then resume="latest": rounds 0..4, once each."""
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Flower's SuperLink, SuperExec and ServerApp under a launcher)."""
+    from fedapp.launch import process_table
+
+    table = process_table()
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        children = [p for p, (ppid, _) in table.items() if ppid == parent and p not in found]
+        found.update(children)
+        todo.extend(children)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    import os
+
+    still = set()
+    for pid in pids:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            still.add(pid)
+    return still
+
+
+def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trains(small_run_config, tmp_path):
+    """kill -9 the launcher during round 3: its SuperLink, SuperExec and ServerApp go with it (no
+    orphan writes on), then resume="latest" trains every resumed round and moves the model."""
     import os
     import signal
     import time
@@ -134,19 +163,40 @@ def test_killed_run_resumes_to_the_same_final_round_without_gap(small_run_config
     cmd = [sys.executable, "-m", "fedapp.launch", "--run-config", config_text(config),
            "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
     proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = results / "run" / "checkpoints" / "round-0002"
+    checkpoints = results / "run" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not (checkpoints / "round-0002").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert checkpoint.exists(), "round 2 never checkpointed"
-    os.kill(proc.pid, signal.SIGTERM)
+    assert (checkpoints / "round-0002").exists(), "round 2 never checkpointed"
+    children = descendants(proc.pid)
+    assert len(children) >= 3, children  # SuperLink, SuperExec, ServerApp (and the watchdog, flwr run)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    summary = json.loads((results / "run" / "summary.json").read_text()) if (results / "run" / "summary.json").exists() else {}
-    assert summary.get("status") != "completed"
+    deadline = time.monotonic() + 60
+    while alive(children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive(children), f"orphans of the killed launcher: {alive(children)}"
+    time.sleep(3)  # nothing writes on: round 3 never lands
+    assert not (checkpoints / "round-0003").exists()
+    rounds = [json.loads(line)["round"] for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]
 
     rc, output, summary = launch({**config, "resume": "latest"}, tmp_path,
                                  federation="num-supernodes=2 client-resources-num-cpus=1")
     assert rc == 0, output[-3000:]
-    rounds = [json.loads(line)["round"] for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3, 4]
-    assert summary["rounds-completed"] == 4
+    history = [json.loads(line) for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
+    assert summary["rounds-completed"] == 4 and summary["rounds-without-update"] == 0
+    for record in history[3:]:  # the resumed rounds trained both clients
+        assert len(record["train-clients"]["clients"]) == 2 and not record["train-clients"]["failed"], record
+    assert history[4]["central"]["loss"] != pytest.approx(history[2]["central"]["loss"], abs=1e-6)
+
+
+def test_a_run_name_in_use_is_refused_before_anything_starts(small_run_config, tmp_path):
+    rc, _, _ = launch({**small_run_config, "num-server-rounds": 1}, tmp_path)
+    assert rc == 0
+    folder = tmp_path / "results" / "run"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    rc, output, _ = launch({**small_run_config, "num-server-rounds": 1}, tmp_path)
+    assert rc == 1 and "already holds a run" in output
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

@@ -47,3 +47,8 @@ def test_judge_requires_flower_status_and_app_summary(tmp_path):
     failed = judge("finished:failed", {"status": "failed", "error": "ConfigError: model='x'"}, tmp_path)
     assert not failed.ok and "model='x'" in failed.message
     assert not judge("finished:failed", ok, tmp_path).ok
+    # A resume refused at start leaves the earlier run's completed summary: not this run's verdict.
+    earlier = {"status": "completed", "run-id": 11}
+    assert judge("finished:completed", earlier, tmp_path, run_id=11).ok
+    refused = judge("finished:failed", earlier, tmp_path, run_id=12)
+    assert not refused.ok and "no summary for run 12" in refused.message
