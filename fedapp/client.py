@@ -142,5 +142,10 @@ class VideoClient(NamedNumPyClient):
         scores = evaluate_model(
             model, eval_loader(self.cfg, self.test_samples), self.device, self.cfg.bf16, self.cfg.channels_last
         )
+        if scores["num-videos"] == 0:  # an accuracy of 0.0 on no video would drag the federated mean down
+            raise NoUsableVideoError(
+                f"partition {self.partition_id}: none of its {len(self.test_samples)} test videos could be decoded"
+            )
         loss = scores.pop("loss")
-        return loss, len(self.test_samples), {**scores, **self._data_metrics(self.test_samples)}
+        # Weighted by the videos actually scored, not by the files listed.
+        return loss, int(scores["num-videos"]), {**scores, **self._data_metrics(self.test_samples)}

@@ -98,3 +98,18 @@ def test_node_config_is_validated(node_config, message):
 def test_node_settings_for_own_data_dir():
     assert node_settings({"data-dir": "/videos/site-a"}) == (0, 1, "/videos/site-a")
     assert node_settings({"partition-id": 1, "num-partitions": 2}) == (1, 2, None)
+
+
+def test_evaluate_fails_when_no_test_video_decodes(cfg, initial, tmp_path):
+    """Files that pass the quick scan but fail to decode: an error reply, not accuracy 0.0 on 0 videos."""
+    good = make_client(cfg, {"partition-id": 0, "num-partitions": 3})
+    broken = []
+    for i, sample in enumerate(good.test_samples):
+        path = tmp_path / f"broken-{i}.avi"
+        path.write_bytes(b"RIFF" + b"\x00" * 4000)
+        broken.append(type(sample)(str(path), sample.label, sample.group))
+    client = VideoClient(cfg, good.classes, good.train_samples, broken, partition_id=5)
+    with pytest.raises(NoUsableVideoError, match=f"partition 5: none of its {len(broken)} test videos could be decoded"):
+        client.evaluate(initial, {})
+    loss, n, metrics = good.evaluate(initial, {})
+    assert n == metrics["num-videos"] == len(good.test_samples) > 0
