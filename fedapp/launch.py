@@ -148,6 +148,26 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: P
     raise RuntimeError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log}")
 
 
+def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> str | None:
+    """Why a TLS connection to ``host:port`` checked against ``ca_cert`` fails, in words; None if it works.
+
+    Flower's CLI reports any TLS failure as a network problem ("check your network"); this names
+    the real cause before a run is submitted.
+    """
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        return (f"TLS: the certificate served at {host}:{port} is not trusted by {ca_cert} ({exc.verify_message}): "
+                "use the CA that signed the SuperLink's certificate, and a certificate whose SANs name this address")
+    except ssl.SSLError as exc:
+        return f"TLS handshake with {host}:{port} failed ({exc}): is the SuperLink running with TLS?"
+    except OSError as exc:
+        return f"cannot reach {host}:{port}: {exc}"
+
+
 def process_table() -> dict[int, tuple[int, int]]:
     """``{pid: (parent pid, process group)}`` of every process, from /proc (empty where there is none)."""
     table = {}
