@@ -5,7 +5,7 @@ the SuperLink on one host (add its name to the server certificate with ``fedapp.
 one ``flower-supernode`` per site pointing at it with its own ``--node-config``, and the CLI
 (``flwr run``) wherever the project and ``ca.crt`` are.
 
-    python -m fedapp.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR]] [--port P]
+    python -m fedapp.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
     python -m fedapp.deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
     python -m fedapp.deploy stop-node K [--dir DIR] [--kill]
     python -m fedapp.deploy start-node K [--dir DIR]
@@ -13,13 +13,18 @@ one ``flower-supernode`` per site pointing at it with its own ``--node-config``,
     python -m fedapp.deploy down [--dir DIR]
 
 ``up`` starts the SuperLink (runtime dependency installation disabled), waits until it is
-healthy, registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentication),
+healthy, with ``--secure`` starts the reverse proxy (``fedapp.proxy``: nginx on the public
+address exposing only the Fleet API; the SuperLink itself and its Control API stay on loopback),
+registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentication),
 starts the SuperNodes (node K gets ``partition-id=K num-partitions=N``, or the K-th
 ``--node-data-dir`` as ``data-dir``) and waits until all are online. Every process runs in its own
 process group, logs to DIR/logs/ and has its PID in DIR/state.json. ``run`` submits the app and
 judges it like ``fedapp.launch`` (exit 0 only when Flower's run status and the app's
 ``summary.json`` both say completed). ``down`` stops every process by its recorded PID (SIGTERM
 to the group, SIGKILL after a grace period); it is safe to repeat.
+
+Without ``--secure`` the SuperLink's one port serves every API with no authentication: for local
+trials on loopback only.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from fedapp import certs
+from fedapp.proxy import start_proxy
 from fedapp.launch import (
     PROJECT_DIR,
     Outcome,
@@ -50,6 +56,7 @@ from fedapp.launch import (
     run_location,
     start_superlink,
     stop_group,
+    tls_problem,
     write_connection,
 )
 
@@ -77,7 +84,7 @@ class Deployment:
 
     def __init__(
         self, run_dir: Path, *, secure: bool = False, num_nodes: int = 2, data_dirs: Sequence[str] = (),
-        certs_dir: Path | None = None, port: int | None = None, grace: float = 10.0,
+        certs_dir: Path | None = None, port: int | None = None, grace: float = 10.0, public_host: str = "127.0.0.1",
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.secure = secure
@@ -92,8 +99,11 @@ class Deployment:
         configs = ([config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs] if data_dirs
                    else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)])
         self.state: dict[str, Any] = {
-            "secure": secure, "port": port, "connection": CONNECTION, "flwr_home": str(self.flwr_home),
-            "certs": str(self.certs_dir) if secure else None, "superlink": {},
+            # port: where SuperNodes connect (the proxy's public port when secure); superlink-port:
+            # the SuperLink itself, on loopback, where the operator's CLI connects.
+            "secure": secure, "port": port, "superlink-port": None, "public-host": public_host,
+            "connection": CONNECTION, "flwr_home": str(self.flwr_home),
+            "certs": str(self.certs_dir) if secure else None, "superlink": {}, "proxy": {},
             "nodes": [{"node_config": c, "key": self._key_path(k)} for k, c in enumerate(configs)],
         }
 
@@ -107,7 +117,8 @@ class Deployment:
             raise FileNotFoundError(f"no deployment in {Path(run_dir).resolve()} (no {STATE_FILE}): run `up` first")
         state = json.loads(path.read_text())
         deployment = cls(run_dir, secure=state["secure"], num_nodes=0, grace=grace,
-                         certs_dir=Path(state["certs"]) if state["certs"] else None, port=state["port"])
+                         certs_dir=Path(state["certs"]) if state["certs"] else None, port=state["port"],
+                         public_host=state.get("public-host", "127.0.0.1"))
         deployment.state = state
         return deployment
 
@@ -117,12 +128,17 @@ class Deployment:
         tmp.write_text(json.dumps(self.state, indent=2) + "\n")
         tmp.replace(self.run_dir / STATE_FILE)
 
+    @property
+    def superlink_port(self) -> int:
+        """The SuperLink's own loopback port (the operator's CLI); ``port`` is where nodes connect."""
+        return self.state.get("superlink-port") or self.state["port"]
+
     def _key_path(self, k: int) -> str | None:
         return str(self.certs_dir / certs.node_key_name(k)) if self.secure else None
 
     def _entries(self) -> list[tuple[str, dict[str, Any]]]:
         nodes = [(f"node-{k}", node) for k, node in enumerate(self.state["nodes"])]
-        return [("superlink", self.state["superlink"]), *nodes]
+        return [("superlink", self.state["superlink"]), ("proxy", self.state.setdefault("proxy", {})), *nodes]
 
     def _record(self, entry: dict[str, Any], name: str, proc: subprocess.Popen) -> None:
         self.procs[name] = proc
@@ -168,12 +184,19 @@ class Deployment:
     def _up(self, timeout: float) -> None:
         tls = self._prepare_certs() if self.secure else None
         port = self.port or free_port()
-        self.state["port"] = port
-        write_connection(self.flwr_home, port, name=CONNECTION, root_certificates=tls.ca_cert if tls else None)
+        # Secure: nodes reach the proxy on `port`; the SuperLink listens on another loopback port.
+        superlink_port = free_port() if self.secure else port
+        self.state.update(port=port, **{"superlink-port": superlink_port})
+        write_connection(self.flwr_home, superlink_port, name=CONNECTION,
+                         root_certificates=tls.ca_cert if tls else None)
         self.save()
-        proc = start_superlink(self.flwr_home, self.log_dir, port, self.env, simulation=False, tls=tls,
+        proc = start_superlink(self.flwr_home, self.log_dir, superlink_port, self.env, simulation=False, tls=tls,
                                supernode_auth=self.secure, database=self.run_dir / "superlink.db")
         self._record(self.state["superlink"], "superlink", proc)
+        if tls is not None:
+            # Recorded as soon as it exists, so that a failed start is still stopped by down().
+            start_proxy(self.run_dir / "proxy", self.log_dir, self.state["public-host"], port, superlink_port, tls,
+                        on_start=lambda proc: self._record(self.state["proxy"], "proxy", proc))
         for k in range(len(self.state["nodes"])):
             if self.secure:
                 self.register(k)
@@ -294,6 +317,10 @@ class Deployment:
         run_dir = run_location(texts)
         if not self._alive("superlink", self.state["superlink"]):
             return Outcome(False, f"the SuperLink of {self.run_dir} is not running (run `up` first)", run_dir, None)
+        if self.secure:  # Flower's CLI calls every TLS failure "check your network": say what it is
+            problem = tls_problem("127.0.0.1", self.superlink_port, self.certs_dir / certs.CA_CERT)
+            if problem:
+                return Outcome(False, problem, run_dir, None)
         return run_and_judge(texts, run_dir, self.env, timeout, connection=CONNECTION)
 
     def __enter__(self) -> Deployment:
@@ -319,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication (registered keys only)")
     up.add_argument("--certs", type=Path, help="certificates and keys from `python -m fedapp.certs` "
                                                "(default: made on first use in DIR/certs)")
-    up.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
+    up.add_argument("--port", type=int, help="the port SuperNodes connect to (default: a free one); with --secure "
+                                             "the proxy's, and the SuperLink gets a free loopback port of its own")
+    up.add_argument("--public-host", default="127.0.0.1",
+                    help="--secure: the address the proxy listens on, e.g. 0.0.0.0 for other machines (default 127.0.0.1)")
     run = sub.add_parser("run", help="run the app on the deployment and judge the outcome")
     run.add_argument("--run-config", action="append", default=[],
                      help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')
@@ -336,14 +366,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nodes must be >= 1")
     if args.command == "up" and args.certs and not args.secure:
         parser.error("--certs needs --secure")
+    if args.command == "up" and args.public_host != "127.0.0.1" and not args.secure:
+        parser.error("--public-host needs --secure (insecure mode exposes every API: loopback only)")
 
     try:
         if args.command == "up":
             deployment = Deployment(args.dir, secure=args.secure, num_nodes=args.nodes, data_dirs=args.node_data_dir,
-                                    certs_dir=args.certs, port=args.port, grace=args.grace)
+                                    certs_dir=args.certs, port=args.port, grace=args.grace,
+                                    public_host=args.public_host)
             deployment.up()
-            print(f"up: SuperLink on 127.0.0.1:{deployment.state['port']} "
-                  f"({'TLS, SuperNode auth' if args.secure else 'insecure'}), "
+            where = (f"SuperLink on 127.0.0.1:{deployment.superlink_port} (TLS, SuperNode auth; Control API on "
+                     f"loopback only), Fleet API through nginx on {args.public_host}:{deployment.state['port']}"
+                     if args.secure else f"SuperLink on 127.0.0.1:{deployment.state['port']} (insecure, every API open)")
+            print(f"up: {where}, "
                   f"{len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}")
             return 0
         if args.command == "down" and not (args.dir / STATE_FILE).exists():

@@ -131,21 +131,22 @@ def start_superlink(
     return proc
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: Path, timeout: float = 60.0) -> None:
+def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: Path, timeout: float = 60.0,
+                 name: str = "flower-superlink") -> None:
     """Poll the SuperLink's ``/health`` (over HTTPS, checked against ``ca_cert``, when TLS is on)."""
     context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
     url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {log}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}")
         try:
             with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.3)
-    raise RuntimeError(f"flower-superlink did not become healthy within {timeout:.0f} s; see {log}")
+    raise RuntimeError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
 
 
 def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> str | None:
