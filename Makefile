@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup run test clean
+.PHONY: setup nginx run test clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,20 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m fedapp.launch $(ARGS)
 
-test: setup
+test: setup nginx
 	$(PY) -m pytest -q
+
+# The secure deployment puts nginx (an OS package) in front of the SuperLink; its tests need it.
+# Installed where we are root with apt-get (policy-rc.d keeps Debian from starting a system nginx
+# on port 80); elsewhere those tests are skipped with the reason.
+nginx:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  made=0; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made=1; }; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx) >/dev/null 2>&1 \
+	    || echo "nginx could not be installed: the secure-deployment tests will be skipped"; \
+	  [ $$made = 0 ] || rm -f /usr/sbin/policy-rc.d; \
+	else echo "nginx is missing (apt-get install nginx, as root): the secure-deployment tests will be skipped"; fi
 
 clean:
 	rm -rf .flwr_home .pytest_cache
