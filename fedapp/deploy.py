@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from fedapp import certs
-from fedapp.proxy import start_proxy
+from fedapp.proxy import NGINX_MISSING, connect_host, listen_address, nginx_binary, start_proxy
 from fedapp.launch import (
     PROJECT_DIR,
     Outcome,
@@ -182,6 +182,9 @@ class Deployment:
             raise
 
     def _up(self, timeout: float) -> None:
+        if self.secure and nginx_binary() is None:
+            # Refused before anything starts: no silent fallback to a public Control API.
+            raise RuntimeError(NGINX_MISSING)
         tls = self._prepare_certs() if self.secure else None
         port = self.port or free_port()
         # Secure: nodes reach the proxy on `port`; the SuperLink listens on another loopback port.
@@ -273,8 +276,9 @@ class Deployment:
         node = self._node(k)
         if self._alive(f"node-{k}", node):
             self.stop_node(k)
-        port = self.state["port"]
-        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+        # Secure: the proxy's public address, the one a SuperNode on another machine would use.
+        host = connect_host(self.state.get("public-host", "127.0.0.1")) if self.secure else "127.0.0.1"
+        cmd = ["flower-supernode", "--superlink", listen_address(host, self.state["port"]), "--port", str(free_port()),
                "--node-config", node["node_config"]]
         if self.secure:
             cmd += ["--root-certificates", str(self.certs_dir / certs.CA_CERT),

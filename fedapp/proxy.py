@@ -14,15 +14,23 @@ CLI on the SuperLink's host (or through ``ssh -L``) against the loopback port.
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from fedapp.launch import PROJECT_DIR, TlsFiles, stop_process_group, wait_healthy
+from fedapp.launch import PROJECT_DIR, TlsFiles, stop_process_group
 
 NGINX_MISSING = ("nginx is not installed: the secure deployment needs it to keep the Control API off the "
                  "public port (Debian/Ubuntu: apt-get install nginx)")
 PUBLIC_PATHS = ("/v1/fleet/", "/health")
+# A Fleet RPC path as the SuperNodes send it (/v1/fleet/pull-messages ...): checked on the raw
+# request URI as well, so that no percent-encoded or dotted path that nginx normalizes into a Fleet
+# path reaches the SuperLink, which routes the raw path without that normalization.
+FLEET_URI = r"^/v1/fleet/[A-Za-z0-9_-]+(\?.*)?$"
 
 
 def nginx_binary() -> str | None:
@@ -30,24 +38,46 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
 
 
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as nginx and URLs write it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def connect_host(public_host: str) -> str:
+    """The address a process on this host dials to reach a server listening on ``public_host``."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(public_host, public_host)
+
+
 def nginx_config(prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int,
                  tls: TlsFiles) -> str:
     """An nginx configuration that exposes only ``PUBLIC_PATHS`` of the SuperLink on loopback."""
     forward = f"""
             proxy_pass https://superlink;
-            # Keep-alive to the SuperLink; the node-auth signature headers pass through untouched.
+            # Keep-alive to the SuperLink; every client header (the node-auth flwr-public-key,
+            # flwr-signature, flwr-timestamp) passes through untouched.
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            # The SuperLink's certificate is checked against the deployment's CA; nginx matches a
+            # DNS name (not an IP SAN), and fedapp.certs always includes DNS:localhost.
             proxy_ssl_trusted_certificate {tls.ca_cert};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
             # Model arrays travel in chunks of several MB; pulls may wait long for a message.
+            # Streaming both ways also keeps bodies out of the temp folders, which the workers
+            # (user nobody when nginx starts as root) cannot enter inside a private deployment folder.
             proxy_request_buffering off;
             proxy_buffering off;
+            proxy_max_temp_file_size 0;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;"""
-    locations = "".join(f"\n        location {'=' if p == '/health' else '^~'} {p} {{{forward}\n        }}"
-                        for p in PUBLIC_PATHS)
+    strict = f"""
+            if ($request_uri !~ "{FLEET_URI}") {{
+                return 403;
+            }}"""
+    locations = (f"\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
+                 f"\n        location = /health {{{forward}\n        }}")
     return f"""# Written by fedapp.deploy: only the Fleet API of the SuperLink faces the network.
 daemon off;
 worker_processes 1;
@@ -68,9 +98,12 @@ http {{
     upstream superlink {{
         server 127.0.0.1:{upstream_port};
         keepalive 16;
+        # Shorter than uvicorn's 5 s keep-alive: nginx must not reuse a connection the SuperLink is
+        # closing, since Fleet calls are POSTs, which nginx does not retry on another connection.
+        keepalive_timeout 4s;
     }}
     server {{
-        listen {public_host}:{public_port} ssl;
+        listen {listen_address(public_host, public_port)} ssl;
         ssl_certificate {tls.cert};
         ssl_certificate_key {tls.key};
         ssl_protocols TLSv1.2 TLSv1.3;{locations}
@@ -101,8 +134,32 @@ def start_proxy(prefix: Path, log_dir: Path, public_host: str, public_port: int,
     if on_start is not None:
         on_start(proc)
     try:
-        wait_healthy(proc, public_port, tls.ca_cert, log_dir / "proxy-error.log", name="nginx")
+        wait_proxy_healthy(proc, connect_host(public_host), public_port, tls.ca_cert, log_dir)
     except BaseException:
         stop_process_group(proc)
         raise
     return proc
+
+
+def wait_proxy_healthy(proc: subprocess.Popen, host: str, port: int, ca_cert: Path, log_dir: Path,
+                       timeout: float = 60.0) -> None:
+    """Poll ``https://host:port/health`` through nginx: it listens on the public address, its
+    certificate is valid for ``host`` (as the SuperNodes will check it) and the SuperLink answers."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    url = f"https://{listen_address(host, port)}/health"
+    deadline = time.monotonic() + timeout
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}; see {log_dir / 'proxy-error.log'}")
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError as exc:  # not listening yet, or a 502 while the upstream is not ready
+            last = exc
+        time.sleep(0.3)
+    hint = " (add the public name to the server certificate: fedapp.certs --san)" \
+        if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else ""
+    raise RuntimeError(f"nginx did not answer {url} within {timeout:.0f} s: {last}{hint}; "
+                       f"see {log_dir / 'proxy-error.log'}")
