@@ -104,15 +104,15 @@ def test_strangers_reach_only_the_fleet_api_and_registered_nodes_train(small_run
                      "/v1/fleet/..%2Fcontrol%2Flist-runs", "/v1/fleet/%2e%2e/control/list-runs",
                      "/v1/control/..%2F..%2Fv1/fleet/get-run", "/v1/fleet/../control/list-runs",
                      "/v1/fleet/get-run/../../control/list-runs"):
-            assert post(public, path, ca) in (400, 403), path
-        assert post(public, "/v1/control/list-runs", ca) == 403
+            assert post(public, path, ca) == 403, path
         assert post(internal, "/v1/control/list-runs", ca) != 403  # the operator's loopback port answers
         with urllib.request.urlopen(f"https://127.0.0.1:{public}/health",
                                     context=ssl.create_default_context(cafile=str(ca)), timeout=10) as r:
             assert r.status == 200
-        # A large body streams through (arrays travel in 5 MB chunks): the SuperLink answers it,
-        # not nginx with 413 or a 5xx from an unwritable temp folder.
-        assert post(public, "/v1/fleet/push-object", ca, os.urandom(12 * 2**20)) < 500
+        # A large body streams through (arrays travel in 5 MB chunks): the SuperLink answers it as it
+        # answers it directly (a 400 for this junk), not nginx with 413 or a 5xx from a temp folder.
+        body = os.urandom(12 * 2**20)
+        assert post(public, "/v1/fleet/push-object", ca, body) == post(internal, "/v1/fleet/push-object", ca, body)
 
         # (2) A SuperNode with an unregistered key, pointed at the public address, is refused.
         intruder = deployment.add_node({"partition-id": 0, "num-partitions": 2}, register=False, wait=False)
