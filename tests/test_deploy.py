@@ -20,9 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedapp import certs
-from fedapp.deploy import CONNECTION, Deployment
-from fedapp.launch import flwr_env, free_port, group_alive, tls_problem, write_connection
-from fedapp.proxy import NGINX_MISSING, nginx_binary
+from fedapp.deploy import Deployment
+from fedapp.launch import free_port, group_alive, tls_problem
 from tests.conftest import PROJECT_DIR
 from tests.test_tls_check import serve_tls
 
@@ -92,55 +91,8 @@ def test_insecure_superlink_and_two_supernodes_complete_two_rounds(small_run_con
         assert {"loss", "video-accuracy"} <= set(record["central"])
 
 
-def stranger_refused(deployment: Deployment, home: Path) -> None:
-    """A host that holds only the public ca.crt and a key of its own, talking to the public port:
-    refused for register, list and run, and for the Control and Runtime APIs over raw HTTPS."""
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    ca = deployment.certs_dir / certs.CA_CERT
-    write_connection(home, deployment.state["port"], name="public", root_certificates=ca)
-    certs.write_node_key(home / "stranger")
-    env = flwr_env(home)
-    for args in (["supernode", "register", str(home / "stranger.pub"), "public"], ["ls", "public"],
-                 ["run", str(PROJECT_DIR), "public"]):
-        out = subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=120, cwd=home)
-        assert out.returncode != 0 and "403" in out.stdout + out.stderr, (args, out.stdout[-1000:])
-    context = ssl.create_default_context(cafile=str(ca))
-    for path in ("/v1/control/register-node", "/v1/control/list-runs", "/v1/control/start-run",
-                 "/v1/runtime/get-nodes", "/docs"):
-        request = urllib.request.Request(f"https://127.0.0.1:{deployment.state['port']}{path}", data=b"", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, context=context, timeout=10)
-        assert refused.value.code == 403, path
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(nginx_binary() is None, reason=NGINX_MISSING)
-def test_tls_and_supernode_auth_admit_registered_keys_only_and_strangers_reach_no_control_api(small_run_config, tmp_path):
-    config = {**small_run_config, "num-server-rounds": 1, "results-dir": str(tmp_path / "results"), "run-name": "run"}
-    with Deployment(tmp_path / "deployment", secure=True, num_nodes=2) as deployment:
-        assert deployment.superlink_port != deployment.state["port"]  # nodes reach the proxy, not the SuperLink
-        stranger_refused(deployment, tmp_path / "stranger")
-        intruder = deployment.add_node({"partition-id": 0, "num-partitions": 2}, register=False, wait=False)
-        with pytest.raises(RuntimeError, match="exited with code"):
-            deployment.wait_joined(intruder, timeout=120)
-        # Flower logs exit code 305, but the process itself exits with 1 (uvicorn's shutdown wins).
-        assert deployment.exit_code(intruder) != 0
-        log = deployment.node_log(intruder).read_text()
-        assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log
-        registered = {node["node_id"] for node in deployment.state["nodes"][:2]}
-        listed = json.loads(deployment.flwr("supernode", "list", CONNECTION, "--format", "json").stdout)
-        assert {int(n["node-id"]) for n in listed["nodes"]} == registered  # the stranger's key is not there
-        outcome = deployment.run(config, timeout=600)  # the operator, on the SuperLink's loopback port
-        proxy_pid = deployment.state["proxy"]["pid"]
-    assert_all_stopped(deployment)
-    assert not group_alive(proxy_pid)
-    assert outcome.ok, failure_text(outcome, deployment)
-    record = rounds(outcome.run_dir)[1]
-    assert {c["node-id"] for c in record["train-clients"]["clients"]} == registered
-    assert "root-certificates" in (deployment.flwr_home / "config.toml").read_text()
+# TLS + SuperNode auth behind the proxy (registered keys only, strangers refused, nodes train):
+# tests/test_proxy.py.
 
 
 def test_a_tls_failure_is_named_not_called_a_network_problem(tmp_path):
