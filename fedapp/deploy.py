@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from fedapp import certs
-from fedapp.proxy import NGINX_MISSING, connect_host, listen_address, nginx_binary, start_proxy
+from fedapp.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
 from fedapp.launch import (
     PROJECT_DIR,
     Outcome,
@@ -52,6 +52,7 @@ from fedapp.launch import (
     flwr_env,
     free_port,
     group_alive,
+    listen_address,
     run_and_judge,
     run_location,
     start_superlink,

@@ -131,22 +131,32 @@ def start_superlink(
     return proc
 
 
+def listen_address(host: str, port: int) -> str:
+    """``host:port`` as URLs and nginx write it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: Path, timeout: float = 60.0,
-                 name: str = "flower-superlink") -> None:
-    """Poll the SuperLink's ``/health`` (over HTTPS, checked against ``ca_cert``, when TLS is on)."""
+                 name: str = "flower-superlink", host: str = "127.0.0.1") -> None:
+    """Poll ``host:port/health`` (over HTTPS, checked against ``ca_cert``, when TLS is on) until it
+    answers 200; raise if ``proc`` exits first or the time runs out (naming the last error)."""
     context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
-    url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
+    url = f"{'https' if ca_cert else 'http'}://{listen_address(host, port)}/health"
     deadline = time.monotonic() + timeout
+    last: OSError | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see {log}")
         try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
                 if r.status == 200:
                     return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
+        except OSError as exc:  # not listening yet, or (through a proxy) a 502 while its upstream starts
+            last = exc
+        time.sleep(0.3)
+    hint = (" (add this address to the server certificate: fedapp.certs --san)"
+            if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else "")
+    raise RuntimeError(f"{name} did not answer {url} within {timeout:.0f} s: {last}{hint}; see {log}")
 
 
 def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> str | None:

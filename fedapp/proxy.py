@@ -14,15 +14,11 @@ CLI on the SuperLink's host (or through ``ssh -L``) against the loopback port.
 from __future__ import annotations
 
 import shutil
-import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from fedapp.launch import PROJECT_DIR, TlsFiles, stop_process_group
+from fedapp.launch import PROJECT_DIR, TlsFiles, listen_address, stop_process_group, wait_healthy
 
 NGINX_MISSING = ("nginx is not installed: the secure deployment needs it to keep the Control API off the "
                  "public port (Debian/Ubuntu: apt-get install nginx)")
@@ -36,11 +32,6 @@ FLEET_URI = r"^/v1/fleet/[A-Za-z0-9_-]+(\?.*)?$"
 def nginx_binary() -> str | None:
     """The nginx executable (``/usr/sbin`` is not on every user's PATH), or None."""
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
-
-
-def listen_address(host: str, port: int) -> str:
-    """``host:port`` as nginx and URLs write it (IPv6 in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def connect_host(public_host: str) -> str:
@@ -134,32 +125,11 @@ def start_proxy(prefix: Path, log_dir: Path, public_host: str, public_port: int,
     if on_start is not None:
         on_start(proc)
     try:
-        wait_proxy_healthy(proc, connect_host(public_host), public_port, tls.ca_cert, log_dir)
+        # Through nginx on the public address, with the certificate checked for that address (as
+        # the SuperNodes will check it): nginx listens, TLS fits and the SuperLink answers.
+        wait_healthy(proc, public_port, tls.ca_cert, log_dir / "proxy-error.log", name="nginx",
+                     host=connect_host(public_host))
     except BaseException:
         stop_process_group(proc)
         raise
     return proc
-
-
-def wait_proxy_healthy(proc: subprocess.Popen, host: str, port: int, ca_cert: Path, log_dir: Path,
-                       timeout: float = 60.0) -> None:
-    """Poll ``https://host:port/health`` through nginx: it listens on the public address, its
-    certificate is valid for ``host`` (as the SuperNodes will check it) and the SuperLink answers."""
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    url = f"https://{listen_address(host, port)}/health"
-    deadline = time.monotonic() + timeout
-    last: OSError | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}; see {log_dir / 'proxy-error.log'}")
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError as exc:  # not listening yet, or a 502 while the upstream is not ready
-            last = exc
-        time.sleep(0.3)
-    hint = " (add the public name to the server certificate: fedapp.certs --san)" \
-        if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else ""
-    raise RuntimeError(f"nginx did not answer {url} within {timeout:.0f} s: {last}{hint}; "
-                       f"see {log_dir / 'proxy-error.log'}")
