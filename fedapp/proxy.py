@@ -1,6 +1,6 @@
 """The reverse proxy in front of a secure SuperLink: only the Fleet API faces the network.
 
-In Flower 1.41's open-source SuperLink one HTTP port serves the Fleet API (``/v1/fleet/``, what
+In Flower 1.42's open-source SuperLink one HTTP port serves the Fleet API (``/v1/fleet/``, what
 SuperNodes call; with SuperNode auth every request is signed by a registered key), the Control API
 (``/v1/control/``: register nodes, list, start and stop runs; no authentication outside Flower's
 enterprise plugin), the Runtime API (``/v1/runtime/``, the SuperLink's own ServerApp processes)
