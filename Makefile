@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m fedapp.launch $(ARGS)
+	$(PY) -m fedapp.ops.launch $(ARGS)
 
 test: setup nginx
 	$(PY) -m pytest -q

@@ -1,6 +1,6 @@
 """Time and peak memory of the server's aggregation functions against a memory-bandwidth bound.
 
-N client models with the state_dict shapes of a real model (``fedapp.models.build_model``, built on
+N client models with the state_dict shapes of a real model (``fedapp.task.models.build_model``, built on
 PyTorch's meta device, so no weights are initialised; default ``r3d_18`` with 101 classes: 33.2 M
 parameters, 133 MB of float32 per model) hold random float32 values: a shared base plus a small
 per-client delta, as client updates of one round look. BatchNorm running variances are positive
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from bench.run import run_benchmark
-from fedapp.models import MODEL_NAMES
+from fedapp.task.models import MODEL_NAMES
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
 from strategies.records import arrays_to_numpy, numpy_to_arrays
@@ -56,7 +56,7 @@ def model_spec(name: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], 
     """``{state_dict key: (shape, numpy dtype)}`` of the app's model, built without allocating weights."""
     import torch
 
-    from fedapp.models import build_model
+    from fedapp.task.models import build_model
 
     with torch.device("meta"):
         model = build_model(name, num_classes)

@@ -1,7 +1,7 @@
 """Bytes sent per round, up (clients → server) and down (server → clients), per model and per
 update-compression setting (``strategies/compression.py``).
 
-For each model the reference is the app's freshly initialised model (``fedapp.models.build_model``,
+For each model the reference is the app's freshly initialised model (``fedapp.task.models.build_model``,
 the global model a client receives) and a client's update is reference + a small Gaussian delta
 (std ``--delta-std`` on every floating tensor; BatchNorm counters unchanged), the shape of what one
 local round produces. The update goes through ``compress(update, reference, method, topk_fraction,
@@ -45,7 +45,7 @@ SETTINGS = (("none", "none", 0.0), ("fp16", "fp16", 0.0), ("int8", "int8", 0.0),
 def reference_model(name: str, num_classes: int, seed: int) -> dict[str, np.ndarray]:
     import torch
 
-    from fedapp.models import build_model
+    from fedapp.task.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(name, num_classes)

@@ -1,12 +1,12 @@
 """Local training throughput (clips/s) of a client fed from video files, against the pure-PyTorch
 limit of the same model, measured in one run.
 
-For each model (``--models``), the same ``fedapp.train.train_epochs`` loop runs ``--steps``
+For each model (``--models``), the same ``fedapp.task.train.train_epochs`` loop runs ``--steps``
 optimizer steps of ``--batch-size`` clips of ``--clip-len`` × ``--size``² in three ways:
 
 - **limit**: random clips and labels already on the device (``--steps`` batches made once, channels
   last when asked), after ``--warmup-steps`` untimed steps: what the model and optimizer alone allow;
-- **cold**: the real client loader (``fedapp.data.train_loader``: PyAV decoding of the synthetic
+- **cold**: the real client loader (``fedapp.task.data.train_loader``: PyAV decoding of the synthetic
   dataset's MPEG-4 files, random clip offset, crop, jitter, normalisation, collate) built fresh, as
   a client builds it every round; the files themselves are in the OS page cache (just generated);
 - **cached**: the same loader with the decoded-video cache on (``clip_cache_dir``, set with
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from bench.run import run_benchmark
-from fedapp.models import MODEL_NAMES
+from fedapp.task.models import MODEL_NAMES
 
 NUM_CLASSES = 8  # the synthetic dataset's
 
@@ -87,7 +87,7 @@ class TimedLoader:
 
 
 def has_clip_cache() -> bool:
-    from fedapp.config import AppConfig
+    from fedapp.task.config import AppConfig
 
     return "clip_cache_dir" in {f.name for f in fields(AppConfig)}
 
@@ -99,7 +99,7 @@ def _sync(device: torch.device) -> None:
 
 def timed_epoch(model: Any, loader: Any, cfg: Any, device: torch.device) -> tuple[float, float, float]:
     """(clips trained, seconds, seconds waiting for batches) of one train_epochs pass over ``loader``."""
-    from fedapp.train import make_optimizer, train_epochs
+    from fedapp.task.train import make_optimizer, train_epochs
 
     optimizer = make_optimizer(model, cfg)
     timed = TimedLoader(loader)
@@ -119,16 +119,11 @@ def decode_only(loader: Any) -> tuple[float, float]:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from datasets.clip_dataset import scan_videos
-    from fedapp.config import parse_config
-    from fedapp.data import load_video_index, train_loader
-    from fedapp.models import (
-        build_model,
-        count_parameters,
-        input_to_device,
-        prepare_model,
-        select_device,
-    )
-    from fedapp.train import set_torch_threads
+    from fedapp.task.config import parse_config
+    from fedapp.task.data import load_video_index, train_loader
+    from fedapp.task.devices import input_to_device, prepare_model, select_device
+    from fedapp.task.models import build_model, count_parameters
+    from fedapp.task.train import set_torch_threads
 
     videos = args.steps * args.batch_size
     modes = [m for m in args.modes if m != "cached" or has_clip_cache()]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.inprocess import comparison_config, run_inprocess
-from fedapp.results import atomic_write_bytes, atomic_write_json
+from fedapp.server.results import atomic_write_bytes, atomic_write_json
 
 ATTACK_FRACTION = 0.3
 SCENARIOS = {

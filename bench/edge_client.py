@@ -17,10 +17,10 @@ import json
 import resource
 import time
 
-from fedapp.client_app import make_client
-from fedapp.config import parse_config
-from fedapp.models import build_model, count_parameters
-from fedapp.train import state_arrays
+from fedapp.client.app import make_client
+from fedapp.task.config import parse_config
+from fedapp.task.models import build_model, count_parameters
+from fedapp.task.train import state_arrays
 
 
 def main(argv: list[str] | None = None) -> int:

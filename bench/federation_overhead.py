@@ -4,7 +4,7 @@
    loop, strategy and ClientApp handlers; Flower's transport replaced by direct calls, so clients run
    one after another in this process) on a small synthetic dataset.
 2. **Centralized**: one model trained on the union of the clients' training partitions with the
-   same data pipeline (``fedapp.data.train_loader``, ``fedapp.train.train_epochs``), model,
+   same data pipeline (``fedapp.task.data.train_loader``, ``fedapp.task.train.train_epochs``), model,
    optimizer settings, batch size and clip shape, for the same number of epochs over the data
    (rounds × local epochs), evaluated on the same test split as often as the server evaluates
    (before training and after every round).
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from bench.run import run_benchmark
-from fedapp.models import MODEL_NAMES
+from fedapp.task.models import MODEL_NAMES
 
 # Categories of the breakdown, in print order.
 CLIENT_TRAIN = "client: training (train_epochs: decode + forward/backward)"
@@ -106,8 +106,10 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
 
     import strategies.strategy as strategy_module
     from bench import inprocess
-    from fedapp import client, compression_mod, server_app
-    from fedapp.results import RunResults
+    from fedapp.client import compression_mod
+    from fedapp.client import video_client as client
+    from fedapp.server import app as server_app
+    from fedapp.server.results import RunResults
 
     patches: list[tuple[Any, str, Any]] = []
 
@@ -189,9 +191,10 @@ def warm_up(cfg: Any, index: Any, device: torch.device) -> None:
     """One training step and one evaluation batch on random clips, and one decoded batch of each
     loader: one-time start-up costs (torch kernel selection, allocator, PyAV/codec set-up) are paid
     before either timed run."""
-    from fedapp.data import eval_loader, train_loader
-    from fedapp.models import build_model, prepare_model
-    from fedapp.train import make_optimizer
+    from fedapp.task.data import eval_loader, train_loader
+    from fedapp.task.devices import prepare_model
+    from fedapp.task.models import build_model
+    from fedapp.task.train import make_optimizer
 
     num_classes = len(index.classes)
     next(iter(train_loader(cfg, index.train[: cfg.batch_size], seed=0)))
@@ -211,9 +214,10 @@ def warm_up(cfg: Any, index: Any, device: torch.device) -> None:
 def centralized(cfg: Any, index: Any, clients: int, device: torch.device) -> dict[str, Any]:
     """The same training centrally: union of the partitions, rounds × local epochs, same evaluations."""
     from datasets.clip_dataset import scan_videos
-    from fedapp.data import eval_loader, node_partition, train_loader
-    from fedapp.models import build_model, prepare_model
-    from fedapp.train import evaluate_model, make_optimizer, train_epochs
+    from fedapp.task.data import eval_loader, node_partition, train_loader
+    from fedapp.task.devices import prepare_model
+    from fedapp.task.models import build_model
+    from fedapp.task.train import evaluate_model, make_optimizer, train_epochs
 
     start = time.perf_counter()
     union, sizes = [], []
@@ -269,10 +273,10 @@ def federated(config: dict[str, Any], clients: int, out_dir: Path) -> dict[str, 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import bench.inprocess  # noqa: F401  (imports the apps, which set their log levels, before we lower them)
-    from fedapp.config import parse_config
-    from fedapp.data import load_video_index
-    from fedapp.models import select_device
-    from fedapp.train import set_torch_threads
+    from fedapp.task.config import parse_config
+    from fedapp.task.data import load_video_index
+    from fedapp.task.devices import select_device
+    from fedapp.task.train import set_torch_threads
 
     if not args.verbose:
         for name in ("fedapp", "strategies", "datasets", "flwr"):
@@ -288,7 +292,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         device = select_device(cfg.device)
         index = load_video_index(cfg)  # generate the synthetic data before either timed run
         if clip_cache_dir:  # fill the decoded-video cache before either timed run, so both read it
-            from fedapp.data import eval_loader
+            from fedapp.task.data import eval_loader
 
             for _ in eval_loader(replace(cfg, eval_clips=1), index.train + index.test):
                 pass

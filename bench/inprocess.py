@@ -18,10 +18,10 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedapp.client_app import app as client_app
-from fedapp.config import parse_config
-from fedapp.results import RunResults, WriterLock
-from fedapp.server_app import run_federation
+from fedapp.client.app import app as client_app
+from fedapp.task.config import parse_config
+from fedapp.server.results import RunResults, WriterLock
+from fedapp.server.app import run_federation
 
 
 class InProcessGrid:

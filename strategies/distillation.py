@@ -7,10 +7,12 @@ within a step budget, with early stopping on a held-out share of those clips.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedapp.models import autocast_context, input_to_device
 
 logger = logging.getLogger(__name__)
+
+
+def _plain_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device)
+
+
+def _no_autocast(device: torch.device) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How clips reach the models: ``to_device(batch, device)`` copies a batch, ``autocast(device)``
+    wraps each forward pass. Passed in, so this module needs nothing of the app: the server gives
+    its own device helpers (``fedapp.task.devices``: channels-last, bf16); the default is a plain
+    fp32 copy."""
+
+    to_device: Callable[[torch.Tensor, torch.device], torch.Tensor] = _plain_copy
+    autocast: Callable[[torch.device], AbstractContextManager] = _no_autocast
+
+
+PLAIN = Placement()
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,7 @@ def ensemble_logits(
     teachers: Sequence[nn.Module],
     clips: torch.Tensor,
     weights: Sequence[float] | None = None,
-    bf16: bool = False,
+    placement: Placement = PLAIN,
 ) -> torch.Tensor:
     """(Weighted) mean of the teachers' logits on ``clips``, as float32.
 
@@ -82,7 +105,7 @@ def ensemble_logits(
     total: torch.Tensor | None = None
     for teacher, weight in zip(teachers, _normalized_weights(weights, len(teachers))):
         teacher.eval()
-        with autocast_context(clips.device, bf16):
+        with placement.autocast(clips.device):
             logits = teacher(clips).float()
         total = weight * logits if total is None else total + weight * logits
     return total
@@ -138,16 +161,15 @@ def _mean_kl(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     temperature: float,
     device: torch.device,
-    bf16: bool,
-    channels_last: bool,
+    placement: Placement,
 ) -> float:
     """Per-clip mean KL of the student (eval mode) to the precomputed ensemble logits."""
     student.eval()
     total = 0.0
     count = 0
     for clips, target in pairs:
-        with autocast_context(device, bf16):
-            logits = student(input_to_device(clips, device, channels_last))
+        with placement.autocast(device):
+            logits = student(placement.to_device(clips, device))
         total += _kl_to_teacher(logits, target, temperature, "sum").item()
         count += len(clips)
     return total / count
@@ -166,8 +188,7 @@ def distill(
     device: torch.device,
     weights: Sequence[float] | None = None,
     *,
-    bf16: bool = False,
-    channels_last: bool = False,
+    placement: Placement = PLAIN,
 ) -> dict:
     """Distil the teachers' ensemble into ``student`` in place; returns a summary.
 
@@ -192,7 +213,7 @@ def distill(
     for teacher in teachers:
         teacher.to(device)
     pairs = [
-        (clips, ensemble_logits(teachers, input_to_device(clips, device, channels_last), weights, bf16))
+        (clips, ensemble_logits(teachers, placement.to_device(clips, device), weights, placement))
         for clips in clips_list
     ]
     train_idx, val_idx = _split_indices(len(pairs), config.val_fraction)
@@ -200,7 +221,7 @@ def distill(
     val_pairs = [pairs[i] for i in val_idx]
 
     def val_kl() -> float:
-        return _mean_kl(student, val_pairs, config.temperature, device, bf16, channels_last)
+        return _mean_kl(student, val_pairs, config.temperature, device, placement)
 
     initial = best = progress_ref = val_kl()
     best_state = _snapshot(student)
@@ -212,8 +233,8 @@ def distill(
     optimizer = torch.optim.Adam(params, lr=config.lr) if config.steps else None
     for clips, target in itertools.islice(itertools.cycle(train_pairs), config.steps):
         student.train()
-        with autocast_context(device, bf16):
-            logits = student(input_to_device(clips, device, channels_last))
+        with placement.autocast(device):
+            logits = student(placement.to_device(clips, device))
         loss = _kl_to_teacher(logits, target, config.temperature, "batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -234,7 +255,7 @@ def distill(
                 stopped_early = step < config.steps
                 break
     student.load_state_dict(best_state)
-    final_train = _mean_kl(student, train_pairs, config.temperature, device, bf16, channels_last)
+    final_train = _mean_kl(student, train_pairs, config.temperature, device, placement)
     logger.info(
         "distillation: %d/%d steps%s, val KL %.5f -> %.5f (best at step %d), train KL %.5f, %d train / %d val batches",
         step,
@@ -273,8 +294,7 @@ def distill_arrays(
     device: torch.device,
     weights: Sequence[float] | None = None,
     *,
-    bf16: bool = False,
-    channels_last: bool = False,
+    placement: Placement = PLAIN,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """:func:`distill` on numpy models: returns the distilled student as arrays (state_dict key order) and the summary.
 
@@ -284,7 +304,7 @@ def distill_arrays(
     """
     student = _module_from_arrays(build, student_arrays)
     teachers = [_module_from_arrays(build, arrays) for arrays in teacher_arrays]
-    summary = distill(student, teachers, batches, config, device, weights, bf16=bf16, channels_last=channels_last)
+    summary = distill(student, teachers, batches, config, device, weights, placement=placement)
     out = {
         key: np.asarray(value.detach().cpu().numpy(), dtype=np.asarray(student_arrays[key]).dtype)
         for key, value in student.state_dict().items()

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedapp.attacks import flipped_labels, is_attacker, poison_update
-from fedapp.client_app import make_client, node_weight
-from fedapp.config import ConfigError, parse_config
-from fedapp.data import load_video_index
-from fedapp.models import batchnorm_state_keys, build_model
-from fedapp.train import state_arrays
+from fedapp.client.attacks import flipped_labels, is_attacker, poison_update
+from fedapp.client.app import make_client, node_weight
+from fedapp.task.config import ConfigError, parse_config
+from fedapp.task.data import load_video_index
+from fedapp.task.models import batchnorm_state_keys, build_model
+from fedapp.task.train import state_arrays
 
 
 @pytest.fixture(scope="module")

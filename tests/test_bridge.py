@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from fedapp.bridge import EVALUATE, FIT, NamedNumPyClient, call_numpy_client, to_metric_record
+from fedapp.client.bridge import EVALUATE, FIT, NamedNumPyClient, call_numpy_client, to_metric_record
 from strategies.records import arrays_to_numpy
 from tests.flower_messages import instruction
 

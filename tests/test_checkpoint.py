@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.inprocess import InProcessGrid
-from fedapp.checkpoint import (
+from fedapp.server.checkpoint import (
     CheckpointError,
     best_checkpoint,
     check_compatible,
@@ -16,10 +16,10 @@ from fedapp.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from fedapp.client import VideoClient
-from fedapp.config import parse_config
-from fedapp.results import RunResults
-from fedapp.server_app import NoUpdateError, run_federation
+from fedapp.client.video_client import VideoClient
+from fedapp.task.config import parse_config
+from fedapp.server.results import RunResults
+from fedapp.server.app import NoUpdateError, run_federation
 
 
 def arrays(seed=0):
@@ -41,7 +41,7 @@ def test_roundtrip_with_strategy_state(tmp_path):
 
 def test_crash_mid_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 1, arrays(1), {"model": "tiny3d"}, ["a"], {}, [])
-    import fedapp.checkpoint as checkpoint_module
+    import fedapp.server.checkpoint as checkpoint_module
 
     def crash(*args, **kwargs):
         raise OSError("killed")

@@ -5,12 +5,12 @@ import shutil
 import numpy as np
 import pytest
 
-from fedapp.client import NoUsableVideoError, VideoClient
-from fedapp.client_app import make_client, node_settings
-from fedapp.config import ConfigError, parse_config
-from fedapp.data import load_video_index, node_partition
-from fedapp.models import build_model
-from fedapp.train import state_arrays
+from fedapp.client.video_client import NoUsableVideoError, VideoClient
+from fedapp.client.app import make_client, node_settings
+from fedapp.task.config import ConfigError, parse_config
+from fedapp.task.data import load_video_index, node_partition
+from fedapp.task.models import build_model
+from fedapp.task.train import state_arrays
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ from datasets.clip_dataset import ClipSpec, EvalClipDataset, TrainClipDataset, c
 from datasets.layouts import VideoSample
 from datasets.transforms import EvalClipTransform, TrainClipTransform
 from datasets.video_io import VideoDecodeError, decode_frames, write_video
-from fedapp import launch as launcher
-from fedapp.config import ConfigError, parse_config
-from fedapp.data import eval_loader, loader_workers, train_loader
-from fedapp.models import build_model, input_to_device, prepare_model
-from fedapp.train import evaluate_model, make_optimizer, train_epochs
+from fedapp.ops import launch as launcher
+from fedapp.task.config import ConfigError, parse_config
+from fedapp.task.data import eval_loader, loader_workers, train_loader
+from fedapp.task.devices import input_to_device, prepare_model
+from fedapp.task.models import build_model
+from fedapp.task.train import evaluate_model, make_optimizer, train_epochs
 
 SPEC = ClipSpec(clip_len=8, stride=2, resize=(40, 48), crop_size=32)
 LOGGER = "datasets.clip_dataset"
@@ -338,7 +339,7 @@ def test_launcher_passes_fractional_gpus_to_the_federation(tmp_path, monkeypatch
     class NoWatchdog:  # nothing is started, so nothing to guard
         guard = release = close = lambda *args: None
 
-    monkeypatch.setattr("fedapp.watchdog.Watchdog", NoWatchdog)
+    monkeypatch.setattr("fedapp.ops.watchdog.Watchdog", NoWatchdog)
     federation = launcher.config_text(
         {"num-supernodes": 8, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.25}
     )

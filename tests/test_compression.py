@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedapp.compression_mod import RESIDUAL_KEY, compression_mod
-from fedapp.config import ConfigError, parse_config
+from fedapp.client.compression_mod import RESIDUAL_KEY, compression_mod
+from fedapp.task.config import ConfigError, parse_config
 from strategies.aggregation import fedavg
 from strategies.compression import (
     METHODS,
@@ -380,7 +380,7 @@ def test_mod_leaves_evaluate_errors_and_uncompressed_runs_alone(pair):
 
 
 def test_mod_is_the_outermost_mod_of_the_client_app():
-    from fedapp.client_app import app
+    from fedapp.client.app import app
 
     assert app._mods[0] is compression_mod  # it must see the final (clipped) update
 

@@ -3,7 +3,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fedapp.config import AppConfig, ConfigError, parse_config, parse_size
+from fedapp.task.config import AppConfig, ConfigError, parse_config, parse_size
 from tests.conftest import PROJECT_DIR
 
 

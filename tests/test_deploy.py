@@ -1,5 +1,5 @@
-"""Deployment on real processes: a SuperLink and SuperNodes on 127.0.0.1 (``fedapp.deploy``), with
-TLS and SuperNode authentication (``fedapp.certs``), and a SuperNode killed mid-round. The process
+"""Deployment on real processes: a SuperLink and SuperNodes on 127.0.0.1 (``fedapp.ops.deploy``), with
+TLS and SuperNode authentication (``fedapp.ops.certs``), and a SuperNode killed mid-round. The process
 tests take one to three minutes each: marked e2e. Every process is stopped by PID even when a test
 fails (the Deployment context manager), and each test checks that none is left."""
 
@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fedapp import certs
-from fedapp.deploy import Deployment
-from fedapp.launch import free_port, group_alive, tls_problem
+from fedapp.ops import certs
+from fedapp.ops.deploy import Deployment
+from fedapp.ops.launch import free_port, group_alive, tls_problem
 from tests.conftest import PROJECT_DIR
 from tests.test_tls_check import serve_tls
 
@@ -68,7 +68,7 @@ def test_certs_are_signed_for_loopback_and_private_keys_are_private(tmp_path):
 
 
 def test_cli_down_without_deployment_is_a_no_op(tmp_path):
-    cmd = [sys.executable, "-m", "fedapp.deploy", "--dir", str(tmp_path / "none")]
+    cmd = [sys.executable, "-m", "fedapp.ops.deploy", "--dir", str(tmp_path / "none")]
     down = subprocess.run([*cmd, "down"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     stop = subprocess.run([*cmd, "stop-node", "0"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)

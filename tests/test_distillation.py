@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.clip_dataset import collate_clips
-from fedapp.models import build_model
+from fedapp.task.models import build_model
 from strategies.distillation import (
     DistillConfig,
     _split_indices,

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fedapp.launch import config_text
+from fedapp.ops.launch import config_text
 from tests.conftest import PROJECT_DIR
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ def launch(config: dict, tmp_path, federation: str = "num-supernodes=3 client-re
     results = tmp_path / "results"
     config = {**config, "results-dir": str(results), "run-name": "run"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedapp.launch", "--run-config", config_text(config),
+        [sys.executable, "-m", "fedapp.ops.launch", "--run-config", config_text(config),
          "--federation-config", federation, "--timeout", "600"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
     )
@@ -57,8 +57,8 @@ def test_bad_config_fails_before_round_one_with_a_clear_message(small_run_config
 
 def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tmp_path):
     """Partition by group; one group holds only corrupt files: that client fails, the others train."""
-    from fedapp.config import parse_config
-    from fedapp.data import load_video_index
+    from fedapp.task.config import parse_config
+    from fedapp.task.data import load_video_index
 
     index = load_video_index(parse_config(small_run_config))
     rows = []
@@ -125,7 +125,7 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
 
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Flower's SuperLink, SuperExec and ServerApp under a launcher)."""
-    from fedapp.launch import process_table
+    from fedapp.ops.launch import process_table
 
     table = process_table()
     found, todo = set(), [pid]
@@ -160,7 +160,7 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
 
     results = tmp_path / "results"
     config = {**small_run_config, "num-server-rounds": 4, "results-dir": str(results), "run-name": "run"}
-    cmd = [sys.executable, "-m", "fedapp.launch", "--run-config", config_text(config),
+    cmd = [sys.executable, "-m", "fedapp.ops.launch", "--run-config", config_text(config),
            "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
     proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = results / "run" / "checkpoints"

@@ -44,7 +44,7 @@ def test_fab_holds_only_the_app_however_much_lies_around(tmp_path):
         shutil.copytree(PROJECT_DIR / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     expected = sorted(
         [".info/CONTENT", "pyproject.toml"]
-        + [str(p.relative_to(project)) for name in PACKAGES for p in (project / name).glob("*.py")]
+        + [str(p.relative_to(project)) for name in PACKAGES for p in (project / name).rglob("*.py")]
     )
     clean, clean_size = fab_files(project)
     assert clean == expected

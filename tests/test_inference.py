@@ -19,13 +19,13 @@ from datasets.clip_dataset import EvalClipDataset
 from datasets.layouts import VideoSample
 from datasets.transforms import EvalClipTransform
 from datasets.video_io import VideoDecodeError
-from fedapp import export, predict, retrieve
-from fedapp.checkpoint import model_from_checkpoint, save_checkpoint
-from fedapp.config import AppConfig, parse_config
-from fedapp.data import eval_loader, load_video_index, train_loader
-from fedapp.inference import embed_video, predict_video, video_clips
-from fedapp.models import build_model
-from fedapp.train import evaluate_model, make_optimizer, train_epochs
+from fedapp.tools import export, predict, retrieve
+from fedapp.server.checkpoint import model_from_checkpoint, save_checkpoint
+from fedapp.task.config import AppConfig, parse_config
+from fedapp.task.data import eval_loader, load_video_index, train_loader
+from fedapp.tools.inference import embed_video, predict_video, video_clips
+from fedapp.task.models import build_model
+from fedapp.task.train import evaluate_model, make_optimizer, train_epochs
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MAX_EPOCHS = 30
@@ -146,7 +146,7 @@ def test_predict_cli_json_with_a_corrupt_file(trained: Trained, tmp_path: Path, 
 def test_predict_cli_text_as_a_module(trained: Trained) -> None:
     samples = one_per_class(trained.test)
     result = subprocess.run(
-        [sys.executable, "-m", "fedapp.predict", str(trained.checkpoint), *(s.path for s in samples), "--top-k", "1"],
+        [sys.executable, "-m", "fedapp.tools.predict", str(trained.checkpoint), *(s.path for s in samples), "--top-k", "1"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

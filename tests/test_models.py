@@ -1,4 +1,4 @@
-"""Tests for fedapp.models: shapes, temporal sensitivity, offline pretrained loading, freezing, devices."""
+"""Tests for fedapp.task.models: shapes, temporal sensitivity, offline pretrained loading, freezing, devices."""
 
 from __future__ import annotations
 
@@ -10,22 +10,18 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from fedapp.models import (
+from fedapp.task.models import (
     MODEL_NAMES,
     POOLINGS,
     ModelError,
     TinyC3D,
     VideoClassifier,
-    _channels_last_format,
-    autocast_context,
     build_model,
     count_parameters,
     freeze_backbone,
-    input_to_device,
     load_pretrained_backbone,
-    prepare_model,
-    select_device,
 )
+from fedapp.task.devices import _channels_last_format, autocast_context, input_to_device, prepare_model, select_device
 
 torch.set_num_threads(2)
 

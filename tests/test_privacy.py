@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from bench.inprocess import run_inprocess
-from fedapp.config import ConfigError, parse_config
-from fedapp.privacy import dp_clipping_mod
+from fedapp.task.config import ConfigError, parse_config
+from fedapp.client.dp_mod import dp_clipping_mod
 from strategies.privacy import (
     PrivateStrategy,
     clamp_variances,

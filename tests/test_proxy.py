@@ -1,4 +1,4 @@
-"""The nginx reverse proxy of ``fedapp.deploy up --secure`` (``fedapp.proxy``): on the public port
+"""The nginx reverse proxy of ``fedapp.ops.deploy up --secure`` (``fedapp.ops.proxy``): on the public port
 only the Fleet API and /health reach the SuperLink; the Control and Runtime APIs answer 403 there
 and stay reachable for the operator on the SuperLink's loopback port. The process test brings up
 a real secure deployment (one to three minutes): marked e2e, skipped only where nginx is missing."""
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fedapp import certs, deploy, proxy
-from fedapp.deploy import CONNECTION, Deployment
-from fedapp.launch import TlsFiles, flwr_env, group_alive, write_connection
+from fedapp.ops import certs, deploy, proxy
+from fedapp.ops.deploy import CONNECTION, Deployment
+from fedapp.ops.launch import TlsFiles, flwr_env, group_alive, write_connection
 from tests.conftest import PROJECT_DIR
 
 NGINX = proxy.nginx_binary()

@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from fedapp.launch import judge
-from fedapp.results import RunResults, atomic_write_json, load_weights
+from fedapp.ops.launch import judge
+from fedapp.server.results import RunResults, atomic_write_json, load_weights
 from safetensors import safe_open
 
 

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from bench.inprocess import InProcessGrid
-from fedapp.checkpoint import CheckpointError
-from fedapp.results import LOCK_FILE, RunFolderError, WriterLock, lock_holder
-from fedapp.server_app import serve
+from fedapp.server.checkpoint import CheckpointError
+from fedapp.server.results import LOCK_FILE, RunFolderError, WriterLock, lock_holder
+from fedapp.server.app import serve
 from tests.conftest import PROJECT_DIR
 
 
@@ -66,7 +66,7 @@ def test_a_second_writer_is_refused_while_the_first_lives(finished):
     before = snapshot(folder)
     # Another process holds the folder (as a running ServerApp would).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fedapp.results import WriterLock; "
+        [sys.executable, "-c", "import sys, time; from fedapp.server.results import WriterLock; "
          f"lock = WriterLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True,
     )

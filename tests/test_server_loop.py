@@ -7,9 +7,9 @@ import json
 import pytest
 
 from bench.inprocess import InProcessGrid, run_inprocess
-from fedapp.config import parse_config
-from fedapp.results import RunResults
-from fedapp.server_app import NoUpdateError, run_federation
+from fedapp.task.config import parse_config
+from fedapp.server.results import RunResults
+from fedapp.server.app import NoUpdateError, run_federation
 
 
 def test_rounds_are_recorded_with_per_client_metrics(small_run_config, tmp_path):

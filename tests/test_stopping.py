@@ -1,4 +1,4 @@
-from fedapp.stopping import best_round, round_score, stop_reason
+from fedapp.server.stopping import best_round, round_score, stop_reason
 
 
 def history(scores):

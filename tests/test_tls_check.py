@@ -6,8 +6,8 @@ import socket
 import ssl
 import threading
 
-from fedapp import certs
-from fedapp.launch import free_port, tls_problem
+from fedapp.ops import certs
+from fedapp.ops.launch import free_port, tls_problem
 
 
 def serve_tls(cert_dir, port: int, stop: threading.Event) -> None:

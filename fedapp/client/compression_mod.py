@@ -13,7 +13,7 @@ import logging
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedapp.config import parse_config
+from fedapp.task.config import parse_config
 from strategies.compression import compress, payload_bytes
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 

@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from datasets.layouts import VideoSample
-from fedapp.bridge import NamedNumPyClient
-from fedapp.attacks import flipped_labels, poison_update
-from fedapp.config import AppConfig
-from fedapp.data import eval_loader, train_loader
-from fedapp.models import batchnorm_state_keys, build_model, prepare_model, select_device
-from fedapp.train import evaluate_model, load_named_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
+from fedapp.client.bridge import NamedNumPyClient
+from fedapp.client.attacks import flipped_labels, poison_update
+from fedapp.task.config import AppConfig
+from fedapp.task.data import eval_loader, train_loader
+from fedapp.task.devices import prepare_model, select_device
+from fedapp.task.models import batchnorm_state_keys, build_model
+from fedapp.task.train import evaluate_model, load_named_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class VideoClient(NamedNumPyClient):
     metrics so the server sees data problems without seeing the data. ``local_state`` persists
     across rounds on this node (Flower's ``context.state``): with ``fedbn`` the node keeps its own
     BatchNorm layers there instead of taking the global ones. ``attack`` is a test tool
-    (``fedapp.attacks``), never set in a real federation.
+    (``fedapp.client.attacks``), never set in a real federation.
     """
 
     def __init__(

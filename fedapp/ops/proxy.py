@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from fedapp.launch import PROJECT_DIR, TlsFiles, listen_address, stop_process_group, wait_healthy
+from fedapp.ops.launch import PROJECT_DIR, TlsFiles, listen_address, stop_process_group, wait_healthy
 
 NGINX_MISSING = ("nginx is not installed: the secure deployment needs it to keep the Control API off the "
                  "public port (Debian/Ubuntu: apt-get install nginx)")
@@ -50,7 +50,7 @@ def nginx_config(prefix: Path, log_dir: Path, public_host: str, public_port: int
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             # The SuperLink's certificate is checked against the deployment's CA; nginx matches a
-            # DNS name (not an IP SAN), and fedapp.certs always includes DNS:localhost.
+            # DNS name (not an IP SAN), and fedapp.ops.certs always includes DNS:localhost.
             proxy_ssl_trusted_certificate {tls.ca_cert};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
@@ -69,7 +69,7 @@ def nginx_config(prefix: Path, log_dir: Path, public_host: str, public_port: int
             }}"""
     locations = (f"\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
                  f"\n        location = /health {{{forward}\n        }}")
-    return f"""# Written by fedapp.deploy: only the Fleet API of the SuperLink faces the network.
+    return f"""# Written by fedapp.ops.deploy: only the Fleet API of the SuperLink faces the network.
 daemon off;
 worker_processes 1;
 pid {prefix / 'nginx.pid'};

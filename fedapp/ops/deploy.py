@@ -1,25 +1,25 @@
 """Run the app on real Flower processes: one SuperLink and N SuperNodes, each its own OS process.
 
 Here every process runs on this machine on 127.0.0.1; across machines it is the same pattern:
-the SuperLink on one host (add its name to the server certificate with ``fedapp.certs --san``),
+the SuperLink on one host (add its name to the server certificate with ``fedapp.ops.certs --san``),
 one ``flower-supernode`` per site pointing at it with its own ``--node-config``, and the CLI
 (``flwr run``) wherever the project and ``ca.crt`` are.
 
-    python -m fedapp.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
-    python -m fedapp.deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
-    python -m fedapp.deploy stop-node K [--dir DIR] [--kill]
-    python -m fedapp.deploy start-node K [--dir DIR]
-    python -m fedapp.deploy status [--dir DIR]
-    python -m fedapp.deploy down [--dir DIR]
+    python -m fedapp.ops.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
+    python -m fedapp.ops.deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
+    python -m fedapp.ops.deploy stop-node K [--dir DIR] [--kill]
+    python -m fedapp.ops.deploy start-node K [--dir DIR]
+    python -m fedapp.ops.deploy status [--dir DIR]
+    python -m fedapp.ops.deploy down [--dir DIR]
 
 ``up`` starts the SuperLink (runtime dependency installation disabled), waits until it is
-healthy, with ``--secure`` starts the reverse proxy (``fedapp.proxy``: nginx on the public
+healthy, with ``--secure`` starts the reverse proxy (``fedapp.ops.proxy``: nginx on the public
 address exposing only the Fleet API; the SuperLink itself and its Control API stay on loopback),
 registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentication),
 starts the SuperNodes (node K gets ``partition-id=K num-partitions=N``, or the K-th
 ``--node-data-dir`` as ``data-dir``) and waits until all are online. Every process runs in its own
 process group, logs to DIR/logs/ and has its PID in DIR/state.json. ``run`` submits the app and
-judges it like ``fedapp.launch`` (exit 0 only when Flower's run status and the app's
+judges it like ``fedapp.ops.launch`` (exit 0 only when Flower's run status and the app's
 ``summary.json`` both say completed). ``down`` stops every process by its recorded PID (SIGTERM
 to the group, SIGKILL after a grace period); it is safe to repeat.
 
@@ -41,9 +41,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from fedapp import certs
-from fedapp.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
-from fedapp.launch import (
+from fedapp.ops import certs
+from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
+from fedapp.ops.launch import (
     PROJECT_DIR,
     Outcome,
     TlsFiles,
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--node-data-dir", action="append", default=[],
                     help="one SuperNode with its own videos (node config data-dir), repeatable; replaces --nodes")
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication (registered keys only)")
-    up.add_argument("--certs", type=Path, help="certificates and keys from `python -m fedapp.certs` "
+    up.add_argument("--certs", type=Path, help="certificates and keys from `python -m fedapp.ops.certs` "
                                                "(default: made on first use in DIR/certs)")
     up.add_argument("--port", type=int, help="the port SuperNodes connect to (default: a free one); with --secure "
                                              "the proxy's, and the SuperLink gets a free loopback port of its own")

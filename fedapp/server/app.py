@@ -17,8 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from datasets.clip_dataset import scan_videos
 from datasets.partition import format_partition_summary
-from fedapp.config import AppConfig, parse_config
-from fedapp.checkpoint import (
+from fedapp.task.config import AppConfig, parse_config
+from fedapp.server.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
     best_checkpoint,
@@ -31,15 +31,16 @@ from fedapp.checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
-from fedapp.data import eval_loader, load_video_index, unlabeled_samples
+from fedapp.task.data import eval_loader, load_video_index, unlabeled_samples
 from fedapp.logs import route_app_logs_to_flower
-from fedapp.models import build_model, prepare_model, select_device
-from fedapp.report import TensorBoardLog, write_final_report
-from fedapp.results import RunFolderError, RunResults, WriterLock, run_folder_taken
-from fedapp.stopping import BUDGET, best_round, stop_reason
-from fedapp.train import evaluate_model, set_torch_threads
+from fedapp.task.devices import autocast_context, input_to_device, prepare_model, select_device
+from fedapp.task.models import build_model
+from fedapp.server.report import TensorBoardLog, write_final_report
+from fedapp.server.results import RunFolderError, RunResults, WriterLock, run_folder_taken
+from fedapp.server.stopping import BUDGET, best_round, stop_reason
+from fedapp.task.train import evaluate_model, set_torch_threads
 from strategies.records import arrays_to_numpy, numpy_to_arrays
-from strategies.distillation import DistillConfig, distill_arrays
+from strategies.distillation import DistillConfig, Placement, distill_arrays
 from strategies.privacy import PrivateStrategy
 from strategies.strategy import AverageStrategy, FusionStrategy, RoundReport, VideoFedAvg, WeightedStrategy
 
@@ -107,11 +108,16 @@ def make_distiller(
     )
     logger.info("FedDF: %d unlabeled videos for distillation", len(usable))
 
+    placement = Placement(  # the run's bf16 / channels-last settings apply to distillation too
+        to_device=lambda clips, dev: input_to_device(clips, dev, cfg.channels_last),
+        autocast=lambda dev: autocast_context(dev, cfg.bf16),
+    )
+
     def build() -> torch.nn.Module:
         return build_model(cfg.model, num_classes, pooling=cfg.pooling)
 
     def distiller(start, models, weights):
-        return distill_arrays(start, models, build, loader, config, device, weights)
+        return distill_arrays(start, models, build, loader, config, device, weights, placement=placement)
 
     return distiller
 

@@ -1,6 +1,6 @@
 """Classify videos with a trained checkpoint.
 
-    python -m fedapp.predict CHECKPOINT VIDEO [VIDEO ...] [--top-k 5] [--json]
+    python -m fedapp.tools.predict CHECKPOINT VIDEO [VIDEO ...] [--top-k 5] [--json]
 
 CHECKPOINT is a checkpoint folder or a run folder (its best checkpoint, else its latest). Each
 video's prediction averages the softmax of its ``eval-clips`` clips, cut as evaluation cuts them.
@@ -20,10 +20,10 @@ from typing import Any
 from torch import nn
 
 from datasets.video_io import VideoDecodeError
-from fedapp.checkpoint import CheckpointError, model_from_checkpoint
-from fedapp.config import AppConfig, ConfigError
-from fedapp.inference import predict_video
-from fedapp.models import ModelError
+from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
+from fedapp.task.config import AppConfig, ConfigError
+from fedapp.tools.inference import predict_video
+from fedapp.task.models import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def predict_many(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fedapp.tools.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("videos", nargs="+", help="video files to classify")

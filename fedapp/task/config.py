@@ -12,8 +12,8 @@ from datasets.clip_dataset import ClipSpec
 from datasets.layouts import LAYOUTS
 from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
-from fedapp.attacks import ATTACKS
-from fedapp.models import MODEL_NAMES, POOLINGS
+from fedapp.client.attacks import ATTACKS
+from fedapp.task.models import MODEL_NAMES, POOLINGS
 from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
 from strategies.privacy import DP_MODES
@@ -292,7 +292,7 @@ def _check_clip_cache_dir(value: str) -> None:
     if not value:
         return
     path = Path(value).expanduser()
-    app_dir = Path(__file__).resolve().parent.parent
+    app_dir = Path(__file__).resolve().parents[2]
     if not path.is_absolute() or path.resolve().is_relative_to(app_dir):
         raise ConfigError(
             f"clip-cache-dir={value!r} is not allowed: give an absolute path (or ~/...) outside the app folder "

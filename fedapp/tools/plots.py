@@ -1,7 +1,7 @@
 """Figures of a run's history (PNG, written atomically), and a CLI to re-plot or compare runs.
 
-    python -m fedapp.plots RUN_DIR                       # re-plot one run's figures into RUN_DIR
-    python -m fedapp.plots RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
+    python -m fedapp.tools.plots RUN_DIR                       # re-plot one run's figures into RUN_DIR
+    python -m fedapp.tools.plots RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedapp.results import CLASSES_FILE, CONFIG_FILE, ROUNDS_FILE, atomic_write_bytes
+from fedapp.server.results import CLASSES_FILE, CONFIG_FILE, ROUNDS_FILE, atomic_write_bytes
 
 ACCURACY_LOSS_PNG = "accuracy_loss.png"
 CLIENT_ACCURACY_PNG = "client_accuracy.png"
@@ -27,7 +27,7 @@ FIGSIZE = (8.0, 3.2)
 DPI = 90
 
 
-# --- reading records (shared with fedapp.report) -------------------------------------------------
+# --- reading records (shared with fedapp.server.report) -------------------------------------------------
 
 
 def number(value: Any) -> float | None:
@@ -296,7 +296,7 @@ def run_label(run_dir: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.plots",
+        prog="python -m fedapp.tools.plots",
         description="Re-plot one run's figures, or compare the central metric of several runs.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")

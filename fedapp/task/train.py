@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedapp.config import AppConfig
-from fedapp.models import autocast_context, input_to_device
+from fedapp.task.config import AppConfig
+from fedapp.task.devices import autocast_context, input_to_device
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 disabled, a project-local ``FLWR_HOME``, logs in the run folder), runs the app, then checks both
 Flower's run status and the app's ``summary.json``, and exits non-zero unless both say it worked.
 
-    python -m fedapp.launch [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."]
+    python -m fedapp.ops.launch [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from flwr.common.config import parse_config_args
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_FEDERATION_CONFIG = "num-supernodes=3 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 CONNECTION = "fedvideo-sim"
 
@@ -154,7 +154,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: P
         except OSError as exc:  # not listening yet, or (through a proxy) a 502 while its upstream starts
             last = exc
         time.sleep(0.3)
-    hint = (" (add this address to the server certificate: fedapp.certs --san)"
+    hint = (" (add this address to the server certificate: fedapp.ops.certs --san)"
             if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else "")
     raise RuntimeError(f"{name} did not answer {url} within {timeout:.0f} s: {last}{hint}; see {log}")
 
@@ -313,8 +313,8 @@ def run_location(run_config: Sequence[str]) -> Path:
     names it, a ``resume`` with nothing to resume, and a folder another process is writing: the
     same rules the ServerApp applies, checked here so that a refused start writes no log into it.
     """
-    from fedapp.results import RunFolderError, lock_holder
-    from fedapp.server_app import run_directory  # imports torch: only when a run is launched
+    from fedapp.server.results import RunFolderError, lock_holder
+    from fedapp.server.app import run_directory  # imports torch: only when a run is launched
 
     overrides = config_overrides(run_config)
     results_dir = Path(str(overrides.get("results-dir", "results")))
@@ -367,7 +367,7 @@ def launch_log_dir(run_dir: Path) -> Path:
 
 def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
     """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
-    from fedapp.watchdog import Watchdog
+    from fedapp.ops.watchdog import Watchdog
 
     run_dir = run_location(run_config)
     log_dir = launch_log_dir(run_dir)
@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"simulation size and resources (default: {DEFAULT_FEDERATION_CONFIG!r})")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     args = parser.parse_args(argv)
-    from fedapp.checkpoint import CheckpointError
-    from fedapp.results import RunFolderError
+    from fedapp.server.checkpoint import CheckpointError
+    from fedapp.server.results import RunFolderError
 
     try:
         outcome = launch(args.run_config, args.federation_config, args.timeout)

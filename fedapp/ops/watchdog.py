@@ -7,7 +7,7 @@ stops every group still listed, with its descendants (Flower's SuperExec and Ser
 sessions of their own under the SuperLink). Without it, a killed launcher left its SuperLink and
 ServerApp running, writing into the results folder with no one to judge the run.
 
-    python -m fedapp.watchdog   # started by fedapp.launch, not by hand
+    python -m fedapp.ops.watchdog   # started by fedapp.ops.launch, not by hand
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import IO
 
-from fedapp.launch import stop_group
+from fedapp.ops.launch import stop_group
 
 
 def guard(commands: IO[bytes], grace: float = 10.0) -> set[int]:
@@ -39,7 +39,7 @@ class Watchdog:
     def __init__(self) -> None:
         # Its own session: a Ctrl-C to the terminal's group must not stop it before the launcher.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedapp.watchdog"], stdin=subprocess.PIPE, start_new_session=True,
+            [sys.executable, "-m", "fedapp.ops.watchdog"], stdin=subprocess.PIPE, start_new_session=True,
         )
 
     def _send(self, text: str) -> None:

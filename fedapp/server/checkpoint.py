@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedapp.config import AppConfig, parse_config
-from fedapp.models import build_model
-from fedapp.results import atomic_write_json, load_weights, save_weights
+from fedapp.task.config import AppConfig, parse_config
+from fedapp.task.models import build_model
+from fedapp.server.results import atomic_write_json, load_weights, save_weights
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"

@@ -25,7 +25,7 @@ from datasets.layouts import (
 from datasets.partition import partition_samples
 from datasets.synthetic import ensure_synthetic
 from datasets.transforms import EvalClipTransform, TrainClipTransform
-from fedapp.config import AppConfig, ConfigError
+from fedapp.task.config import AppConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 

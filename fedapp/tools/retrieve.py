@@ -1,9 +1,9 @@
 """Find the videos of a folder most similar to a query video (cosine similarity of embeddings).
 
-    python -m fedapp.retrieve CHECKPOINT --index-dir DIR --videos FOLDER --query VIDEO [--top-k 5] [--json]
+    python -m fedapp.tools.retrieve CHECKPOINT --index-dir DIR --videos FOLDER --query VIDEO [--top-k 5] [--json]
 
 Embeddings are the classifier's backbone features averaged over a video's evaluation clips and
-L2-normalized (:func:`fedapp.inference.embed_video`). The folder's embeddings are kept in
+L2-normalized (:func:`fedapp.tools.inference.embed_video`). The folder's embeddings are kept in
 ``DIR/embeddings.npy`` with ``DIR/index.json`` (video paths, the checkpoint's weights SHA-256, the
 clip settings and the folder's file list with sizes and mtimes). The index is reused while all of
 those match and rebuilt otherwise. Exit status: 0 on success, 1 when the query video cannot be
@@ -27,7 +27,7 @@ from torch import nn
 
 from datasets.layouts import VIDEO_EXTENSIONS
 from datasets.video_io import VideoDecodeError
-from fedapp.checkpoint import (
+from fedapp.server.checkpoint import (
     CHECKPOINTS_DIR,
     MANIFEST,
     CheckpointError,
@@ -35,11 +35,11 @@ from fedapp.checkpoint import (
     latest_checkpoint,
     model_from_checkpoint,
 )
-from fedapp.config import AppConfig, ConfigError
+from fedapp.task.config import AppConfig, ConfigError
 from datasets.layouts import list_videos
-from fedapp.inference import embed_video
-from fedapp.models import ModelError
-from fedapp.results import atomic_write_bytes, atomic_write_json
+from fedapp.tools.inference import embed_video
+from fedapp.task.models import ModelError
+from fedapp.server.results import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def query(index: Index, embedding: np.ndarray, top_k: int = 5) -> list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fedapp.tools.retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("--index-dir", type=Path, required=True, help="where the folder's index is kept")

@@ -14,7 +14,7 @@ Writes, into OUT_DIR:
 
 Private keys are created with mode 0600 and never printed. Nothing is overwritten without --force.
 
-    python -m fedapp.certs OUT_DIR [--nodes N] [--san HOST_OR_IP ...] [--days 365] [--force]
+    python -m fedapp.ops.certs OUT_DIR [--nodes N] [--san HOST_OR_IP ...] [--days 365] [--force]
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from datasets.clip_dataset import scan_videos
-from fedapp.attacks import is_attacker
-from fedapp.bridge import EVALUATE, FIT, call_numpy_client
-from fedapp.client import VideoClient
-from fedapp.compression_mod import compression_mod
-from fedapp.config import AppConfig, ConfigError, parse_config
-from fedapp.data import load_video_index, node_partition
+from fedapp.client.attacks import is_attacker
+from fedapp.client.bridge import EVALUATE, FIT, call_numpy_client
+from fedapp.client.video_client import VideoClient
+from fedapp.client.compression_mod import compression_mod
+from fedapp.task.config import AppConfig, ConfigError, parse_config
+from fedapp.task.data import load_video_index, node_partition
 from fedapp.logs import route_app_logs_to_flower
-from fedapp.privacy import dp_clipping_mod
+from fedapp.client.dp_mod import dp_clipping_mod
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Export a checkpoint as TorchScript (float and dynamic-int8) and check what the export changes.
 
-    python -m fedapp.export CHECKPOINT --out DIR [--samples N] [--videos VIDEO ...] [--latency-runs 10]
+    python -m fedapp.tools.export CHECKPOINT --out DIR [--samples N] [--videos VIDEO ...] [--latency-runs 10]
 
 Writes into DIR:
 
@@ -42,12 +42,12 @@ from torch import nn
 
 from datasets.synthetic import SyntheticSpec, generate_dataset
 from datasets.video_io import VideoDecodeError, clip_span
-from fedapp.checkpoint import CheckpointError, model_from_checkpoint
-from fedapp.config import AppConfig, ConfigError, parse_size
+from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
+from fedapp.task.config import AppConfig, ConfigError, parse_size
 from datasets.layouts import list_videos
-from fedapp.inference import video_clips
-from fedapp.models import ModelError
-from fedapp.results import atomic_write_bytes, atomic_write_json
+from fedapp.tools.inference import video_clips
+from fedapp.task.models import ModelError
+from fedapp.server.results import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def export_model(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fedapp.tools.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

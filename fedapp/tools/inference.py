@@ -17,7 +17,7 @@ from torch import nn
 
 from datasets.transforms import EvalClipTransform
 from datasets.video_io import clip_frame_indices, decode_frames, probe_video, uniform_clip_starts
-from fedapp.config import AppConfig
+from fedapp.task.config import AppConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Operations: launching a run (simulation or local deployment), real deployments, certificates, the proxy."""

@@ -1,0 +1,1 @@
+"""The ServerApp: run folder, round loop, checkpoints, results and the final report."""

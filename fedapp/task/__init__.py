@@ -1,0 +1,1 @@
+"""The ML task both sides share: the validated run config, model zoo, devices, data wiring, training."""
