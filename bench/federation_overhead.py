@@ -19,7 +19,7 @@ The federated time is broken down by wrapping the app's functions for the durati
 charging each call's *own* time (minus the wrapped calls inside it) to a category: client training
 (``train_epochs``), client model setup (build + load weights, per client per round), client-side
 and server-side serialization (Flower's ``Array``: ``np.save`` / ``np.load`` of every tensor),
-aggregation (the strategy's ``aggregate_train``: reply screening + the math), central evaluation,
+aggregation (the strategy's ``train_round`` / ``evaluate_round``: reply screening + the math), central evaluation,
 checkpoints, results files, the final report (confusion matrix, plots) and the rest. What the
 in-process federation does not include: the network, gRPC/protobuf framing, chunking and hashing of
 messages, process start-up (~40 s for ``flwr run`` with the simulation engine). ``--compression`` runs the
@@ -109,6 +109,7 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
     from fedapp.client import compression_mod
     from fedapp.client import video_client as client
     from fedapp.server import app as server_app
+    from fedapp.server import rounds
     from fedapp.server.results import RunResults
 
     patches: list[tuple[Any, str, Any]] = []
@@ -133,7 +134,7 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
     patch(server_app.CentralEvaluator, "confusion_of", REPORT)
     patch(server_app, "write_final_report", REPORT)
     for name in ("save_checkpoint", "prune_checkpoints", "mark_best"):
-        patch(server_app, name, CHECKPOINTS)
+        patch(rounds, name, CHECKPOINTS)
     for name in ("write_config", "write_partitions", "append_round", "save_model", "write_summary"):
         patch(RunResults, name, RESULTS)
 
@@ -141,8 +142,8 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
 
     def build_strategy(*args: Any, **kwargs: Any) -> Any:
         strategy = original_build(*args, **kwargs)
-        strategy.aggregate_train = timer.wrap(AGGREGATION, strategy.aggregate_train)
-        strategy.aggregate_evaluate = timer.wrap(AGGREGATION, strategy.aggregate_evaluate)
+        strategy.train_round = timer.wrap(AGGREGATION, strategy.train_round)
+        strategy.evaluate_round = timer.wrap(AGGREGATION, strategy.evaluate_round)
         return strategy
 
     patches.append((server_app, "build_strategy", original_build))

@@ -56,11 +56,11 @@ class InProcessGrid:
 
 
 def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | Path) -> RunResults:
-    """One federated run with the real server loop; returns its results (``rounds`` in memory)."""
+    """One fresh federated run with the real server loop; returns its results (``rounds`` in memory)."""
     cfg = parse_config(run_config)
     with WriterLock(run_dir):
         results = RunResults(run_dir)
-        summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results)
+        summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results, checkpoint=None)
         results.write_summary({"status": "completed", **summary})
     return results
 

@@ -106,6 +106,34 @@ def accounting_gap(inner: VideoFedAvg, noise_multiplier: float, mode: str, compr
     return ""
 
 
+class _InnerAggregate:
+    """The inner strategy as Flower's DP wrapper sees it.
+
+    The wrapper calls ``aggregate_train`` and passes on only Flower's types; this keeps the inner
+    strategy's full report of that one call (why a round was skipped, what the fusion rule
+    decided) for :meth:`PrivateStrategy.train_round` to take and return. Anything else the
+    wrapper asks for goes to the inner strategy.
+    """
+
+    def __init__(self, inner: VideoFedAvg) -> None:
+        self.inner = inner
+        self._report: RoundReport | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._report = self.inner.train_round(server_round, replies)
+        return self._report.flower_result()
+
+    def take(self) -> RoundReport | None:
+        """The report of the last ``aggregate_train`` call, handed over once."""
+        report, self._report = self._report, None
+        return report
+
+
 class PrivateStrategy(Strategy):
     """One of our strategies inside Flower's fixed-clipping DP wrapper, integer tensors kept out.
 
@@ -133,24 +161,11 @@ class PrivateStrategy(Strategy):
         self.inner = inner
         self.mode = mode
         self.delta = delta
-        self.dp = wrapper(inner, noise_multiplier, clipping_norm, num_sampled_clients=1)
+        self._aggregator = _InnerAggregate(inner)
+        self.dp = wrapper(self._aggregator, noise_multiplier, clipping_norm, num_sampled_clients=1)
         self.accounting_gap = accounting_gap(inner, noise_multiplier, mode, compression)
         self.releases = 0
-        self.last_privacy: dict[str, Any] = {}
         self._sent: dict[str, np.ndarray] = {}
-
-    # The round loop reads the inner strategy's reports through the wrapper.
-    @property
-    def last_train(self) -> RoundReport:
-        return self.inner.last_train
-
-    @property
-    def last_evaluate(self) -> RoundReport:
-        return self.inner.last_evaluate
-
-    @property
-    def last_fusion_info(self) -> dict[str, Any]:
-        return self.inner.last_fusion_info
 
     def settings(self) -> dict[str, Any]:
         """The privacy settings and budget spent so far, as recorded in the results."""
@@ -172,18 +187,18 @@ class PrivateStrategy(Strategy):
         self._sent = arrays_to_numpy(arrays)
         return self.dp.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        screened = self.inner.screen(server_round, replies, with_arrays=True)
+    def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
+        """Screen with the inner strategy, then clip, aggregate and noise through Flower's wrapper;
+        the report is the inner strategy's plus the privacy step's figures."""
+        report = self.inner.screen(server_round, replies, with_arrays=True)
         sent_private, _ = split_private(self._sent)
         survivors, counters, norms = [], [], []
-        for reply in list(screened.accepted):
+        for reply in list(report.accepted):
             private, integer = split_private(reply.arrays)
             norm = update_norm(private, sent_private)
             if norm == 0:  # Flower's clipping divides by the norm; such a reply changes nothing
-                screened.accepted.remove(reply)
-                screened.rejected.append({"node-id": reply.node_id, "reason": "update is the global model (norm 0)"})
+                report.accepted.remove(reply)
+                report.rejected.append({"node-id": reply.node_id, "reason": "update is the global model (norm 0)"})
                 continue
             norms.append(norm)
             counters.append(integer)
@@ -192,30 +207,30 @@ class PrivateStrategy(Strategy):
 
         # The wrapper clips against, and the inner strategy checks and steps from, the private part.
         self.inner.set_global(sent_private)
-        if isinstance(self.dp, DifferentialPrivacyServerSideFixedClipping):
+        server_side = isinstance(self.dp, DifferentialPrivacyServerSideFixedClipping)
+        if server_side:
             self.dp.current_arrays = numpy_to_arrays(sent_private)
         self.dp.num_sampled_clients = max(len(survivors), 1)
-        self.inner.last_train = RoundReport()
-        new_private, metrics = self.dp.aggregate_train(server_round, survivors)
-        screened.skipped = self.inner.last_train.skipped
-        self.inner.last_train = screened  # the full picture: rejected and failed replies too
-
-        server_side = isinstance(self.dp, DifferentialPrivacyServerSideFixedClipping)
-        self.last_privacy = {
+        new_private, _ = self.dp.aggregate_train(server_round, survivors)
+        inner = self._aggregator.take()  # None when the wrapper refused before aggregating
+        report.skipped = inner.skipped if inner else "the DP wrapper aggregated nothing: global model kept"
+        report.fusion = inner.fusion if inner else {}
+        report.metrics = inner.metrics if inner else {}
+        report.privacy = {
             # Client-side, the server only ever sees updates that are already clipped.
             "update-norm-median": float(np.median(norms)) if norms else None,
             "clipped-updates": sum(n > self.dp.clipping_norm for n in norms) if server_side else None,
         }
         if new_private is None:
-            self.last_privacy.update(self.settings())
-            return None, None
+            report.privacy.update(self.settings())
+            return report
         released = arrays_to_numpy(new_private)
         negative = clamp_variances(released)
         merged_counters = average(counters) if counters and counters[0] else {}
-        merged = {k: released[k] if k in released else merged_counters[k] for k in self._sent}
+        report.arrays = {k: released[k] if k in released else merged_counters[k] for k in self._sent}
         if self.dp.noise_multiplier > 0:
             self.releases += 1
-        self.last_privacy.update(
+        report.privacy.update(
             {
                 "noise-stdv": self.dp.noise_multiplier * self.dp.clipping_norm / self.dp.num_sampled_clients,
                 "clients-in-mean": len(survivors),
@@ -223,7 +238,15 @@ class PrivateStrategy(Strategy):
                 **self.settings(),
             }
         )
-        return numpy_to_arrays(merged), metrics
+        return report
+
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
+        return self.inner.evaluate_round(server_round, replies)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.train_round(server_round, replies).flower_result()
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -46,20 +46,43 @@ class ClientReply:
 
 @dataclass
 class RoundReport:
-    """Per-client outcome of one train or evaluate phase, for the run's history."""
+    """What one train or evaluate phase of a round did, as the strategy returns it.
+
+    ``accepted`` / ``rejected`` (malformed replies, with the reason) / ``failed`` (clients that
+    raised or vanished) sort every reply; ``arrays`` is the new global model (train phase; None
+    when the global model was kept, ``skipped`` says why); ``metrics`` the aggregated client
+    metrics; ``fusion`` what the aggregation rule decided (weights, Krum's picks, distillation);
+    ``privacy`` the DP step's clipping, noise and budget (None without DP).
+    """
 
     accepted: list[ClientReply] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)  # malformed replies
-    failed: list[dict[str, Any]] = field(default_factory=list)  # clients that raised or vanished
-    skipped: str = ""  # why no update came out of this round, if none did
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str = ""
+    arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    metrics: dict[str, float] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+
+    @property
+    def bytes_received(self) -> int:
+        """Tensor bytes of the accepted replies as received (compressed when compression is on)."""
+        return sum(c.payload_bytes for c in self.accepted)
 
     def to_dict(self) -> dict[str, Any]:
+        """The per-client part, as the run's history records it."""
         return {
             "clients": [{"node-id": c.node_id, **c.metrics} for c in self.accepted],
             "rejected": self.rejected,
             "failed": self.failed,
             "skipped": self.skipped,
         }
+
+    def flower_result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The train outcome in Flower's ``aggregate_train`` types."""
+        if self.arrays is None:
+            return None, None
+        return numpy_to_arrays(self.arrays), MetricRecord(self.metrics)
 
 
 def aggregate_metrics(replies: list[ClientReply]) -> dict[str, float]:
@@ -101,9 +124,6 @@ class VideoFedAvg(FedAvg):
         self._current: dict[str, np.ndarray] = {}
         self._sent: list[Message] = []
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-        self.last_train = RoundReport()
-        self.last_evaluate = RoundReport()
-        self.last_fusion_info: dict[str, Any] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -139,40 +159,49 @@ class VideoFedAvg(FedAvg):
                     return int(sent.metadata.dst_node_id)
         return int(reply.metadata.src_node_id)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
+        """Screen the train replies, aggregate the accepted ones and step the global model."""
         report = self.screen(server_round, replies, with_arrays=True)
-        self.last_train = report
-        self.last_fusion_info = {}
         if len(report.accepted) < max(self.min_train_nodes, 1):
             report.skipped = (
                 f"{len(report.accepted)} usable updates, fewer than min-train-nodes={self.min_train_nodes}: "
                 "global model kept"
             )
             logger.warning("round %d: %s", server_round, report.skipped)
-            return None, None
+            return report
         try:
-            merged = self.aggregate_arrays(report.accepted, server_round)
+            merged, report.fusion = self.aggregate_arrays(report.accepted, server_round)
         except ValueError as exc:  # e.g. Krum with too few survivors, all-zero weights
             report.skipped = f"aggregation failed ({exc}): global model kept"
             logger.error("round %d: %s", server_round, report.skipped)
-            return None, None
-        merged, self.velocity = server_step(
+            return report
+        report.arrays, self.velocity = server_step(
             self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
         )
-        return numpy_to_arrays(merged), MetricRecord(aggregate_metrics(report.accepted))
+        report.metrics = aggregate_metrics(report.accepted)
+        return report
+
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
+        """Screen the evaluate replies and aggregate the accepted clients' metrics."""
+        report = self.screen(server_round, replies, with_arrays=False)
+        report.metrics = aggregate_metrics(report.accepted) if report.accepted else {}
+        return report
+
+    # Flower's Strategy interface, for callers that need Flower's types (Flower's DP wrappers).
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.train_round(server_round, replies).flower_result()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        report = self.screen(server_round, replies, with_arrays=False)
-        self.last_evaluate = report
-        if not report.accepted:
-            return None
-        return MetricRecord(aggregate_metrics(report.accepted))
+        report = self.evaluate_round(server_round, replies)
+        return MetricRecord(report.metrics) if report.accepted else None
 
-    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
-        """FedAvg by sample count; each family overrides only this."""
-        return fedavg((r.arrays, r.metrics["num-examples"]) for r in accepted)
+    def aggregate_arrays(
+        self, accepted: list[ClientReply], server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``(merged model, what the rule decided)``: FedAvg by sample count; each family overrides only this."""
+        return fedavg((r.arrays, r.metrics["num-examples"]) for r in accepted), {}
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint must keep to resume this strategy (the momentum buffer)."""
@@ -240,13 +269,13 @@ class VideoFedAvg(FedAvg):
         return ClientReply(int(msg.metadata.src_node_id), metrics, arrays, message=msg, payload_bytes=received), ""
 
 
-
-
 class AverageStrategy(VideoFedAvg):
     """Plain mean of the client models, whatever their sample counts."""
 
-    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
-        return average(r.arrays for r in accepted)
+    def aggregate_arrays(
+        self, accepted: list[ClientReply], server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return average(r.arrays for r in accepted), {}
 
 
 class WeightedStrategy(VideoFedAvg):
@@ -257,10 +286,12 @@ class WeightedStrategy(VideoFedAvg):
         self.weight_source = weight_source
         self.staleness_decay = staleness_decay
 
-    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+    def aggregate_arrays(
+        self, accepted: list[ClientReply], server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         weights = client_weights(self.weight_source, [r.metrics for r in accepted], server_round, self.staleness_decay)
-        self.last_fusion_info = {"weights": {str(r.node_id): float(w) for r, w in zip(accepted, weights)}}
-        return weighted_average(zip((r.arrays for r in accepted), weights))
+        info = {"weights": {str(r.node_id): float(w) for r, w in zip(accepted, weights)}}
+        return weighted_average(zip((r.arrays for r in accepted), weights)), info
 
 
 class FusionStrategy(VideoFedAvg):
@@ -290,24 +321,23 @@ class FusionStrategy(VideoFedAvg):
         self.krum_selected = krum_selected
         self.distiller = distiller
 
-    def aggregate_arrays(self, accepted: list[ClientReply], server_round: int) -> dict[str, np.ndarray]:
+    def aggregate_arrays(
+        self, accepted: list[ClientReply], server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         models = [r.arrays for r in accepted]
         if self.fusion_fn == "median":
-            return coordinate_median(models)
+            return coordinate_median(models), {}
         if self.fusion_fn == "trimmed-mean":
-            return trimmed_mean(models, self.trim_beta)
+            return trimmed_mean(models, self.trim_beta), {}
         if self.fusion_fn == "geometric-median":
             fused, info = geometric_median(models, [r.metrics["num-examples"] for r in accepted])
-            self.last_fusion_info = {"iterations": info["iterations"], "converged": info["converged"]}
-            return fused
+            return fused, {"iterations": info["iterations"], "converged": info["converged"]}
         if self.fusion_fn == "krum":
             fused, selected = krum(models, self.krum_malicious, self.krum_selected)
-            self.last_fusion_info = {"selected-nodes": [accepted[i].node_id for i in selected]}
-            return fused
+            return fused, {"selected-nodes": [accepted[i].node_id for i in selected]}
         if self.fusion_fn == "feddf":
             counts = [float(r.metrics["num-examples"]) for r in accepted]
             start = fedavg(zip(models, counts))
             fused, info = self.distiller(start, models, counts)
-            self.last_fusion_info = dict(info)
-            return fused
+            return fused, dict(info)
         raise ValueError(f"unknown fusion function {self.fusion_fn!r}")

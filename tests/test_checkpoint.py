@@ -20,6 +20,7 @@ from fedapp.client.video_client import VideoClient
 from fedapp.task.config import parse_config
 from fedapp.server.results import RunResults
 from fedapp.server.app import NoUpdateError, run_federation
+from fedapp.server.run_folder import locate_run
 
 
 def arrays(seed=0):
@@ -88,8 +89,10 @@ def test_prune_keeps_last_k_and_best(tmp_path):
 def run_rounds(config, tmp_path, rounds, run_dir):
     config = {**config, "num-server-rounds": rounds, "results-dir": str(tmp_path), "run-name": "run"}
     cfg = parse_config(config)
+    location = locate_run(config, "test")  # as the ServerApp does: the folder and what it resumes
+    assert location.folder == run_dir
     results = RunResults(run_dir)
-    return run_federation(InProcessGrid(config, 2), cfg, results), results
+    return run_federation(InProcessGrid(config, 2), cfg, results, location.checkpoint), results
 
 
 def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(small_run_config, tmp_path):
@@ -138,6 +141,16 @@ def test_resuming_a_finished_run_is_refused(small_run_config, tmp_path):
     run_rounds(small_run_config, tmp_path, 1, run_dir)
     with pytest.raises(CheckpointError, match="at round 1: num-server-rounds=1 leaves nothing to train"):
         run_rounds({**small_run_config, "resume": "latest"}, tmp_path, 1, run_dir)
+
+
+def test_a_resume_without_its_checkpoint_is_refused_not_started_fresh(small_run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    run_rounds(small_run_config, tmp_path, 1, run_dir)
+    before = (run_dir / "rounds.jsonl").read_bytes()
+    config = {**small_run_config, "num-server-rounds": 2, "resume": "latest", "results-dir": str(tmp_path)}
+    with pytest.raises(CheckpointError, match="no checkpoint was given"):
+        run_federation(InProcessGrid(config, 2), parse_config(config), RunResults(run_dir), checkpoint=None)
+    assert (run_dir / "rounds.jsonl").read_bytes() == before
 
 
 def test_resume_refuses_another_model(small_run_config, tmp_path):

@@ -400,14 +400,13 @@ def test_strategy_decodes_aggregates_and_rejects_malformed_compressed_replies(pa
     strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
     strategy.set_global(ref)
 
-    merged, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.train_round(1, replies)
+    merged, metrics = report.arrays, report.metrics
 
     decoded = [decompress(p, ref) for p in payloads]
     expected = fedavg(zip(decoded, (10, 20, 30)))
-    merged = arrays_to_numpy(merged)
     for key in expected:
         np.testing.assert_allclose(merged[key], expected[key], rtol=1e-6)
-    report = strategy.last_train
     assert [c.node_id for c in report.accepted] == [1, 2, 3]
     assert [c.payload_bytes for c in report.accepted] == [payload_bytes(p) for p in payloads]
     assert report.rejected[0]["node-id"] == 4
@@ -421,8 +420,8 @@ def test_a_decoded_update_is_still_validated(pair):
     payload["bn.running_var::fp16"] = np.full(8, -60000, np.float16)  # decodes to negative variances
     strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
     strategy.set_global(ref)
-    assert strategy.aggregate_train(1, [reply(1, payload, {"num-examples": 5})]) == (None, None)
-    assert "negative variances" in strategy.last_train.rejected[0]["reason"]
+    report = strategy.train_round(1, [reply(1, payload, {"num-examples": 5})])
+    assert report.arrays is None and "negative variances" in report.rejected[0]["reason"]
 
 
 # --- the round loop -----------------------------------------------------------------------------------------

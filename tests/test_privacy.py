@@ -91,17 +91,17 @@ def test_server_side_clipping_bounds_the_update_and_keeps_counters_integer():
     strategy = private(clip=0.5)
     configured(strategy, base, 3)
     replies = [reply(i, moved(base, 5.0, seed=i), {"num-examples": 10}) for i in (1, 2, 3)]
-    new, metrics = strategy.aggregate_train(1, replies)
-    out = arrays_to_numpy(new)
+    report = strategy.train_round(1, replies)
+    out, metrics = report.arrays, report.metrics
     assert list(out) == list(base)
     floats_out, _ = split_private(out)
     floats_base, _ = split_private(base)
     # The mean of updates clipped to 0.5 moves the model by at most 0.5 (no noise here).
     assert update_norm(floats_out, floats_base) <= 0.5 + 1e-5
     assert out["bn.num_batches_tracked"].dtype == np.int64 and out["bn.num_batches_tracked"] == 27
-    assert strategy.last_privacy["clipped-updates"] == 3
-    assert strategy.last_privacy["update-norm-median"] > 0.5
-    assert len(strategy.last_train.accepted) == 3
+    assert report.privacy["clipped-updates"] == 3
+    assert report.privacy["update-norm-median"] > 0.5
+    assert len(report.accepted) == 3
     assert metrics["num-examples"] == 30
 
 
@@ -110,11 +110,12 @@ def test_noise_has_the_calibrated_standard_deviation():
     strategy = private(noise=2.0, clip=0.3)
     configured(strategy, base, 4)
     replies = [reply(i, {"w": base["w"] + 1e-6}, {"num-examples": 5}) for i in range(1, 5)]  # ~zero updates
-    out = arrays_to_numpy(strategy.aggregate_train(1, replies)[0])["w"]
+    report = strategy.train_round(1, replies)
+    out = report.arrays["w"]
     expected = 2.0 * 0.3 / 4
-    assert strategy.last_privacy["noise-stdv"] == pytest.approx(expected)
+    assert report.privacy["noise-stdv"] == pytest.approx(expected)
     assert np.std(out) == pytest.approx(expected, rel=0.05)
-    assert strategy.releases == 1 and strategy.last_privacy["epsilon"] > 0
+    assert strategy.releases == 1 and report.privacy["epsilon"] > 0
 
 
 def test_noise_that_makes_a_variance_negative_is_clamped():
@@ -122,9 +123,9 @@ def test_noise_that_makes_a_variance_negative_is_clamped():
     strategy = private(noise=1.0, clip=1.0)
     configured(strategy, base, 2)
     nudged = {"bn.running_var": base["bn.running_var"] + 1e-6}
-    out = arrays_to_numpy(strategy.aggregate_train(1, [reply(i, nudged, {"num-examples": 1}) for i in (1, 2)])[0])
-    assert (out["bn.running_var"] >= 0).all()
-    assert strategy.last_privacy["negative-variances-clamped"] > 0
+    report = strategy.train_round(1, [reply(i, nudged, {"num-examples": 1}) for i in (1, 2)])
+    assert (report.arrays["bn.running_var"] >= 0).all()
+    assert report.privacy["negative-variances-clamped"] > 0
 
 
 def test_bad_and_failed_replies_are_screened_before_flowers_wrapper():
@@ -141,24 +142,23 @@ def test_bad_and_failed_replies_are_screened_before_flowers_wrapper():
         reply(3, bad, {"num-examples": 3}),
         error_reply(4, "client crashed"),
     ]
-    new, _ = strategy.aggregate_train(1, replies)
-    assert new is not None
-    report = strategy.last_train
+    report = strategy.train_round(1, replies)
+    assert report.arrays is not None
     assert len(report.accepted) == 2 and len(report.rejected) == 1 and len(report.failed) == 1
     assert "shape" in report.rejected[0]["reason"]
-    assert strategy.last_privacy["clients-in-mean"] == 2
-    assert strategy.last_privacy["noise-stdv"] == pytest.approx(0.5 * 1.0 / 2)
+    assert report.privacy["clients-in-mean"] == 2
+    assert report.privacy["noise-stdv"] == pytest.approx(0.5 * 1.0 / 2)
 
 
 def test_too_few_survivors_keep_the_global_model_and_release_nothing():
     base = model()
     strategy = private(AverageStrategy(min_train_nodes=2, min_available_nodes=1), noise=1.0)
     configured(strategy, base, 2)
-    new, _ = strategy.aggregate_train(1, [reply(1, moved(base, 0.1, seed=1), {"num-examples": 3}), error_reply(2, "x")])
-    assert new is None
-    assert "fewer than min-train-nodes" in strategy.last_train.skipped
-    assert len(strategy.last_train.failed) == 1
-    assert strategy.releases == 0
+    report = strategy.train_round(1, [reply(1, moved(base, 0.1, seed=1), {"num-examples": 3}), error_reply(2, "x")])
+    assert report.arrays is None
+    assert "fewer than min-train-nodes" in report.skipped
+    assert len(report.failed) == 1
+    assert strategy.releases == 0 and report.privacy["releases"] == 0
 
 
 def test_wraps_any_strategy_but_accounts_only_a_uniform_mean():
@@ -181,10 +181,10 @@ def test_an_unchanged_model_is_rejected_not_divided_by_zero():
     base = model()
     strategy = private(noise=1.0)
     configured(strategy, base, 2)
-    new, _ = strategy.aggregate_train(1, [reply(1, dict(base), {"num-examples": 1}),
-                                          reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})])
-    assert new is not None
-    assert strategy.last_train.rejected[0]["reason"] == "update is the global model (norm 0)"
+    report = strategy.train_round(1, [reply(1, dict(base), {"num-examples": 1}),
+                                      reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})])
+    assert report.arrays is not None
+    assert report.rejected[0]["reason"] == "update is the global model (norm 0)"
 
 
 def test_client_side_mode_sends_the_clipping_norm_and_noises_the_mean():
@@ -192,8 +192,19 @@ def test_client_side_mode_sends_the_clipping_norm_and_noises_the_mean():
     strategy = private(mode="client-side", noise=1.0, clip=0.7)
     messages = configured(strategy, base, 2)
     assert all(m.content["config"]["clipping_norm"] == 0.7 for m in messages)
-    new, _ = strategy.aggregate_train(1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2)])
-    assert new is not None and strategy.last_privacy["clipped-updates"] is None
+    report = strategy.train_round(1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2)])
+    assert report.arrays is not None and report.privacy["clipped-updates"] is None
+
+
+def test_the_inner_rules_report_survives_flowers_wrapper():
+    """What the aggregation rule decided (here Krum's pick) reaches the round report through the DP
+    wrapper, which itself passes on only Flower's types."""
+    base = model()
+    strategy = private(FusionStrategy(fusion_fn="krum", krum_malicious=0, min_train_nodes=1), noise=0.0)
+    configured(strategy, base, 3)
+    report = strategy.train_round(1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2, 3)])
+    assert report.arrays is not None and report.fusion["selected-nodes"][0] in (1, 2, 3)
+    assert report.privacy["clients-in-mean"] == 3
 
 
 def test_state_carries_the_budget_spent_across_a_resume():

@@ -43,7 +43,7 @@ def test_a_run_where_no_round_updates_fails(small_run_config, tmp_path):
     cfg = parse_config(config)
     results = RunResults(tmp_path / "run")
     with pytest.raises(NoUpdateError, match="no round produced a global update"):
-        run_federation(InProcessGrid(config, 2), cfg, results)
+        run_federation(InProcessGrid(config, 2), cfg, results, checkpoint=None)
     assert [r["round"] for r in results.rounds] == [0, 1, 2]
     assert "no usable training video" in results.rounds[1]["train-clients"]["failed"][0]["reason"]
     assert "fewer than min-train-nodes" in results.rounds[1]["train-clients"]["skipped"]

@@ -56,10 +56,10 @@ def test_bad_replies_are_dropped_counted_and_never_fatal():
         error_reply(9, "NoUsableVideoError: partition 2: no usable training video"),
     ]
     strategy = prepared_strategy(good[0])
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.train_round(1, replies)
+    arrays, metrics = report.arrays, report.metrics
     expected = fedavg([(good[0], 10), (good[1], 30)])
-    np.testing.assert_allclose(arrays_to_numpy(arrays)["conv.weight"], expected["conv.weight"], rtol=1e-6)
-    report = strategy.last_train
+    np.testing.assert_allclose(arrays["conv.weight"], expected["conv.weight"], rtol=1e-6)
     assert [c.node_id for c in report.accepted] == [1, 2]
     reasons = {r["node-id"]: r["reason"] for r in report.rejected}
     assert set(reasons) == {3, 4, 5, 6, 7, 8}
@@ -72,8 +72,10 @@ def test_bad_replies_are_dropped_counted_and_never_fatal():
 def test_all_replies_bad_gives_no_update():
     rng = np.random.default_rng(2)
     strategy = prepared_strategy(model(rng))
-    assert strategy.aggregate_train(1, [error_reply(1, "boom")]) == (None, None)
-    assert "fewer than min-train-nodes=1" in strategy.last_train.skipped
+    assert strategy.aggregate_train(1, [error_reply(1, "boom")]) == (None, None)  # Flower's types
+    report = strategy.train_round(1, [error_reply(1, "boom")])
+    assert report.arrays is None and report.metrics == {}
+    assert "fewer than min-train-nodes=1" in report.skipped
 
 
 def test_too_few_survivors_keep_the_global_model_without_crashing():
@@ -85,11 +87,11 @@ def test_too_few_survivors_keep_the_global_model_without_crashing():
     replies[0] = error_reply(1, "node vanished", code=5)
     strategy = FusionStrategy(fusion_fn="krum", krum_malicious=1, min_train_nodes=4)
     strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
-    assert strategy.aggregate_train(1, replies) == (None, None)  # 4 left: Krum needs > 4
-    assert "aggregation failed" in strategy.last_train.skipped and "Krum" in strategy.last_train.skipped
+    report = strategy.train_round(1, replies)  # 4 left: Krum needs > 4
+    assert report.arrays is None and "aggregation failed" in report.skipped and "Krum" in report.skipped
     strategy.min_train_nodes = 5
-    assert strategy.aggregate_train(1, replies) == (None, None)
-    assert "4 usable updates, fewer than min-train-nodes=5" in strategy.last_train.skipped
+    report = strategy.train_round(1, replies)
+    assert report.arrays is None and "4 usable updates, fewer than min-train-nodes=5" in report.skipped
 
 
 def test_configure_train_records_the_reference_model():
@@ -113,10 +115,12 @@ def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
         reply(3, None, {"num-examples": -1, "loss": 2.0}),
     ]
     strategy = VideoFedAvg()
-    metrics = strategy.aggregate_evaluate(1, replies)
+    report = strategy.evaluate_round(1, replies)
+    metrics = report.metrics
     assert abs(metrics["loss"] - 1.75) < 1e-9 and abs(metrics["video-accuracy"] - 0.875) < 1e-9
     assert metrics["skipped-videos"] == 3
-    assert [r["node-id"] for r in strategy.last_evaluate.rejected] == [3]
+    assert [r["node-id"] for r in report.rejected] == [3]
+    assert dict(strategy.aggregate_evaluate(1, replies)) == metrics  # Flower's interface, same figures
 
 
 def test_metric_lists_are_kept_per_client_not_averaged():
@@ -177,10 +181,10 @@ def test_feddf_starts_from_the_weighted_average_and_uses_the_distiller():
 
     strategy = FusionStrategy(fusion_fn="feddf", distiller=distiller)
     strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
-    arrays, _ = strategy.aggregate_train(1, _replies(models, counts))
+    report = strategy.train_round(1, _replies(models, counts))
     np.testing.assert_array_equal(seen["start"]["conv.weight"], fedavg(zip(models, counts))["conv.weight"])
     assert seen["n"] == 3 and seen["weights"] == [1.0, 2.0, 3.0]
-    assert strategy.last_fusion_info == {"steps": 0}
+    assert report.fusion == {"steps": 0}
     with pytest.raises(ValueError, match="distiller"):
         FusionStrategy(fusion_fn="feddf")
 
@@ -247,5 +251,5 @@ def test_error_written_by_the_superlink_is_attributed_to_the_node_that_vanished(
     vanished.metadata.__dict__["_reply_to_message_id"] = "id-22"
     vanished.metadata.__dict__["_src_node_id"] = 1  # the SuperLink
     ok = reply(11, global_model, {"num-examples": 3})
-    strategy.aggregate_train(1, [ok, vanished])
-    assert [f["node-id"] for f in strategy.last_train.failed] == [22]
+    report = strategy.train_round(1, [ok, vanished])
+    assert [f["node-id"] for f in report.failed] == [22]

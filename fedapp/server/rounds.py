@@ -1,0 +1,159 @@
+"""The steps of one server round: train, evaluate, record.
+
+Each step takes what it needs and returns what it did; the round loop in ``fedapp.server.app``
+strings them together and carries :class:`RunState` from round to round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from datasets.partition import format_partition_summary
+from fedapp.server.checkpoint import best_checkpoint, mark_best, prune_checkpoints, save_checkpoint
+from fedapp.server.report import TensorBoardLog
+from fedapp.server.results import RunResults
+from fedapp.server.stopping import best_round, stop_reason
+from fedapp.task.config import AppConfig
+from strategies.privacy import PrivateStrategy
+from strategies.records import numpy_to_arrays
+from strategies.strategy import RoundReport, VideoFedAvg
+
+logger = logging.getLogger(__name__)
+
+Strategy = VideoFedAvg | PrivateStrategy
+
+
+@dataclass
+class RunState:
+    """What the round loop carries between rounds."""
+
+    arrays: dict[str, np.ndarray]  # the global model
+    first_round: int
+    classes: list[str]
+    started: float  # wall-clock origin of the run, resumed runs included
+    rounds_without_update: int = 0
+    train: RoundReport | None = None  # the latest train phase, for the final verdict
+    known_partitions: dict[int, list[int]] = field(default_factory=dict)
+
+
+def train_round(
+    strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
+) -> tuple[RoundReport, int]:
+    """Send the global model to the sampled nodes, aggregate their updates.
+
+    Returns the strategy's report and the bytes sent down."""
+    messages = list(strategy.configure_train(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return strategy.train_round(server_round, replies), _model_bytes(arrays) * len(messages)
+
+
+def evaluate_round(
+    strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
+) -> tuple[RoundReport, int]:
+    """Have the sampled nodes score the global model on their own data.
+
+    Returns the strategy's report and the bytes sent down."""
+    messages = list(strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return strategy.evaluate_round(server_round, replies), _model_bytes(arrays) * len(messages)
+
+
+def _model_bytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
+
+
+def round_record(
+    server_round: int,
+    train: RoundReport,
+    evaluate: RoundReport | None,
+    central: dict[str, Any],
+    bytes_down: int,
+    round_start: float,
+    run_start: float,
+) -> dict[str, Any]:
+    """One line of ``rounds.jsonl``: the round's aggregated and per-client outcome."""
+    return {
+        "round": server_round,
+        "train": dict(train.metrics),
+        "train-clients": train.to_dict(),
+        "evaluate": dict(evaluate.metrics) if evaluate else {},
+        "evaluate-clients": evaluate.to_dict() if evaluate else None,
+        "central": central,
+        "fusion": train.fusion,
+        **({"privacy": train.privacy} if train.privacy is not None else {}),
+        "bytes-down": bytes_down,
+        "bytes-up": train.bytes_received,  # as received: compressed when compression is on
+        "round-time-s": time.time() - round_start,
+        "wall-time-s": time.time() - run_start,
+    }
+
+
+def record_round(
+    results: RunResults,
+    record: dict[str, Any],
+    cfg: AppConfig,
+    state: RunState,
+    strategy: Strategy,
+    tensorboard: TensorBoardLog | None,
+) -> str | None:
+    """Checkpoint the round, then append it to the history; returns the stopping rule's reason to
+    stop, if it fires."""
+    history = [*results.rounds, record]
+    stop = stop_reason(history, cfg.early_stop_patience, cfg.early_stop_min_delta, cfg.target_accuracy)
+    # The checkpoint first, then the history file: a crash between the two is healed on resume,
+    # which rewrites the history from the checkpoint's own copy.
+    path = save_checkpoint(
+        results.dir, record["round"], state.arrays, cfg.to_dict(), state.classes, strategy.state(), history
+    )
+    best = best_round(history)
+    if best is not None and best[0] == record["round"]:
+        mark_best(results.dir, path, best[1])
+    prune_checkpoints(results.dir, cfg.checkpoint_keep, best_checkpoint(results.dir))
+    results.append_round(record)
+    if tensorboard:
+        tensorboard.log_round(record)
+    central = record["central"]
+    logger.info(
+        "round %d: train loss %.4f acc %.3f | central loss %s video-acc %s | %.1fs",
+        record["round"], record["train"].get("train-loss", float("nan")),
+        record["train"].get("train-accuracy", float("nan")),
+        _fmt(central.get("loss")), _fmt(central.get("video-accuracy")), record["round-time-s"],
+    )  # fmt: skip
+    return stop
+
+
+def record_partitions(results: RunResults, state: RunState, train: RoundReport, server_round: int) -> None:
+    """Videos per class per client, from the counts clients report (the server never sees data)."""
+    summary = reported_partitions(state.classes, train, state.known_partitions)
+    if server_round == state.first_round:
+        logger.info("partition summary (videos per class):\n%s", format_partition_summary(summary))
+    results.write_partitions(summary)
+
+
+def reported_partitions(classes: list[str], report: RoundReport, known: dict[int, list[int]]) -> dict[str, Any]:
+    """The partition table so far: ``known`` updated with this round's reports."""
+    for client in report.accepted:
+        if "partition-id" in client.metrics and "class-counts" in client.metrics:
+            known[int(client.metrics["partition-id"])] = [int(c) for c in client.metrics["class-counts"]]
+    return {
+        "num_partitions": len(known),
+        "clients": [
+            {
+                "partition_id": pid,
+                "num_videos": sum(counts),
+                "per_class": {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(classes)},
+            }
+            for pid, counts in sorted(known.items())
+        ],
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
