@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) -m fedapp.ops.launch $(ARGS)
+	$(VENV)/bin/fedvideo run $(ARGS)
 
 test: setup nginx
 	$(PY) -m pytest -q

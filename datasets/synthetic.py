@@ -8,7 +8,7 @@ the other), which makes the position at every frame index uniform for every clas
 classes span the same range as the static sizes, but at a fixed frame index a zoom video is biased
 (ZoomIn starts small); over all frames the size distributions match.
 
-CLI: ``python -m datasets.synthetic --out DIR [--classes 8 --videos-per-class 35 --frames 24 ...]``.
+CLI: ``fedvideo synthetic --out DIR [--classes 8 --videos-per-class 35 --frames 24 ...]``.
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def _folder_megabytes(path: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     """Generate a synthetic dataset from the command line; prints its path and counts."""
     defaults = SyntheticSpec()
-    parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedvideo synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="dataset folder to create (absent or empty)")
     parser.add_argument("--classes", type=int, default=defaults.num_classes, choices=(2, 4, 6, 8))
     parser.add_argument("--videos-per-class", type=int, default=defaults.videos_per_class)

@@ -11,6 +11,19 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 os.environ["FLWR_HOME"] = str(PROJECT_DIR / ".flwr_home" / "tests")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
+
+def fedvideo_command() -> str:
+    """The installed ``fedvideo`` console script (``[project.scripts]``): the one beside this
+    interpreter (the venv's), else the one on PATH. Tests of the user path run it as a subprocess."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "fedvideo"
+    found = str(beside) if beside.is_file() else shutil.which("fedvideo")
+    if found is None:  # a failure, not a skip: the command is what users run
+        pytest.fail("the fedvideo command is not installed: run `make setup` (pip install -e .)")
+    return found
+
 # A small synthetic dataset: enough videos for 3 partitions, small enough to write in a second.
 SMALL_SYNTHETIC = {
     "synthetic-classes": 4,

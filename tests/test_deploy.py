@@ -9,7 +9,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from fedapp.ops import certs
 from fedapp.ops.deploy import Deployment
 from fedapp.ops.launch import free_port, group_alive, tls_problem
-from tests.conftest import PROJECT_DIR
+from tests.conftest import PROJECT_DIR, fedvideo_command
 from tests.test_tls_check import serve_tls
 
 
@@ -68,7 +67,7 @@ def test_certs_are_signed_for_loopback_and_private_keys_are_private(tmp_path):
 
 
 def test_cli_down_without_deployment_is_a_no_op(tmp_path):
-    cmd = [sys.executable, "-m", "fedapp.ops.deploy", "--dir", str(tmp_path / "none")]
+    cmd = [fedvideo_command(), "deploy", "--dir", str(tmp_path / "none")]
     down = subprocess.run([*cmd, "down"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     stop = subprocess.run([*cmd, "stop-node", "0"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)

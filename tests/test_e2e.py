@@ -7,12 +7,11 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from fedapp.ops.launch import config_text
-from tests.conftest import PROJECT_DIR
+from tests.conftest import PROJECT_DIR, fedvideo_command
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +20,7 @@ def launch(config: dict, tmp_path, federation: str = "num-supernodes=3 client-re
     results = tmp_path / "results"
     config = {**config, "results-dir": str(results), "run-name": "run"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedapp.ops.launch", "--run-config", config_text(config),
+        [fedvideo_command(), "run", "--run-config", config_text(config),
          "--federation-config", federation, "--timeout", "600"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
     )
@@ -160,7 +159,7 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
 
     results = tmp_path / "results"
     config = {**small_run_config, "num-server-rounds": 4, "results-dir": str(results), "run-name": "run"}
-    cmd = [sys.executable, "-m", "fedapp.ops.launch", "--run-config", config_text(config),
+    cmd = [fedvideo_command(), "run", "--run-config", config_text(config),
            "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
     proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = results / "run" / "checkpoints"

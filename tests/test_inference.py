@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedapp.task.data import eval_loader, load_video_index, train_loader
 from fedapp.tools.inference import embed_video, predict_video, video_clips
 from fedapp.task.models import build_model
 from fedapp.task.train import evaluate_model, make_optimizer, train_epochs
+from tests.conftest import fedvideo_command
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MAX_EPOCHS = 30
@@ -143,10 +143,10 @@ def test_predict_cli_json_with_a_corrupt_file(trained: Trained, tmp_path: Path, 
         assert len(entry["top"]) == 2 and entry["top"][0]["probability"] >= entry["top"][1]["probability"]
 
 
-def test_predict_cli_text_as_a_module(trained: Trained) -> None:
+def test_predict_cli_text_through_the_fedvideo_command(trained: Trained) -> None:
     samples = one_per_class(trained.test)
     result = subprocess.run(
-        [sys.executable, "-m", "fedapp.tools.predict", str(trained.checkpoint), *(s.path for s in samples), "--top-k", "1"],
+        [fedvideo_command(), "predict", str(trained.checkpoint), *(s.path for s in samples), "--top-k", "1"],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from fedapp.tools import plots
 from fedapp.server.report import HISTORY_COLUMNS, TensorBoardLog, human_summary, write_final_report, write_history_csv
 from fedapp.server.results import RunResults
+from tests.conftest import fedvideo_command
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["walk", "run", "jump"]
@@ -224,7 +224,7 @@ def test_cli_exits_2_on_a_folder_without_rounds(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([sys.executable, "-m", "fedapp.tools.plots", str(run), str(empty)],
+    proc = subprocess.run([fedvideo_command(), "plot", str(run), str(empty)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert proc.returncode == 2
     assert "no rounds.jsonl" in proc.stderr and str(empty) in proc.stderr

@@ -14,7 +14,7 @@ Writes, into OUT_DIR:
 
 Private keys are created with mode 0600 and never printed. Nothing is overwritten without --force.
 
-    python -m fedapp.ops.certs OUT_DIR [--nodes N] [--san HOST_OR_IP ...] [--days 365] [--force]
+    fedvideo certs OUT_DIR [--nodes N] [--san HOST_OR_IP ...] [--days 365] [--force]
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def make_certs(out_dir: Path, nodes: int = 0, sans: Sequence[str] = DEFAULT_SANS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fedvideo certs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="folder for the certificates and keys")
     parser.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (node-0 .. node-N-1)")
     parser.add_argument("--san", action="append", default=[],

@@ -1,16 +1,16 @@
 """Run the app on real Flower processes: one SuperLink and N SuperNodes, each its own OS process.
 
 Here every process runs on this machine on 127.0.0.1; across machines it is the same pattern:
-the SuperLink on one host (add its name to the server certificate with ``fedapp.ops.certs --san``),
+the SuperLink on one host (add its name to the server certificate with ``fedvideo certs --san``),
 one ``flower-supernode`` per site pointing at it with its own ``--node-config``, and the CLI
 (``flwr run``) wherever the project and ``ca.crt`` are.
 
-    python -m fedapp.ops.deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
-    python -m fedapp.ops.deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
-    python -m fedapp.ops.deploy stop-node K [--dir DIR] [--kill]
-    python -m fedapp.ops.deploy start-node K [--dir DIR]
-    python -m fedapp.ops.deploy status [--dir DIR]
-    python -m fedapp.ops.deploy down [--dir DIR]
+    fedvideo deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
+    fedvideo deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
+    fedvideo deploy stop-node K [--dir DIR] [--kill]
+    fedvideo deploy start-node K [--dir DIR]
+    fedvideo deploy status [--dir DIR]
+    fedvideo deploy down [--dir DIR]
 
 ``up`` starts the SuperLink (runtime dependency installation disabled), waits until it is
 healthy, with ``--secure`` starts the reverse proxy (``fedapp.ops.proxy``: nginx on the public
@@ -19,7 +19,7 @@ registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentic
 starts the SuperNodes (node K gets ``partition-id=K num-partitions=N``, or the K-th
 ``--node-data-dir`` as ``data-dir``) and waits until all are online. Every process runs in its own
 process group, logs to DIR/logs/ and has its PID in DIR/state.json. ``run`` submits the app and
-judges it like ``fedapp.ops.launch`` (exit 0 only when Flower's run status and the app's
+judges it like ``fedvideo run`` (exit 0 only when Flower's run status and the app's
 ``summary.json`` both say completed). ``down`` stops every process by its recorded PID (SIGTERM
 to the group, SIGKILL after a grace period); it is safe to repeat.
 
@@ -339,7 +339,8 @@ class Deployment:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fedvideo deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                         help=f"the deployment's folder: state.json, logs, Flower homes, certs (default: {DEFAULT_DIR})")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--node-data-dir", action="append", default=[],
                     help="one SuperNode with its own videos (node config data-dir), repeatable; replaces --nodes")
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication (registered keys only)")
-    up.add_argument("--certs", type=Path, help="certificates and keys from `python -m fedapp.ops.certs` "
+    up.add_argument("--certs", type=Path, help="certificates and keys from `fedvideo certs` "
                                                "(default: made on first use in DIR/certs)")
     up.add_argument("--port", type=int, help="the port SuperNodes connect to (default: a free one); with --secure "
                                              "the proxy's, and the SuperLink gets a free loopback port of its own")

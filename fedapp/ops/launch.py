@@ -5,7 +5,7 @@
 disabled, a project-local ``FLWR_HOME``, logs in the run folder), runs the app, then checks both
 Flower's run status and the app's ``summary.json``, and exits non-zero unless both say it worked.
 
-    python -m fedapp.ops.launch [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."]
+    fedvideo run [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: P
         except OSError as exc:  # not listening yet, or (through a proxy) a 502 while its upstream starts
             last = exc
         time.sleep(0.3)
-    hint = (" (add this address to the server certificate: fedapp.ops.certs --san)"
+    hint = (" (add this address to the server certificate: fedvideo certs --san)"
             if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else "")
     raise RuntimeError(f"{name} did not answer {url} within {timeout:.0f} s: {last}{hint}; see {log}")
 
@@ -424,7 +424,8 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="fedvideo run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-config", action="append", default=[],
                         help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')
     parser.add_argument("--federation-config", default=DEFAULT_FEDERATION_CONFIG,

@@ -206,7 +206,7 @@ def write_final_report(run_dir: str | Path, rounds: Sequence[Mapping[str, Any]],
     if confusion is not None:
         names = list(classes) if classes else [str(i) for i in range(len(confusion))]
         written.append(plots.plot_confusion(confusion, names, run_dir / plots.CONFUSION_PNG))
-        # Kept as data too (after the plot has checked its shape), so `python -m fedapp.tools.plots` can redraw it.
+        # Kept as data too (after the plot has checked its shape), so `fedvideo plot` can redraw it.
         confusion_json = run_dir / plots.CONFUSION_FILE
         atomic_write_json(confusion_json, {"classes": names, "matrix": [list(map(int, row)) for row in confusion]})
         written.append(confusion_json)

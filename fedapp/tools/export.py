@@ -1,6 +1,6 @@
 """Export a checkpoint as TorchScript (float and dynamic-int8) and check what the export changes.
 
-    python -m fedapp.tools.export CHECKPOINT --out DIR [--samples N] [--videos VIDEO ...] [--latency-runs 10]
+    fedvideo export CHECKPOINT --out DIR [--samples N] [--videos VIDEO ...] [--latency-runs 10]
 
 Writes into DIR:
 
@@ -223,7 +223,7 @@ def export_model(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.tools.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fedvideo export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

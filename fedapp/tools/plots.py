@@ -1,7 +1,7 @@
 """Figures of a run's history (PNG, written atomically), and a CLI to re-plot or compare runs.
 
-    python -m fedapp.tools.plots RUN_DIR                       # re-plot one run's figures into RUN_DIR
-    python -m fedapp.tools.plots RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
+    fedvideo plot RUN_DIR                       # re-plot one run's figures into RUN_DIR
+    fedvideo plot RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
 """
 
 from __future__ import annotations
@@ -296,7 +296,7 @@ def run_label(run_dir: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.tools.plots",
+        prog="fedvideo plot",
         description="Re-plot one run's figures, or compare the central metric of several runs.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")

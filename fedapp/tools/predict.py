@@ -1,6 +1,6 @@
 """Classify videos with a trained checkpoint.
 
-    python -m fedapp.tools.predict CHECKPOINT VIDEO [VIDEO ...] [--top-k 5] [--json]
+    fedvideo predict CHECKPOINT VIDEO [VIDEO ...] [--top-k 5] [--json]
 
 CHECKPOINT is a checkpoint folder or a run folder (its best checkpoint, else its latest). Each
 video's prediction averages the softmax of its ``eval-clips`` clips, cut as evaluation cuts them.
@@ -52,7 +52,7 @@ def predict_many(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.tools.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fedvideo predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("videos", nargs="+", help="video files to classify")

@@ -1,6 +1,6 @@
 """Find the videos of a folder most similar to a query video (cosine similarity of embeddings).
 
-    python -m fedapp.tools.retrieve CHECKPOINT --index-dir DIR --videos FOLDER --query VIDEO [--top-k 5] [--json]
+    fedvideo retrieve CHECKPOINT --index-dir DIR --videos FOLDER --query VIDEO [--top-k 5] [--json]
 
 Embeddings are the classifier's backbone features averaged over a video's evaluation clips and
 L2-normalized (:func:`fedapp.tools.inference.embed_video`). The folder's embeddings are kept in
@@ -193,7 +193,7 @@ def query(index: Index, embedding: np.ndarray, top_k: int = 5) -> list[dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedapp.tools.retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fedvideo retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("--index-dir", type=Path, required=True, help="where the folder's index is kept")
