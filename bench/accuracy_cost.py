@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.inprocess import comparison_config, run_inprocess
-from fedapp.server.results import atomic_write_bytes, atomic_write_json
+from fedapp.files import atomic_write_bytes, atomic_write_json
 
 
 def privacy_variants(args: argparse.Namespace) -> dict[str, dict]:

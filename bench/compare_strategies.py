@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.inprocess import comparison_config, run_inprocess
-from fedapp.server.results import atomic_write_bytes, atomic_write_json
+from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 ATTACK_FRACTION = 0.3
 SCENARIOS = {
@@ -107,10 +107,9 @@ def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     axes[0][0].set_ylabel("central video accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")  # format: the temp file's name does not end in .png
     plt.close(fig)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

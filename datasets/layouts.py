@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import os
 import re
@@ -298,27 +297,3 @@ def load_manifest(csv_path: str | Path, test_fraction: float = 0.2) -> VideoInde
         train, test = _split_by_key([(sample, sample.group) for sample in samples], test_fraction, str(csv_path))
     source = str(csv_path)
     return VideoIndex(classes=classes, train=_keep_existing(train, source), test=_keep_existing(test, source))
-
-
-# ----------------------------------------------------------------------------- class lists
-
-
-def save_classes(path: str | Path, classes: list[str]) -> None:
-    """Write the class list as JSON, atomically (a reader never sees a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(list(classes), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def load_classes(path: str | Path) -> list[str]:
-    """Read a class list written by save_classes."""
-    path = _require_file(Path(path), "class list")
-    try:
-        classes = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise LayoutError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
-        raise LayoutError(f"{path}: expected a JSON list of class names")
-    return classes

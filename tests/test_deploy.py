@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedapp.ops import certs
 from fedapp.ops.deploy import Deployment
-from fedapp.ops.launch import free_port, group_alive, tls_problem
+from fedapp.ops.launch import free_port, tls_problem
+from fedapp.ops.processes import group_alive
 from tests.conftest import PROJECT_DIR, fedvideo_command
 from tests.test_tls_check import serve_tls
 
@@ -98,7 +99,7 @@ def test_a_tls_failure_is_named_not_called_a_network_problem(tmp_path):
     """`run` against a SuperLink whose certificate the CLI's CA did not sign says so."""
     certs.make_certs(tmp_path / "other")
     deployment = Deployment(tmp_path / "deployment", secure=True, num_nodes=0, certs_dir=tmp_path / "other")
-    deployment.state["superlink"] = {"pid": os.getpgrp(), "started": None}  # "running": this process group
+    deployment.state["superlink"] = {"pid": os.getpgrp(), "start-time": None}  # "running": this process group
     port, stop = free_port(), threading.Event()
     certs.make_certs(tmp_path / "real")
     server = threading.Thread(target=serve_tls, args=(tmp_path / "real", port, stop), daemon=True)

@@ -124,7 +124,7 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
 
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (Flower's SuperLink, SuperExec and ServerApp under a launcher)."""
-    from fedapp.ops.launch import process_table
+    from fedapp.ops.processes import process_table
 
     table = process_table()
     found, todo = set(), [pid]
@@ -137,16 +137,16 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pids: set[int]) -> set[int]:
-    import os
+    """Those of ``pids`` still running (an exited process not yet reaped, a zombie, is not)."""
+    import psutil
 
     still = set()
     for pid in pids:
         try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                still.add(pid)
+        except psutil.NoSuchProcess:
             continue
-        if state != "Z":
-            still.add(pid)
     return still
 
 

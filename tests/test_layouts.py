@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,11 +12,9 @@ from datasets.layouts import (
     LayoutError,
     VideoSample,
     load_class_folders,
-    load_classes,
     load_hmdb51,
     load_manifest,
     load_ucf101,
-    save_classes,
 )
 
 
@@ -254,19 +251,3 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         load_manifest(write(tmp_path / "m3.csv", "path,label\n,x\n"))
     with pytest.raises(LayoutError, match="missing.csv"):
         load_manifest(tmp_path / "missing.csv")
-
-
-# ----------------------------------------------------------------------------- class lists
-
-
-def test_save_and_load_classes(tmp_path):
-    path = tmp_path / "run" / "classes.json"
-    save_classes(path, ["b", "a", "ünïcode"])
-    assert load_classes(path) == ["b", "a", "ünïcode"]
-    assert json.loads(path.read_text()) == ["b", "a", "ünïcode"]
-    assert [p.name for p in path.parent.iterdir()] == ["classes.json"]  # no temp file left
-    path.write_text('{"not": "a list"}')
-    with pytest.raises(LayoutError):
-        load_classes(path)
-    with pytest.raises(LayoutError, match="nothing.json"):
-        load_classes(tmp_path / "nothing.json")

@@ -1,26 +1,13 @@
 import json
-import os
 
 import numpy as np
-import pytest
 
 from fedapp.ops.launch import judge
-from fedapp.server.results import RunResults, atomic_write_json, load_weights
+from fedapp.server.results import RunResults, load_weights
 from safetensors import safe_open
 
-
-def test_atomic_write_keeps_the_old_file_when_a_write_crashes(tmp_path, monkeypatch):
-    path = tmp_path / "summary.json"
-    atomic_write_json(path, {"round": 1})
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
-        atomic_write_json(path, {"round": 2})
-    assert json.loads(path.read_text()) == {"round": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left behind
+# The atomic writes themselves (a crash keeps the old file, no temp file is left) are tested in
+# tests/test_files.py.
 
 
 def test_run_results_layout(tmp_path):
@@ -29,15 +16,17 @@ def test_run_results_layout(tmp_path):
     results.append_round({"round": 1, "central": {"loss": 1.0}})
     results.append_round({"round": 2, "central": {"loss": 0.5}})
     arrays = {"head.weight": np.ones((2, 3), np.float32), "bn.num_batches_tracked": np.array(4, np.int64)}
-    results.save_model(arrays, ["a", "b"], "tiny3d")
+    results.save_model(arrays, ["a", "ünïcode"], "tiny3d")
     results.write_summary({"status": "completed"})
     lines = (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     loaded = load_weights(tmp_path / "run" / "model.safetensors")
     assert loaded["bn.num_batches_tracked"].dtype == np.int64 and loaded["bn.num_batches_tracked"].shape == ()
     with safe_open(str(tmp_path / "run" / "model.safetensors"), "np") as f:
-        assert json.loads(f.metadata()["classes"]) == ["a", "b"] and f.metadata()["model"] == "tiny3d"
-    assert json.loads((tmp_path / "run" / "classes.json").read_text()) == ["a", "b"]
+        assert json.loads(f.metadata()["classes"]) == ["a", "ünïcode"] and f.metadata()["model"] == "tiny3d"
+    assert json.loads((tmp_path / "run" / "classes.json").read_text(encoding="utf-8")) == ["a", "ünïcode"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [  # and no temp file left
+        "classes.json", "model.safetensors", "rounds.jsonl", "run_config.json", "summary.json"]
 
 
 def test_judge_requires_flower_status_and_app_summary(tmp_path):

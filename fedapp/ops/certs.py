@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedapp.files import atomic_write_bytes
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -45,22 +45,13 @@ def node_key_name(k: int) -> str:
 def write_file(path: Path, data: bytes, *, private: bool, force: bool = False) -> None:
     """Write ``data`` atomically; a private file is created 0600 from the start, never chmod-ed later.
 
-    A temp file in the same folder is created with the final mode and renamed into place, so
-    --force never leaves a key readable by others even if the old file was.
+    The temp file beside ``path`` has its final mode before any byte is written and is renamed
+    into place, so --force never leaves a key readable by others even if the old file was.
     """
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists (use --force to overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp creates 0600
-    try:
-        if not private:
-            os.fchmod(fd, 0o644)  # a certificate or public key: readable, set before any byte is written
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A certificate or public key is readable by all (whatever the umask), a private key by its owner only.
+    atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:

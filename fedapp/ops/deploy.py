@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedapp.files import atomic_write_json
 from fedapp.ops import certs
 from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
 from fedapp.ops.launch import (
@@ -51,30 +52,18 @@ from fedapp.ops.launch import (
     config_text,
     flwr_env,
     free_port,
-    group_alive,
     listen_address,
     run_and_judge,
     run_location,
     start_superlink,
-    stop_group,
     tls_problem,
     write_connection,
 )
+from fedapp.ops.processes import group_alive, pid_reused, start_time, stop_group
 
 CONNECTION = "fedvideo-deploy"
 STATE_FILE = "state.json"
 DEFAULT_DIR = Path("results") / "deployment"
-
-
-def process_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None if there is no such process or no /proc).
-
-    Stored with each PID so that ``down`` never signals an unrelated process that got a reused PID.
-    """
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class Deployment:
@@ -124,10 +113,7 @@ class Deployment:
         return deployment
 
     def save(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.run_dir / STATE_FILE)
+        atomic_write_json(self.run_dir / STATE_FILE, self.state)
 
     @property
     def superlink_port(self) -> int:
@@ -143,7 +129,9 @@ class Deployment:
 
     def _record(self, entry: dict[str, Any], name: str, proc: subprocess.Popen) -> None:
         self.procs[name] = proc
-        entry.update(pid=proc.pid, started=process_start_time(proc.pid))
+        # Its start time too, so that `down` never signals an unrelated process given the same PID later.
+        # ("start-time": seconds since boot; the "started" of older state files was clock ticks.)
+        entry.update({"pid": proc.pid, "start-time": start_time(proc.pid)})
         self.save()
 
     def _alive(self, name: str, entry: Mapping[str, Any]) -> bool:
@@ -153,8 +141,7 @@ class Deployment:
             return False
         if name in self.procs:
             self.procs[name].poll()  # reap our own exited child, or it counts as alive
-        started = process_start_time(pid)
-        if started is not None and entry.get("started") not in (None, started):
+        if pid_reused(pid, entry.get("start-time")):
             return False  # that PID now belongs to another process
         return group_alive(pid)
 

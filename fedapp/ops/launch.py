@@ -29,6 +29,9 @@ from typing import Any, NamedTuple
 
 from flwr.common.config import parse_config_args
 
+from fedapp.files import atomic_write_text
+from fedapp.ops.processes import stop_process_group
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_FEDERATION_CONFIG = "num-supernodes=3 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 CONNECTION = "fedvideo-sim"
@@ -86,7 +89,9 @@ def write_connection(flwr_home: Path, port: int, *, name: str = CONNECTION, root
     flwr_home.mkdir(parents=True, exist_ok=True)
     security = ("insecure = true" if root_certificates is None
                 else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
-    (flwr_home / "config.toml").write_text(
+    # Atomic: a CLI reading it meanwhile (another launcher sharing FLWR_HOME) never sees half of it.
+    atomic_write_text(
+        flwr_home / "config.toml",
         f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
     )
 
@@ -177,96 +182,6 @@ def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> s
         return f"TLS handshake with {host}:{port} failed ({exc}): is the SuperLink running with TLS?"
     except OSError as exc:
         return f"cannot reach {host}:{port}: {exc}"
-
-
-def process_table() -> dict[int, tuple[int, int]]:
-    """``{pid: (parent pid, process group)}`` of every process, from /proc (empty where there is none)."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name may hold spaces and parentheses: split after its closing one.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
-
-
-def descendant_groups(pgid: int) -> set[int]:
-    """Process groups of every descendant of group ``pgid``'s processes, ``pgid`` included.
-
-    The SuperLink starts Flower's SuperExec (which starts the ServerApp) in a session of its own,
-    so stopping the SuperLink's group alone would leave them to notice on their own.
-    """
-    table = process_table()
-    todo = [pid for pid, (_, group) in table.items() if group == pgid]
-    groups, seen = {pgid}, set(todo)
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, group) in table.items():
-            if ppid == parent and pid not in seen:
-                seen.add(pid)
-                groups.add(group)
-                todo.append(pid)
-    return groups
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` still exists (an unreaped zombie counts)."""
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def stop_group(pgid: int, grace: float = 10.0, proc: subprocess.Popen | None = None) -> None:
-    """SIGTERM process group ``pgid`` and its descendants' groups, SIGKILL what is left after ``grace`` s
-    (``grace`` 0: SIGKILL at once).
-
-    Works on any process group (e.g. PIDs read back from a state file); pass ``proc`` when it is
-    our child so that its exit status is collected by it.
-    """
-    groups = descendant_groups(pgid)
-
-    def reap() -> None:
-        if proc is not None:
-            proc.poll()
-            return
-        try:
-            os.waitpid(pgid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-    def wait_gone(timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            reap()
-            if not any(group_alive(g) for g in groups):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-
-    steps = [(signal.SIGTERM, grace)] if grace > 0 else []  # grace 0: SIGKILL at once, like a crash
-    for sig, timeout in [*steps, (signal.SIGKILL, 10.0)]:
-        for group in groups:
-            try:
-                os.killpg(group, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if wait_gone(timeout):
-            return
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the whole process group, SIGKILL what is left after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    stop_group(proc.pid, grace, proc)
-    proc.wait()
 
 
 def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> str:

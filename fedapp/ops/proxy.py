@@ -18,7 +18,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from fedapp.ops.launch import PROJECT_DIR, TlsFiles, listen_address, stop_process_group, wait_healthy
+from fedapp.ops.launch import PROJECT_DIR, TlsFiles, listen_address, wait_healthy
+from fedapp.ops.processes import stop_process_group
 
 NGINX_MISSING = ("nginx is not installed: the secure deployment needs it to keep the Control API off the "
                  "public port (Debian/Ubuntu: apt-get install nginx)")

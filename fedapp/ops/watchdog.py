@@ -17,7 +17,7 @@ import subprocess
 import sys
 from typing import IO
 
-from fedapp.ops.launch import stop_group
+from fedapp.ops.processes import stop_group
 
 
 def guard(commands: IO[bytes], grace: float = 10.0) -> set[int]:

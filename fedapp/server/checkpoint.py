@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ import torch
 
 from fedapp.task.config import AppConfig, parse_config
 from fedapp.task.models import build_model
-from fedapp.server.results import atomic_write_json, load_weights, save_weights
+from fedapp.files import TEMP_GLOB, atomic_directory, atomic_write_json
+from fedapp.server.results import load_weights, save_weights
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -94,11 +94,8 @@ def save_checkpoint(
     history: Sequence[Mapping[str, Any]],
 ) -> Path:
     """Write ``checkpoints/round-NNNN`` atomically; returns its path."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"round-{server_round:04d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    final = Path(run_dir) / CHECKPOINTS_DIR / f"round-{server_round:04d}"
+    with atomic_directory(final) as tmp:
         state_arrays, state_plain = encode_state(strategy_state)
         model_name = str(run_config.get("model", ""))
         save_weights(tmp / WEIGHTS, {**arrays, **state_arrays}, {"model": model_name, "classes": json.dumps(list(classes))})
@@ -111,13 +108,7 @@ def save_checkpoint(
             "history": list(history),
             "weights-sha256": sha256(tmp / WEIGHTS),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / MANIFEST, manifest, indent=1)  # fsync-ed: on disk before the folder's name
     return final
 
 
@@ -145,10 +136,10 @@ def remove_partial_writes(run_dir: str | Path) -> list[Path]:
     """Delete what a writer killed mid-write left: temp checkpoint folders (``checkpoints/.round-*``)
     and atomic-write temp files (``.NAME.*.tmp``). Only for the folder's one writer (see WriterLock)."""
     run_dir = Path(run_dir)
-    found = [*run_dir.glob(f"{CHECKPOINTS_DIR}/.round-*"), *run_dir.glob(".*.tmp"), *run_dir.glob(f"{CHECKPOINTS_DIR}/.*.tmp")]
+    found = {*run_dir.glob(f"{CHECKPOINTS_DIR}/.round-*"), *run_dir.glob(TEMP_GLOB), *run_dir.glob(f"{CHECKPOINTS_DIR}/{TEMP_GLOB}")}
     for path in found:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    return found
+    return sorted(found)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedapp.tools import plots
 from fedapp.tools.plots import client_entries, client_label, get_metric, number
-from fedapp.server.results import atomic_write_bytes, atomic_write_json
+from fedapp.files import atomic_write_bytes, atomic_write_json
 
 HISTORY_FILE = "history.csv"
 SUMMARY_TEXT_FILE = "summary.txt"

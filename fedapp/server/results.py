@@ -6,7 +6,6 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "run_config.json"
@@ -96,37 +97,10 @@ class WriterLock:
         self.release()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def save_weights(path: str | Path, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     """Weights as safetensors (no pickle: safe to load from anywhere), atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(tmp), metadata=dict(metadata))
 
 
 def load_weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -170,8 +144,3 @@ class RunResults:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.dir / SUMMARY_FILE, dict(summary))
-
-
-def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.exists() else None

@@ -47,7 +47,7 @@ from fedapp.task.config import AppConfig, ConfigError, parse_size
 from datasets.layouts import list_videos
 from fedapp.tools.inference import video_clips
 from fedapp.task.models import ModelError
-from fedapp.server.results import atomic_write_bytes, atomic_write_json
+from fedapp.files import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

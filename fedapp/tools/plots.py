@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedapp.server.results import CLASSES_FILE, CONFIG_FILE, ROUNDS_FILE, atomic_write_bytes
+from fedapp.files import atomic_write_bytes
+from fedapp.server.results import CLASSES_FILE, CONFIG_FILE, ROUNDS_FILE
 
 ACCURACY_LOSS_PNG = "accuracy_loss.png"
 CLIENT_ACCURACY_PNG = "client_accuracy.png"

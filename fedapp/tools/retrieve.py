@@ -39,7 +39,7 @@ from fedapp.task.config import AppConfig, ConfigError
 from datasets.layouts import list_videos
 from fedapp.tools.inference import embed_video
 from fedapp.task.models import ModelError
-from fedapp.server.results import atomic_write_bytes, atomic_write_json
+from fedapp.files import atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
