@@ -229,14 +229,14 @@ def run_location(run_config: Sequence[str]) -> Path:
     same rules the ServerApp applies, checked here so that a refused start writes no log into it.
     """
     from fedapp.server.results import RunFolderError, lock_holder
-    from fedapp.server.app import run_directory  # imports torch: only when a run is launched
+    from fedapp.server.run_folder import locate_run  # imports torch: only when a run is launched
 
     overrides = config_overrides(run_config)
     results_dir = Path(str(overrides.get("results-dir", "results")))
     results_dir = (results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)).resolve()
     resume = absolute_resume(overrides.get("resume"))
     run_name = str(overrides.get("run-name") or ("" if resume else f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
-    run_dir = run_directory({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="")
+    run_dir = locate_run({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="").folder
     holder = lock_holder(run_dir)
     if holder is not None:
         raise RunFolderError(f"{run_dir} is being written by another process ({holder}): one writer per run folder")
