@@ -1,5 +1,6 @@
 """Bytes sent per round, up (clients → server) and down (server → clients), per model and per
-update-compression setting (``strategies/compression.py``).
+update-compression setting (the client's encoder ``fedapp/client/compression.py``, the server's
+decoder ``strategies/compression.py``).
 
 For each model the reference is the app's freshly initialised model (``fedapp.task.models.build_model``,
 the global model a client receives) and a client's update is reference + a small Gaussian delta
@@ -34,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from bench.run import run_benchmark
-from strategies.compression import compress, decompress, payload_bytes
+from fedapp.client.compression import compress
+from strategies.compression import decompress, payload_bytes
 
 MODELS = ("tiny3d", "mc3_18", "r3d_18", "r2plus1d_18", "framepool_resnet18")
 # (label, method, top-k fraction)

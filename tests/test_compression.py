@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedapp.client.compression import TOPK_MIN_ELEMENTS, compress, topk_count
 from fedapp.client.compression_mod import RESIDUAL_KEY, compression_mod
 from fedapp.task.config import ConfigError, parse_config
 from strategies.aggregation import fedavg
-from strategies.compression import (
-    METHODS,
-    SEP,
-    TOPK_MIN_ELEMENTS,
-    compress,
-    decompress,
-    payload_bytes,
-    topk_count,
-)
+from strategies.compression import METHODS, SEP, decompress, payload_bytes
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import VideoFedAvg
 from tests.flower_messages import error_reply, instruction, reply

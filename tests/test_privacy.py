@@ -245,6 +245,20 @@ def test_client_mod_clips_floats_and_returns_the_whole_model_in_order():
     assert result["bn.num_batches_tracked"] == update["bn.num_batches_tracked"]
 
 
+def test_client_mod_clips_when_the_sent_record_is_in_another_order():
+    """A global model read back from a checkpoint comes in name order, the client's reply in
+    state_dict order: Flower's mod, which wants equal key lists, gets the sent floats in the reply's order."""
+    base = model()
+    update = moved(base, 5.0, seed=3)
+    by_name = {k: base[k] for k in sorted(base)}
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    out = dp_clipping_mod(_train_message(by_name, 0.25), context, _node_app(update, []))
+    assert not out.has_error()
+    result = arrays_to_numpy(out.content["arrays"])
+    assert list(result) == list(update)
+    assert update_norm(split_private(result)[0], split_private(base)[0]) == pytest.approx(0.25, rel=1e-4)
+
+
 def test_client_mod_passes_through_without_a_clipping_norm_and_for_evaluation():
     base = model()
     update = moved(base, 5.0, seed=3)

@@ -13,12 +13,13 @@ from flwr.clientapp import ClientApp
 from datasets.clip_dataset import scan_videos
 from fedapp.client.attacks import is_attacker
 from fedapp.client.bridge import EVALUATE, FIT, call_numpy_client
-from fedapp.client.video_client import VideoClient
 from fedapp.client.compression_mod import compression_mod
-from fedapp.task.config import AppConfig, ConfigError, parse_config
-from fedapp.task.data import load_video_index, node_partition
-from fedapp.logs import route_app_logs_to_flower
 from fedapp.client.dp_mod import dp_clipping_mod
+from fedapp.client.exchange import message_exchange
+from fedapp.client.video_client import VideoClient
+from fedapp.logs import route_app_logs_to_flower
+from fedapp.task.config import AppConfig, ConfigError
+from fedapp.task.data import load_video_index, node_partition
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -97,14 +98,15 @@ LOCAL_STATE_KEY = "local-state"
 
 def handle(context: Context, msg: Message, phase: str) -> Message:
     """Build this node's client, run one phase through the bridge, keep node-local state."""
-    cfg = parse_config(context.run_config, check_paths=False)
-    stored = context.state.array_records.get(LOCAL_STATE_KEY)
-    local_state = arrays_to_numpy(stored) if stored is not None else {}
-    client = make_client(cfg, context.node_config, local_state)
-    reply = call_numpy_client(client, msg, phase)
-    if client.local_state:
-        context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)
-    return reply
+    with message_exchange(msg) as exchange:
+        cfg = exchange.config(context.run_config)  # parsed once per message, for the mods too
+        stored = context.state.array_records.get(LOCAL_STATE_KEY)
+        local_state = arrays_to_numpy(stored) if stored is not None else {}
+        client = make_client(cfg, context.node_config, local_state)
+        reply = call_numpy_client(client, msg, phase)
+        if client.local_state:
+            context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)
+        return reply
 
 
 @app.train()

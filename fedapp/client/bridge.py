@@ -6,6 +6,9 @@ name: the client declares the names its list stands for (``state_keys``), the br
 incoming ArrayRecord by those names (refusing a missing or unexpected one) and names the returned
 list the same way. The order of the ArrayRecord itself never matters (a checkpoint read back from
 safetensors, for one, comes in name order, not state_dict order).
+
+The model is read from and the reply's model handed over through the message's exchange
+(``fedapp.client.exchange``): decoded once for every layer, encoded once when the reply leaves.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 
-from strategies.records import arrays_to_numpy, numpy_to_arrays
+from fedapp.client.exchange import ARRAYS, message_exchange
+from strategies.records import NamedArrays
 
 FIT = "fit"
 EVALUATE = "evaluate"
@@ -47,24 +51,23 @@ def ordered_arrays(arrays: Mapping[str, np.ndarray], keys: Sequence[str]) -> lis
 def call_numpy_client(client: NamedNumPyClient, msg: Message, phase: str) -> Message:
     """Run ``client.fit`` or ``client.evaluate`` on a Message and wrap the result as the reply."""
     names = client.state_keys()
-    ndarrays = ordered_arrays(arrays_to_numpy(msg.content["arrays"]), names)
-    config = dict(msg.content["config"]) if "config" in msg.content else {}
-    if phase == FIT:
-        new_arrays, num_examples, metrics = client.fit(ndarrays, config)
-        if len(new_arrays) != len(names):
-            raise ValueError(f"client returned {len(new_arrays)} arrays for {len(names)} tensors")
-        content = RecordDict(
-            {
-                "arrays": numpy_to_arrays(dict(zip(names, new_arrays))),
-                "metrics": to_metric_record(metrics, num_examples),
-            }
-        )
-    elif phase == EVALUATE:
-        loss, num_examples, metrics = client.evaluate(ndarrays, config)
-        content = RecordDict({"metrics": to_metric_record({**metrics, "loss": loss}, num_examples)})
-    else:
-        raise ValueError(f"phase={phase!r}: expected {FIT!r} or {EVALUATE!r}")
-    return Message(content=content, reply_to=msg)
+    with message_exchange(msg) as exchange:
+        ndarrays = ordered_arrays(exchange.received(ARRAYS).numpy(), names)
+        config = dict(msg.content["config"]) if "config" in msg.content else {}
+        if phase == FIT:
+            new_arrays, num_examples, metrics = client.fit(ndarrays, config)
+            if len(new_arrays) != len(names):
+                raise ValueError(f"client returned {len(new_arrays)} arrays for {len(names)} tensors")
+            reply = Message(content=RecordDict({"metrics": to_metric_record(metrics, num_examples)}), reply_to=msg)
+            # Pending until the reply leaves the outermost layer: a mod may still replace it.
+            exchange.set_reply_arrays(reply, ARRAYS, NamedArrays(numpy=dict(zip(names, new_arrays))))
+        elif phase == EVALUATE:
+            loss, num_examples, metrics = client.evaluate(ndarrays, config)
+            content = RecordDict({"metrics": to_metric_record({**metrics, "loss": loss}, num_examples)})
+            reply = Message(content=content, reply_to=msg)
+        else:
+            raise ValueError(f"phase={phase!r}: expected {FIT!r} or {EVALUATE!r}")
+        return reply
 
 
 def to_metric_record(metrics: Mapping[str, Any], num_examples: int) -> MetricRecord:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from collections.abc import MutableMapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from datasets.layouts import VideoSample
-from fedapp.client.bridge import NamedNumPyClient
 from fedapp.client.attacks import flipped_labels, poison_update
+from fedapp.client.bridge import NamedNumPyClient
 from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, train_loader
 from fedapp.task.devices import prepare_model, select_device
 from fedapp.task.models import batchnorm_state_keys, build_model
-from fedapp.task.train import evaluate_model, load_named_arrays, make_optimizer, set_torch_threads, state_arrays, train_epochs
+from fedapp.task.train import (
+    evaluate_model,
+    load_named_arrays,
+    make_optimizer,
+    set_torch_threads,
+    state_arrays,
+    train_epochs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +101,6 @@ class VideoClient(NamedNumPyClient):
         if self.node_weight is not None:
             metrics["node-weight"] = self.node_weight
         return metrics
-
-    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        model = build_model(self.cfg.model, len(self.classes), pooling=self.cfg.pooling)
-        return state_arrays(model)
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         if not self.train_samples:
