@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import (
 )
 
 from strategies.aggregation import average
-from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import AverageStrategy, RoundReport, VideoFedAvg
 
 logger = logging.getLogger(__name__)
@@ -117,10 +117,18 @@ class _InnerAggregate:
 
     def __init__(self, inner: VideoFedAvg) -> None:
         self.inner = inner
+        self.model: NamedArrays | None = None  # the global model of the round being configured
         self._report: RoundReport | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        # The wrapper passes on the record it was given: reuse its decoded view instead of decoding it again.
+        model = self.model if self.model is not None and self.model.record() is arrays else NamedArrays(arrays)
+        return self.inner.configure_train_round(server_round, model, grid, config)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -184,8 +192,16 @@ class PrivateStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._sent = arrays_to_numpy(arrays)
-        return self.dp.configure_train(server_round, arrays, config, grid)
+        return self.configure_train_round(server_round, NamedArrays(arrays), grid, config)
+
+    def configure_train_round(
+        self, server_round: int, model: NamedArrays, grid: Grid, config: ConfigRecord | None = None
+    ) -> list[Message]:
+        """Flower's wrapper configures the round (client-side mode adds the clipping norm); the
+        inner strategy samples the nodes from ``model`` as given."""
+        self._sent = model.numpy()
+        self._aggregator.model = model
+        return list(self.dp.configure_train(server_round, model.record(), ConfigRecord() if config is None else config, grid))
 
     def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Screen with the inner strategy, then clip, aggregate and noise through Flower's wrapper;

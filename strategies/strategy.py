@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.compression import decompress, payload_bytes
 from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
-from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
 from strategies.validation import check_update, reference_spec
 from strategies.weighting import client_weights
@@ -128,10 +128,18 @@ class VideoFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.set_global(arrays_to_numpy(arrays))
+        return self.configure_train_round(server_round, NamedArrays(arrays), grid, config)
+
+    def configure_train_round(
+        self, server_round: int, model: NamedArrays, grid: Grid, config: ConfigRecord | None = None
+    ) -> list[Message]:
+        """The train messages for the sampled nodes. ``model`` is the global model in whichever form
+        the caller holds it (the round loop: numpy), so it is encoded once and never decoded back."""
+        self.set_global(model.numpy())
+        config = ConfigRecord() if config is None else config
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
-        self._sent = list(super().configure_train(server_round, arrays, config, grid))
+        self._sent = list(super().configure_train(server_round, model.record(), config, grid))
         return self._sent
 
     def set_global(self, arrays: dict[str, np.ndarray]) -> None:

@@ -296,3 +296,32 @@ def test_dp_run_completes_and_records_its_settings(mode, small_run_config, tmp_p
             assert record["privacy"]["update-norm-median"] <= 2.0 + 1e-4
     saved = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert saved["dp"] == mode and saved["dp-clipping-norm"] == 2.0
+
+
+def test_the_global_model_is_encoded_once_and_never_decoded_on_the_server(monkeypatch):
+    """The round loop holds the model as numpy: configuring a round (through Flower's DP wrapper
+    and the inner strategy) encodes it once for all messages and never decodes it back."""
+    from flwr.app import Array
+
+    from strategies.records import NamedArrays
+
+    calls = {"encode": 0, "decode": 0}
+    encode, decode = Array.from_numpy_ndarray.__func__, Array.numpy
+
+    def counted_encode(cls, ndarray):
+        calls["encode"] += 1
+        return encode(cls, ndarray)
+
+    def counted_decode(self):
+        calls["decode"] += 1
+        return decode(self)
+
+    monkeypatch.setattr(Array, "from_numpy_ndarray", classmethod(counted_encode))
+    monkeypatch.setattr(Array, "numpy", counted_decode)
+    base = model()
+    for strategy in (AverageStrategy(min_train_nodes=1, min_available_nodes=1), private(mode="client-side")):
+        calls.update(encode=0, decode=0)
+        ensure_identity()
+        messages = strategy.configure_train_round(1, NamedArrays(numpy=base), StubGrid(3))
+        assert len(messages) == 3 and all(list(m.content["arrays"]) == list(base) for m in messages)
+        assert calls == {"encode": len(base), "decode": 0}

@@ -22,7 +22,7 @@ from fedapp.server.results import RunResults
 from fedapp.server.stopping import best_round, stop_reason
 from fedapp.task.config import AppConfig
 from strategies.privacy import PrivateStrategy
-from strategies.records import numpy_to_arrays
+from strategies.records import NamedArrays, numpy_to_arrays
 from strategies.strategy import RoundReport, VideoFedAvg
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def train_round(
     """Send the global model to the sampled nodes, aggregate their updates.
 
     Returns the strategy's report and the bytes sent down."""
-    messages = list(strategy.configure_train(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+    messages = strategy.configure_train_round(server_round, NamedArrays(numpy=arrays), grid)
     replies = grid.send_and_receive(messages, timeout=timeout)
     return strategy.train_round(server_round, replies), _model_bytes(arrays) * len(messages)
 
