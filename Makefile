@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup nginx run test clean
+.PHONY: setup nginx lint run test clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/fedvideo run $(ARGS)
 
-test: setup nginx
+test: setup nginx lint
 	$(PY) -m pytest -q
+
+# ruff (configured in pyproject.toml): lint and format are checked before the tests run.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The secure deployment puts nginx (an OS package) in front of the SuperLink; its tests need it.
 # Installed where we are root with apt-get (policy-rc.d keeps Debian from starting a system nginx

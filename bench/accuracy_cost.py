@@ -63,19 +63,24 @@ def main(argv: list[str] | None = None) -> int:
             results = run_inprocess({**base, **variant}, args.clients, Path(tmp) / f"run{i}")
             trained = results.rounds[1:]
             privacy = trained[-1].get("privacy", {})
-            rows.append({
-                "variant": label,
-                "config": variant,
-                "video-accuracy": trained[-1]["central"]["video-accuracy"],
-                "bytes-up-per-round": sum(r["bytes-up"] for r in trained) / len(trained),
-                "bytes-down-per-round": sum(r["bytes-down"] for r in trained) / len(trained),
-                "update-norm-median": privacy.get("update-norm-median"),
-                "noise-stdv": privacy.get("noise-stdv"),
-                "epsilon": privacy.get("epsilon"),
-                "seconds": time.perf_counter() - start,
-            })
-            print(f"{label:<26} | video accuracy {rows[-1]['video-accuracy']:.3f} | "
-                  f"{rows[-1]['bytes-up-per-round'] / 1e6:.2f} MB up per round | {rows[-1]['seconds']:.0f} s", flush=True)
+            rows.append(
+                {
+                    "variant": label,
+                    "config": variant,
+                    "video-accuracy": trained[-1]["central"]["video-accuracy"],
+                    "bytes-up-per-round": sum(r["bytes-up"] for r in trained) / len(trained),
+                    "bytes-down-per-round": sum(r["bytes-down"] for r in trained) / len(trained),
+                    "update-norm-median": privacy.get("update-norm-median"),
+                    "noise-stdv": privacy.get("noise-stdv"),
+                    "epsilon": privacy.get("epsilon"),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            print(
+                f"{label:<26} | video accuracy {rows[-1]['video-accuracy']:.3f} | "
+                f"{rows[-1]['bytes-up-per-round'] / 1e6:.2f} MB up per round | {rows[-1]['seconds']:.0f} s",
+                flush=True,
+            )
 
     table = markdown_table(args, rows)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,10 +97,11 @@ def markdown_table(args: argparse.Namespace, rows: list[dict]) -> str:
     if privacy:
         head += ["median update norm (last round)", "noise σ per weight", f"ε at δ={args.delta:g}"]
     lines = [
-        f"Central test video accuracy after {args.rounds} rounds, {args.clients} clients, `strategy = \"average\"`, "
+        f'Central test video accuracy after {args.rounds} rounds, {args.clients} clients, `strategy = "average"`, '
         "tiny3d on the synthetic default (chance 0.125); one run per variant, in process. Produced by "
-        f"`python -m bench.accuracy_cost {args.study}" + (f" --clip {args.clip:g} --noise "
-        + " ".join(f"{z:g}" for z in args.noise) if privacy else "") + f" --clients {args.clients} --rounds {args.rounds}`.",
+        f"`python -m bench.accuracy_cost {args.study}"
+        + (f" --clip {args.clip:g} --noise " + " ".join(f"{z:g}" for z in args.noise) if privacy else "")
+        + f" --clients {args.clients} --rounds {args.rounds}`.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

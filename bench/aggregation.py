@@ -22,7 +22,7 @@ loop (forward passes of the N client models and the student on unlabeled server 
 budget of ``feddf-steps`` steps), so its cost is set by the model's FLOPs and the step budget, not
 by the update size; it belongs with the training throughput figures.
 
-    .venv/bin/python -m bench.aggregation                       # 10 clients of r3d_18 (about 7 min on this 2-core machine)
+    .venv/bin/python -m bench.aggregation   # 10 clients of r3d_18 (about 7 min on this 2-core machine)
     .venv/bin/python -m bench.aggregation --model tiny3d --clients 4 --repeats 1   # seconds
 """
 
@@ -61,8 +61,7 @@ def model_spec(name: str, num_classes: int) -> dict[str, tuple[tuple[int, ...], 
     with torch.device("meta"):
         model = build_model(name, num_classes)
     return {
-        key: (tuple(t.shape), torch.empty((), dtype=t.dtype).numpy().dtype)
-        for key, t in model.state_dict().items()
+        key: (tuple(t.shape), torch.empty((), dtype=t.dtype).numpy().dtype) for key, t in model.state_dict().items()
     }
 
 
@@ -177,8 +176,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     models = make_clients(spec, args.clients, args.seed)
     model_bytes = sum(v.nbytes for v in models[0].values())
     params = sum(int(np.prod(shape)) for shape, dtype in spec.values() if np.issubdtype(dtype, np.floating))
-    krum_f = args.krum_malicious if args.krum_malicious >= 0 else max(0, min(round(0.3 * args.clients),
-                                                                              (args.clients - 3) // 2))
+    krum_f = (
+        args.krum_malicious
+        if args.krum_malicious >= 0
+        else max(0, min(round(0.3 * args.clients), (args.clients - 3) // 2))
+    )
     # The bound first and last too: a machine that slowed down during the run shows as two different figures.
     bound_times = time_call(lambda: read_pass(models), args.repeats)
     rows = []
@@ -188,8 +190,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name, fn in calls.items():
         times = time_call(fn, args.repeats)
         peak, note = peak_extra_bytes(fn) if not args.no_memory else (None, describe(fn()))
-        rows.append({"function": name, "best-s": min(times), "median-s": statistics.median(times),
-                     "peak-extra-bytes": peak, "context": name in context, "note": note})
+        rows.append(
+            {
+                "function": name,
+                "best-s": min(times),
+                "median-s": statistics.median(times),
+                "peak-extra-bytes": peak,
+                "context": name in context,
+                "note": note,
+            }
+        )
         print(f"  {name:<36} best {min(times):8.3f} s", flush=True)
     bound_times += time_call(lambda: read_pass(models), args.repeats)
     bound = min(bound_times)
@@ -198,10 +208,17 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         row["peak-extra-models"] = None if row["peak-extra-bytes"] is None else row["peak-extra-bytes"] / model_bytes
     return {
         "benchmark": "aggregation",
-        "model": args.model, "num-classes": args.num_classes, "clients": args.clients, "repeats": args.repeats,
-        "params": params, "model-bytes": model_bytes, "input-bytes": model_bytes * args.clients,
-        "krum-malicious": krum_f, "trim-beta": args.trim_beta,
-        "bound-s": bound, "bound-gb-per-s": model_bytes * args.clients / bound / 1e9,
+        "model": args.model,
+        "num-classes": args.num_classes,
+        "clients": args.clients,
+        "repeats": args.repeats,
+        "params": params,
+        "model-bytes": model_bytes,
+        "input-bytes": model_bytes * args.clients,
+        "krum-malicious": krum_f,
+        "trim-beta": args.trim_beta,
+        "bound-s": bound,
+        "bound-gb-per-s": model_bytes * args.clients / bound / 1e9,
         "bound-s-all": bound_times,
         "rows": rows,
         "machine": machine(),
@@ -215,11 +232,16 @@ def machine() -> str:
 def format_table(result: dict[str, Any]) -> str:
     mb = 1024**2
     lines = [
-        (f"{result['clients']} clients × {result['model']} ({result['params'] / 1e6:.1f} M params, "
-        f"{result['model-bytes'] / 1e6:.0f} MB per model, {result['input-bytes'] / 1e9:.2f} GB read per aggregation); "
-        f"best of {result['repeats']}"),
-        (f"bound: one numpy read pass over all client bytes = {result['bound-s']:.3f} s "
-        f"({result['bound-gb-per-s']:.1f} GB/s)"),
+        (
+            f"{result['clients']} clients × {result['model']} ({result['params'] / 1e6:.1f} M params, "
+            f"{result['model-bytes'] / 1e6:.0f} MB per model, "
+            f"{result['input-bytes'] / 1e9:.2f} GB read per aggregation); "
+            f"best of {result['repeats']}"
+        ),
+        (
+            f"bound: one numpy read pass over all client bytes = {result['bound-s']:.3f} s "
+            f"({result['bound-gb-per-s']:.1f} GB/s)"
+        ),
         "",
         "| function | best s | median s | × bound | peak extra MiB | peak extra / model | note |",
         "|---|---|---|---|---|---|---|",
@@ -242,8 +264,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trim-beta", type=float, default=0.2)
-    parser.add_argument("--krum-malicious", type=int, default=-1,
-                        help="Krum's f; default round(0.3 × clients), capped so that clients > 2f + 2")
+    parser.add_argument(
+        "--krum-malicious",
+        type=int,
+        default=-1,
+        help="Krum's f; default round(0.3 × clients), capped so that clients > 2f + 2",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")

@@ -40,8 +40,13 @@ from strategies.compression import decompress, payload_bytes
 
 MODELS = ("tiny3d", "mc3_18", "r3d_18", "r2plus1d_18", "framepool_resnet18")
 # (label, method, top-k fraction)
-SETTINGS = (("none", "none", 0.0), ("fp16", "fp16", 0.0), ("int8", "int8", 0.0),
-            ("topk 0.1", "topk", 0.1), ("topk 0.01", "topk", 0.01))
+SETTINGS = (
+    ("none", "none", 0.0),
+    ("fp16", "fp16", 0.0),
+    ("int8", "int8", 0.0),
+    ("topk 0.1", "topk", 0.1),
+    ("topk 0.01", "topk", 0.01),
+)
 
 
 def reference_model(name: str, num_classes: int, seed: int) -> dict[str, np.ndarray]:
@@ -79,8 +84,9 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     reference = reference_model(name, args.num_classes, args.seed)
     update = client_update(reference, args.delta_std, args.seed + 1)
     model_bytes = sum(v.nbytes for v in reference.values())
-    delta_norm = float(np.sqrt(sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2))
-                                   for k in reference)))
+    delta_norm = float(
+        np.sqrt(sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in reference))
+    )
     rows = []
     for label, method, fraction in SETTINGS:
         start = time.perf_counter()
@@ -91,22 +97,33 @@ def measure_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         decompress_s = time.perf_counter() - start
         error = float(np.sqrt(sum(float(np.sum((restored[k].astype(np.float64) - update[k]) ** 2)) for k in update)))
         up = payload_bytes(payload)
-        rows.append({
-            "setting": label, "method": method, "topk-fraction": fraction or None,
-            "up-bytes-per-client": int(up), "up-bytes": int(up) * args.clients,
-            "down-bytes": model_bytes * args.clients,
-            "serialized-up-bytes-per-client": serialized_bytes(payload),
-            "payload-arrays": len(payload),
-            "compress-s": compress_s, "decompress-s": decompress_s,
-            "delta-rel-error": error / delta_norm if delta_norm > 0 else float("nan"),
-        })
+        rows.append(
+            {
+                "setting": label,
+                "method": method,
+                "topk-fraction": fraction or None,
+                "up-bytes-per-client": int(up),
+                "up-bytes": int(up) * args.clients,
+                "down-bytes": model_bytes * args.clients,
+                "serialized-up-bytes-per-client": serialized_bytes(payload),
+                "payload-arrays": len(payload),
+                "compress-s": compress_s,
+                "decompress-s": decompress_s,
+                "delta-rel-error": error / delta_norm if delta_norm > 0 else float("nan"),
+            }
+        )
         del payload, restored
     none_up = rows[0]["up-bytes"]
     for row in rows:
         row["up-vs-none"] = row["up-bytes"] / none_up
         row["total-vs-none"] = (row["up-bytes"] + row["down-bytes"]) / (none_up + rows[0]["down-bytes"])
-    return {"model": name, "params": sum(v.size for v in reference.values() if np.issubdtype(v.dtype, np.floating)),
-            "tensors": len(reference), "model-bytes": model_bytes, "rows": rows}
+    return {
+        "model": name,
+        "params": sum(v.size for v in reference.values() if np.issubdtype(v.dtype, np.floating)),
+        "tensors": len(reference),
+        "model-bytes": model_bytes,
+        "rows": rows,
+    }
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,19 +131,28 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name in args.models:
         results.append(measure_model(name, args))
         print(f"  measured {name}", flush=True)
-    return {"benchmark": "bytes-per-round", "clients": args.clients, "num-classes": args.num_classes,
-            "delta-std": args.delta_std, "models": results}
+    return {
+        "benchmark": "bytes-per-round",
+        "clients": args.clients,
+        "num-classes": args.num_classes,
+        "delta-std": args.delta_std,
+        "models": results,
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
     mb = 1e6
     n = result["clients"]
     lines = [
-        (f"{n} clients, {result['num-classes']} classes; MB = 10^6 bytes; up = payload tensor bytes "
-        "(the round record's bytes-up), down = full model × clients (train phase)"),
+        (
+            f"{n} clients, {result['num-classes']} classes; MB = 10^6 bytes; up = payload tensor bytes "
+            "(the round record's bytes-up), down = full model × clients (train phase)"
+        ),
         "",
-        ("| model | setting | up MB / client | up MB / round | down MB / round | up ÷ none | (up+down) ÷ none "
-        "| serialized up MB / client | compress s | decompress s | delta rel. error |"),
+        (
+            "| model | setting | up MB / client | up MB / round | down MB / round | up ÷ none | (up+down) ÷ none "
+            "| serialized up MB / client | compress s | decompress s | delta rel. error |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in result["models"]:

@@ -20,10 +20,10 @@ machine and its load. ``--repeats R`` measures every mode R times, interleaved, 
 mode's best. The table also gives the share of each file-fed epoch spent waiting for the next batch
 (decoding, with ``--workers 0``, runs in the training process). On a machine whose cores are busy
 with other work, pass ``--threads 1``: torch's intra-op thread pool then stalls on every small
-operation (the loader's per-clip tensor ops included) and the figures swing by several times. On CPU the app ignores ``--bf16`` and ``--channels-last`` (bf16 autocast is
-CUDA-only there, by design).
+operation (the loader's per-clip tensor ops included) and the figures swing by several times. On
+CPU the app ignores ``--bf16`` and ``--channels-last`` (bf16 autocast is CUDA-only there, by design).
 
-    .venv/bin/python -m bench.client_throughput                                   # tiny3d, 16×64², batch 8 (CPU: a minute or two)
+    .venv/bin/python -m bench.client_throughput   # tiny3d, 16×64², batch 8 (CPU: a minute or two)
     .venv/bin/python -m bench.client_throughput --device cuda --models r3d_18 mc3_18 r2plus1d_18 \\
         --batch-size 32 --size 112 --bf16 --channels-last --workers 8 --steps 30  # the issue's GPU setting
 """
@@ -129,14 +129,23 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in args.modes if m != "cached" or has_clip_cache()]
     notes = [] if modes == args.modes else ["cached mode skipped: AppConfig has no clip_cache_dir field"]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_config({
-            "batch-size": args.batch_size, "clip-len": args.clip_len, "resize": f"{args.size}x{args.size}",
-            "crop-size": args.size, "num-workers": args.workers, "torch-threads": args.threads,
-            "device": args.device, "bf16": args.bf16, "channels-last": args.channels_last,
-            "synthetic-videos-per-class": max(2, math.ceil(videos / NUM_CLASSES)),
-            "synthetic-frames": max(24, args.clip_len + 8), "synthetic-size": args.size,
-            "cache-dir": args.cache_dir or str(Path(tmp) / "data"),
-        })
+        cfg = parse_config(
+            {
+                "batch-size": args.batch_size,
+                "clip-len": args.clip_len,
+                "resize": f"{args.size}x{args.size}",
+                "crop-size": args.size,
+                "num-workers": args.workers,
+                "torch-threads": args.threads,
+                "device": args.device,
+                "bf16": args.bf16,
+                "channels-last": args.channels_last,
+                "synthetic-videos-per-class": max(2, math.ceil(videos / NUM_CLASSES)),
+                "synthetic-frames": max(24, args.clip_len + 8),
+                "synthetic-size": args.size,
+                "cache-dir": args.cache_dir or str(Path(tmp) / "data"),
+            }
+        )
         set_torch_threads(cfg.torch_threads)
         device = select_device(cfg.device)
         index = load_video_index(cfg)
@@ -182,35 +191,56 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for mode in modes:
                     row[f"{mode}-vs-limit"] = row[f"{mode}-clips-per-s"] / row["limit-clips-per-s"]
             rows.append(row)
-            print("  " + name + ": " + ", ".join(f"{m} {row[f'{m}-clips-per-s']:.2f} clips/s" for m in modes), flush=True)
+            print(
+                "  " + name + ": " + ", ".join(f"{m} {row[f'{m}-clips-per-s']:.2f} clips/s" for m in modes), flush=True
+            )
     return {
-        "benchmark": "client-throughput", "device": str(device),
+        "benchmark": "client-throughput",
+        "device": str(device),
         "device-name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch-threads": torch.get_num_threads(), "batch-size": args.batch_size, "clip-len": args.clip_len,
-        "size": args.size, "workers": args.workers, "steps": args.steps, "repeats": args.repeats,
+        "torch-threads": torch.get_num_threads(),
+        "batch-size": args.batch_size,
+        "clip-len": args.clip_len,
+        "size": args.size,
+        "workers": args.workers,
+        "steps": args.steps,
+        "repeats": args.repeats,
         "videos": len(samples),
-        "bf16": args.bf16 and device.type == "cuda", "channels-last": args.channels_last and device.type == "cuda",
-        "modes": modes, "decode-only-clips-per-s": decode, "rows": rows, "notes": notes,
+        "bf16": args.bf16 and device.type == "cuda",
+        "channels-last": args.channels_last and device.type == "cuda",
+        "modes": modes,
+        "decode-only-clips-per-s": decode,
+        "rows": rows,
+        "notes": notes,
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
     modes = result["modes"]
     lines = [
-        (f"device {result['device']} ({result['device-name']}), {result['torch-threads']} torch threads, "
-        f"batch {result['batch-size']}, clips {result['clip-len']}×{result['size']}², {result['steps']} steps "
-         f"(best of {result['repeats']}) "
-        f"({result['videos']} videos), {result['workers']} loader workers, bf16 {result['bf16']}, "
-        f"channels-last {result['channels-last']}"),
+        (
+            f"device {result['device']} ({result['device-name']}), {result['torch-threads']} torch threads, "
+            f"batch {result['batch-size']}, clips {result['clip-len']}×{result['size']}², {result['steps']} steps "
+            f"(best of {result['repeats']}) "
+            f"({result['videos']} videos), {result['workers']} loader workers, bf16 {result['bf16']}, "
+            f"channels-last {result['channels-last']}"
+        ),
         "decode only (loader, no model): "
         + ", ".join(f"{k} {v:.1f} clips/s" for k, v in result["decode-only-clips-per-s"].items()),
         *result["notes"],
         "",
-        "| model | params M | " + " | ".join(f"{m} clips/s" for m in modes)
+        "| model | params M | "
+        + " | ".join(f"{m} clips/s" for m in modes)
         + "".join(f" | {m} ÷ limit" for m in modes if m != "limit" and "limit" in modes)
-        + "".join(f" | {m}: share waiting for input" for m in modes if m != "limit") + " |",
-        "|---|---|" + "---|" * (len(modes) + 2 * sum(m != "limit" for m in modes)
-                                - sum(m != "limit" and "limit" not in modes for m in modes)),
+        + "".join(f" | {m}: share waiting for input" for m in modes if m != "limit")
+        + " |",
+        "|---|---|"
+        + "---|"
+        * (
+            len(modes)
+            + 2 * sum(m != "limit" for m in modes)
+            - sum(m != "limit" and "limit" not in modes for m in modes)
+        ),
     ]
     for row in result["rows"]:
         lines.append(
@@ -228,17 +258,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["tiny3d"], choices=MODEL_NAMES)
     parser.add_argument("--modes", nargs="+", default=["limit", "cold", "cached"], choices=("limit", "cold", "cached"))
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                        help="bf16 autocast (CUDA only; ignored on CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                        help="channels_last_3d model and clips (CUDA only; ignored on CPU)")
+    parser.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (CUDA only; ignored on CPU)"
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="channels_last_3d model and clips (CUDA only; ignored on CPU)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--clip-len", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="frame, decode and crop size (square)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode (one epoch)")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="measure every mode this many times (interleaved), keep the best")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure every mode this many times (interleaved), keep the best"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")

@@ -23,8 +23,12 @@ ATTACK_FRACTION = 0.3
 SCENARIOS = {
     "iid": {"partitioning": "iid"},
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
-    "30%-sign-flip": {"partitioning": "iid", "attack": "sign-flip", "attack-fraction": ATTACK_FRACTION,
-                      "attack-scale": 10.0},
+    "30%-sign-flip": {
+        "partitioning": "iid",
+        "attack": "sign-flip",
+        "attack-fraction": ATTACK_FRACTION,
+        "attack-scale": 10.0,
+    },
 }
 STRATEGIES = {
     "fedavg": {"strategy": "fedavg"},
@@ -62,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                 results = run_inprocess(config, args.clients, Path(tmp) / f"{scenario}-{name}")
                 accuracy = [r["central"]["video-accuracy"] for r in results.rounds]
                 curves[scenario][name] = accuracy
-                print(f"{scenario:>14} | {name:<24} | final video accuracy {accuracy[-1]:.3f} "
-                      f"| {time.perf_counter() - start:.0f} s", flush=True)
+                print(
+                    f"{scenario:>14} | {name:<24} | final video accuracy {accuracy[-1]:.3f} "
+                    f"| {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "strategies.json", {"config": base, "scenarios": SCENARIOS,
-                                                     "strategies": STRATEGIES, "video-accuracy": curves})
+    atomic_write_json(
+        args.out / "strategies.json",
+        {"config": base, "scenarios": SCENARIOS, "strategies": STRATEGIES, "video-accuracy": curves},
+    )
     table = markdown_table(curves, args)
     atomic_write_bytes(args.out / "strategies.md", table.encode())
     plot(curves, args.out / "strategies.png")

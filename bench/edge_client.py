@@ -33,23 +33,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="")
     args = parser.parse_args(argv)
 
-    cfg = parse_config({
-        "model": args.model, "clip-len": args.clip_len, "resize": f"{args.size}x{args.size}",
-        "crop-size": args.size, "batch-size": args.batch_size, "local-epochs": 1,
-        "torch-threads": args.threads, "cache-dir": args.cache_dir,
-    })
+    cfg = parse_config(
+        {
+            "model": args.model,
+            "clip-len": args.clip_len,
+            "resize": f"{args.size}x{args.size}",
+            "crop-size": args.size,
+            "batch-size": args.batch_size,
+            "local-epochs": 1,
+            "torch-threads": args.threads,
+            "cache-dir": args.cache_dir,
+        }
+    )
     client = make_client(cfg, {"partition-id": 0, "num-partitions": 3})
     model = build_model(cfg.model, len(client.classes))
     start = time.perf_counter()
     _, videos, metrics = client.fit(state_arrays(model), {"server-round": 1})
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({
-        "model": args.model, "params-m": round(count_parameters(model) / 1e6, 2),
-        "clip": f"{args.clip_len}x{args.size}x{args.size}", "batch-size": args.batch_size,
-        "threads": args.threads, "videos": videos, "seconds-per-epoch": round(seconds, 1),
-        "train-clips-per-s": round(metrics["clips-per-s"], 2), "peak-rss-mib": round(peak_mib),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "params-m": round(count_parameters(model) / 1e6, 2),
+                "clip": f"{args.clip_len}x{args.size}x{args.size}",
+                "batch-size": args.batch_size,
+                "threads": args.threads,
+                "videos": videos,
+                "seconds-per-epoch": round(seconds, 1),
+                "train-clips-per-s": round(metrics["clips-per-s"], 2),
+                "peak-rss-mib": round(peak_mib),
+            }
+        )
+    )
     return 0
 
 

@@ -26,7 +26,8 @@ messages, process start-up (~40 s for ``flwr run`` with the simulation engine). 
 ClientApp's compression mod (its encode and the server's decode are categories of their own);
 ``--clip-cache`` turns the decoded-video cache on for both runs (filled before either is timed).
 
-    .venv/bin/python -m bench.federation_overhead --threads 1 --repeats 2   # 4 clients, 5 rounds × 2 epochs, tiny3d (about 4 min on a CPU core)
+    # 4 clients, 5 rounds × 2 epochs, tiny3d (about 4 min on a CPU core)
+    .venv/bin/python -m bench.federation_overhead --threads 1 --repeats 2
     .venv/bin/python -m bench.federation_overhead --rounds 1 --clients 2 --videos-per-class 4 --size 32 --clip-len 8
 """
 
@@ -64,8 +65,22 @@ CHECKPOINTS = "server: checkpoints"
 RESULTS = "server: results files"
 REPORT = "server: final report (confusion matrix, plots)"
 OTHER = "server: other (setup, round loop, logging)"
-CATEGORIES = (CLIENT_TRAIN, CLIENT_SETUP, CLIENT_EVAL, CLIENT_OTHER, ENCODE, SER_CLIENT, SER_SERVER, DECODE,
-              AGGREGATION, CENTRAL_EVAL, CHECKPOINTS, RESULTS, REPORT, OTHER)
+CATEGORIES = (
+    CLIENT_TRAIN,
+    CLIENT_SETUP,
+    CLIENT_EVAL,
+    CLIENT_OTHER,
+    ENCODE,
+    SER_CLIENT,
+    SER_SERVER,
+    DECODE,
+    AGGREGATION,
+    CENTRAL_EVAL,
+    CHECKPOINTS,
+    RESULTS,
+    REPORT,
+    OTHER,
+)
 _CLIENT_SIDE = (CLIENT_TRAIN, CLIENT_SETUP, CLIENT_EVAL, CLIENT_OTHER, ENCODE)
 
 
@@ -121,7 +136,9 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
         wrapped = timer.wrap(category, fn)
         setattr(owner, name, classmethod(wrapped) if as_classmethod else wrapped)
 
-    serialization = lambda: SER_CLIENT if timer.in_client() else SER_SERVER
+    def serialization():
+        return SER_CLIENT if timer.in_client() else SER_SERVER
+
     patch(inprocess, "client_app", CLIENT_OTHER)  # the ClientApp with its mods, as InProcessGrid calls it
     patch(compression_mod, "compress", ENCODE)
     patch(strategy_module, "decompress", DECODE)
@@ -250,9 +267,16 @@ def centralized(cfg: Any, index: Any, clients: int, device: torch.device) -> dic
         steps += len(loader) * cfg.local_epochs
         scores = evaluate()
     total = time.perf_counter() - start
-    return {"total-s": total, "train-s": times["train"], "eval-s": times["eval"],
-            "other-s": total - times["train"] - times["eval"], "steps": steps,
-            "train-videos": len(union), "partition-sizes": sizes, "final-video-accuracy": scores["video-accuracy"]}
+    return {
+        "total-s": total,
+        "train-s": times["train"],
+        "eval-s": times["eval"],
+        "other-s": total - times["train"] - times["eval"],
+        "steps": steps,
+        "train-videos": len(union),
+        "partition-sizes": sizes,
+        "final-video-accuracy": scores["video-accuracy"],
+    }
 
 
 def federated(config: dict[str, Any], clients: int, out_dir: Path) -> dict[str, Any]:
@@ -266,10 +290,14 @@ def federated(config: dict[str, Any], clients: int, out_dir: Path) -> dict[str, 
     breakdown = {name: timer.totals.get(name, 0.0) for name in CATEGORIES if name != OTHER}
     breakdown[OTHER] = total - sum(breakdown.values())
     last = results.rounds[-1]
-    return {"total-s": total, "breakdown-s": breakdown, "calls": dict(timer.calls),
-            "final-video-accuracy": last["central"].get("video-accuracy"),
-            "bytes-up": sum(r.get("bytes-up", 0) for r in results.rounds),
-            "bytes-down": sum(r.get("bytes-down", 0) for r in results.rounds)}
+    return {
+        "total-s": total,
+        "breakdown-s": breakdown,
+        "calls": dict(timer.calls),
+        "final-video-accuracy": last["central"].get("video-accuracy"),
+        "bytes-up": sum(r.get("bytes-up", 0) for r in results.rounds),
+        "bytes-down": sum(r.get("bytes-down", 0) for r in results.rounds),
+    }
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -302,8 +330,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         all_totals: dict[str, list[float]] = {"federated": [], "centralized": []}
         for repeat in range(args.repeats):
             # Alternate which runs first: the second run of a pair tends to be faster (warm caches).
-            order = ("federated", "centralized") if (repeat % 2 == 0) != args.centralized_first else (
-                "centralized", "federated")
+            order = (
+                ("federated", "centralized")
+                if (repeat % 2 == 0) != args.centralized_first
+                else ("centralized", "federated")
+            )
             for mode in order:
                 torch.manual_seed(cfg.seed)
                 if mode == "federated":
@@ -315,12 +346,17 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     best[mode] = run
                 print(f"  {mode}: {run['total-s']:.1f} s", flush=True)
         fed, cent = best["federated"], best["centralized"]
-    fed_steps = sum(math.ceil(n / cfg.batch_size) for n in cent["partition-sizes"]) * cfg.local_epochs * cfg.num_server_rounds
+    fed_steps = (
+        sum(math.ceil(n / cfg.batch_size) for n in cent["partition-sizes"]) * cfg.local_epochs * cfg.num_server_rounds
+    )
     return {
         "benchmark": "federation-overhead",
         "config": {k: v for k, v in config.items() if k != "cache-dir"},
-        "clients": args.clients, "device": str(device), "torch-threads": torch.get_num_threads(),
-        "repeats": args.repeats, "all-totals-s": all_totals,
+        "clients": args.clients,
+        "device": str(device),
+        "torch-threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "all-totals-s": all_totals,
         "federated": {**fed, "steps": fed_steps},
         "centralized": cent,
         "ratio": fed["total-s"] / cent["total-s"],
@@ -334,10 +370,12 @@ def format_report(result: dict[str, Any]) -> str:
     fed, cent = result["federated"], result["centralized"]
     cfg = result["config"]
     lines = [
-        (f"{result['clients']} clients × {cfg['num-server-rounds']} rounds × {cfg['local-epochs']} local epochs, "
-        f"{cfg['model']}, {cent['train-videos']} training videos (partitions {cent['partition-sizes']}), "
-        f"batch {cfg['batch-size']}, clips {cfg['clip-len']}×{cfg['crop-size']}², device {result['device']}, "
-        f"{result['torch-threads']} torch threads"),
+        (
+            f"{result['clients']} clients × {cfg['num-server-rounds']} rounds × {cfg['local-epochs']} local epochs, "
+            f"{cfg['model']}, {cent['train-videos']} training videos (partitions {cent['partition-sizes']}), "
+            f"batch {cfg['batch-size']}, clips {cfg['clip-len']}×{cfg['crop-size']}², device {result['device']}, "
+            f"{result['torch-threads']} torch threads"
+        ),
         "",
         f"best of {result['repeats']} (alternating which runs first); every run's wall s: "
         + "; ".join(f"{k} " + ", ".join(f"{t:.1f}" for t in v) for k, v in result["all-totals-s"].items()),
@@ -347,9 +385,11 @@ def format_report(result: dict[str, Any]) -> str:
         f"| federated (in process) | {fed['total-s']:.1f} | {fed['steps']} | {fed['final-video-accuracy']:.3f} |",
         f"| centralized | {cent['total-s']:.1f} | {cent['steps']} | {cent['final-video-accuracy']:.3f} |",
         "",
-        (f"federated ÷ centralized wall time: {result['ratio']:.2f} "
-         f"({result['ratio-without-report']:.2f} without the final report); training alone "
-         f"(client train_epochs ÷ central train_epochs): {result['train-ratio']:.2f}"),
+        (
+            f"federated ÷ centralized wall time: {result['ratio']:.2f} "
+            f"({result['ratio-without-report']:.2f} without the final report); training alone "
+            f"(client train_epochs ÷ central train_epochs): {result['train-ratio']:.2f}"
+        ),
         "",
         "| federated time, by category | s | share |",
         "|---|---|---|",
@@ -384,19 +424,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (num-workers)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on CUDA (the app ignores it on CPU)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels_last(_3d) on CUDA (the app ignores it on CPU)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA (the app ignores it on CPU)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last(_3d) on CUDA (the app ignores it on CPU)",
+    )
     parser.add_argument("--client-eval", action="store_true", help="also run the clients' evaluate phase")
-    parser.add_argument("--compression", default="none", choices=("none", "fp16", "int8", "topk"),
-                        help="update compression (run config compression)")
+    parser.add_argument(
+        "--compression",
+        default="none",
+        choices=("none", "fp16", "int8", "topk"),
+        help="update compression (run config compression)",
+    )
     parser.add_argument("--topk-fraction", type=float, default=0.01)
-    parser.add_argument("--clip-cache", action="store_true",
-                        help="decoded-video cache on (clip-cache-dir in a temporary folder, filled before timing)")
+    parser.add_argument(
+        "--clip-cache",
+        action="store_true",
+        help="decoded-video cache on (clip-cache-dir in a temporary folder, filled before timing)",
+    )
     parser.add_argument("--centralized-first", action="store_true", help="run the centralized loop first")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run the pair this many times, alternating which goes first; keep each one's fastest")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the pair this many times, alternating which goes first; keep each one's fastest",
+    )
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: a temporary folder)")
     parser.add_argument("--verbose", action="store_true", help="keep the app's INFO logs")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")

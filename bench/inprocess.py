@@ -19,9 +19,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.client.app import app as client_app
-from fedapp.task.config import parse_config
-from fedapp.server.results import RunResults, WriterLock
 from fedapp.server.app import run_federation
+from fedapp.server.results import RunResults, WriterLock
+from fedapp.task.config import parse_config
 
 
 class InProcessGrid:

@@ -110,7 +110,10 @@ def _split_by_key(
     if keyed_samples and (not train or not test) and 0.0 < test_fraction < 1.0:
         logger.warning(
             "%s: hash split with test_fraction=%s left %d train and %d test videos (too few groups?)",
-            source, test_fraction, len(train), len(test),
+            source,
+            test_fraction,
+            len(train),
+            len(test),
         )
     return train, test
 
@@ -289,7 +292,9 @@ def load_manifest(csv_path: str | Path, test_fraction: float = 0.2) -> VideoInde
     for row in rows:
         path = Path(row["path"]).expanduser()
         path = path if path.is_absolute() else (csv_path.parent / path).resolve()
-        samples.append(VideoSample(path=str(path), label=class_index[row["label"]], group=row.get("group") or path.stem))
+        samples.append(
+            VideoSample(path=str(path), label=class_index[row["label"]], group=row.get("group") or path.stem)
+        )
     if has_split:
         train = [sample for sample, row in zip(samples, rows) if row["split"].lower() == "train"]
         test = [sample for sample, row in zip(samples, rows) if row["split"].lower() == "test"]

@@ -83,7 +83,9 @@ def partition_dirichlet(
             return _sorted_lists(parts)
     logger.warning(
         "dirichlet(alpha=%s): no draw in %d gave every partition %d videos; moving videos from the largest",
-        alpha, _DIRICHLET_TRIES, min_per_partition,
+        alpha,
+        _DIRICHLET_TRIES,
+        min_per_partition,
     )
     parts = [sorted(part) for part in parts]
     for part in parts:
@@ -105,9 +107,7 @@ def partition_k_classes(labels: Sequence[int], num_partitions: int, k: int, seed
     if not 1 <= k <= len(classes):
         raise PartitionError(f"k must be between 1 and the number of classes ({len(classes)}), got {k}")
     if num_partitions * k < len(classes):
-        raise PartitionError(
-            f"{num_partitions} clients with {k} classes each cannot cover all {len(classes)} classes"
-        )
+        raise PartitionError(f"{num_partitions} clients with {k} classes each cannot cover all {len(classes)} classes")
     rng = np.random.default_rng(seed)
     order = [classes[i] for i in rng.permutation(len(classes))]
     # Consecutive slots of a cycle over `order`: k distinct classes per client since k <= #classes.

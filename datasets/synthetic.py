@@ -237,9 +237,9 @@ def render_video(class_name: str, spec: SyntheticSpec, rng: np.random.Generator)
     scale = np.exp(log_low + zoom_rate * position).astype(f32)
 
     grid = (np.arange(side, dtype=f32) + 0.5) / side - 0.5
-    ramp = np.clip(
-        grid[None, :] * math.cos(gradient_angle) + grid[:, None] * math.sin(gradient_angle) + 0.5, 0, 1
-    )[..., None]
+    ramp = np.clip(grid[None, :] * math.cos(gradient_angle) + grid[:, None] * math.sin(gradient_angle) + 0.5, 0, 1)[
+        ..., None
+    ]
     scene = (background[0] + (background[1] - background[0]) * ramp).astype(f32)  # static H×W×3
 
     # Distractors are static, so they add clutter without adding motion of either direction.

@@ -118,9 +118,7 @@ def uniform_clip_starts(num_frames: int, clip_len: int, stride: int, num_clips: 
     return [round(max_start * (k + 0.5) / num_clips) for k in range(num_clips)]
 
 
-def random_clip_start(
-    num_frames: int, clip_len: int, stride: int, rng: random.Random | np.random.Generator
-) -> int:
+def random_clip_start(num_frames: int, clip_len: int, stride: int, rng: random.Random | np.random.Generator) -> int:
     """A uniformly random valid clip start (0 when the video is shorter than a clip span)."""
     max_start = _max_clip_start(num_frames, clip_len, stride)
     if isinstance(rng, np.random.Generator):
@@ -128,9 +126,7 @@ def random_clip_start(
     return rng.randint(0, max_start)
 
 
-def decode_frames(
-    path: str | Path, frame_indices: Sequence[int], size: tuple[int, int] | None = None
-) -> np.ndarray:
+def decode_frames(path: str | Path, frame_indices: Sequence[int], size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode the given frames as a uint8 RGB array ``T×H×W×3`` with ``T == len(frame_indices)``.
 
     ``frame_indices`` must be non-decreasing and may repeat (padded clips). ``size=(height, width)``

@@ -164,7 +164,9 @@ class PrivateStrategy(Strategy):
         if mode not in ("server-side", "client-side"):
             raise ValueError(f"dp mode {mode!r}: expected 'server-side' or 'client-side'")
         wrapper = (
-            DifferentialPrivacyServerSideFixedClipping if mode == "server-side" else DifferentialPrivacyClientSideFixedClipping
+            DifferentialPrivacyServerSideFixedClipping
+            if mode == "server-side"
+            else DifferentialPrivacyClientSideFixedClipping
         )
         self.inner = inner
         self.mode = mode
@@ -185,7 +187,9 @@ class PrivateStrategy(Strategy):
             "delta": self.delta,
             "releases": self.releases,
             "epsilon": epsilon_spent(self.dp.noise_multiplier, self.releases, self.delta) if accounted else None,
-            "accounting": "rdp, no sampling amplification, client-level" if accounted else f"not accounted: {self.accounting_gap}",
+            "accounting": "rdp, no sampling amplification, client-level"
+            if accounted
+            else f"not accounted: {self.accounting_gap}",
             "private-tensors": "floating-point tensors; integer BatchNorm step counters averaged outside the mechanism",
         }
 
@@ -201,7 +205,9 @@ class PrivateStrategy(Strategy):
         inner strategy samples the nodes from ``model`` as given."""
         self._sent = model.numpy()
         self._aggregator.model = model
-        return list(self.dp.configure_train(server_round, model.record(), ConfigRecord() if config is None else config, grid))
+        return list(
+            self.dp.configure_train(server_round, model.record(), ConfigRecord() if config is None else config, grid)
+        )
 
     def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Screen with the inner strategy, then clip, aggregate and noise through Flower's wrapper;

@@ -239,7 +239,11 @@ class VideoFedAvg(FedAvg):
             report.accepted.append(reply)
         logger.info(
             "round %d %s: %d accepted, %d rejected, %d failed",
-            server_round, phase, len(report.accepted), len(report.rejected), len(report.failed),
+            server_round,
+            phase,
+            len(report.accepted),
+            len(report.rejected),
+            len(report.failed),
         )
         return report
 

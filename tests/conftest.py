@@ -24,6 +24,7 @@ def fedvideo_command() -> str:
         pytest.fail("the fedvideo command is not installed: run `make setup` (pip install -e .)")
     return found
 
+
 # A small synthetic dataset: enough videos for 3 partitions, small enough to write in a second.
 SMALL_SYNTHETIC = {
     "synthetic-classes": 4,

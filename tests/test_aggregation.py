@@ -40,7 +40,9 @@ def test_order_invariance_and_equal_counts_give_plain_mean():
     a = fedavg(zip(updates, [3, 3, 3, 3]))
     b = fedavg(zip(updates[::-1], [3, 3, 3, 3]))
     np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
-    np.testing.assert_allclose(a["w"], np.mean([u["w"] for u in updates], axis=0, dtype=np.float64), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        a["w"], np.mean([u["w"] for u in updates], axis=0, dtype=np.float64), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_bad_weights_raise():

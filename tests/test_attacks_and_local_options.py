@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedapp.client.attacks import flipped_labels, is_attacker, poison_update
 from fedapp.client.app import make_client, node_weight
+from fedapp.client.attacks import flipped_labels, is_attacker, poison_update
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.models import batchnorm_state_keys, build_model

@@ -52,9 +52,32 @@ def test_bytes_per_round_benchmark(tmp_path: Path, capsys) -> None:
 
 
 def test_federation_overhead_benchmark(tmp_path: Path, capsys) -> None:
-    argv = ["--clients", "2", "--rounds", "1", "--classes", "2", "--videos-per-class", "6", "--frames", "6",
-            "--size", "16", "--clip-len", "4", "--batch-size", "4", "--eval-clips", "1", "--threads", "1",
-            "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--classes",
+        "2",
+        "--videos-per-class",
+        "6",
+        "--frames",
+        "6",
+        "--size",
+        "16",
+        "--clip-len",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-clips",
+        "1",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     result = _run(federation_overhead.main, argv, tmp_path, capsys)
     fed, cent = result["federated"], result["centralized"]
     assert _positive(fed["total-s"]) and _positive(cent["total-s"]) and _positive(result["ratio"])
@@ -68,8 +91,26 @@ def test_federation_overhead_benchmark(tmp_path: Path, capsys) -> None:
 
 
 def test_client_throughput_benchmark(tmp_path: Path, capsys) -> None:
-    argv = ["--models", "tiny3d", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--clip-len", "4",
-            "--size", "16", "--threads", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "--models",
+        "tiny3d",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--clip-len",
+        "4",
+        "--size",
+        "16",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     result = _run(client_throughput.main, argv, tmp_path, capsys)
     assert result["modes"] == ["limit", "cold", "cached"]
     (row,) = result["rows"]

@@ -194,8 +194,11 @@ def counted(monkeypatch):
             monkeypatch.setattr(module, "parse_config", parse)
     numpy, from_numpy = Array.numpy, Array.__dict__["from_numpy_ndarray"].__func__
     monkeypatch.setattr(Array, "numpy", lambda self: seen.__setitem__("np.load", seen["np.load"] + 1) or numpy(self))
-    monkeypatch.setattr(Array, "from_numpy_ndarray", classmethod(
-        lambda cls, nd: seen.__setitem__("np.save", seen["np.save"] + 1) or from_numpy(cls, nd)))
+    monkeypatch.setattr(
+        Array,
+        "from_numpy_ndarray",
+        classmethod(lambda cls, nd: seen.__setitem__("np.save", seen["np.save"] + 1) or from_numpy(cls, nd)),
+    )
     return client_app.app, seen
 
 
@@ -224,8 +227,13 @@ def test_each_side_converts_once_through_the_whole_mod_chain(counted, compressio
     assert [list(d) for d in incoming] == [list(MODEL)]  # the sent model: decoded once, for every layer
     payload = list(out.content["arrays"])
     if compression == "int8":
-        assert payload == ["conv.weight::int8", "conv.weight::scale", "bn.running_var::int8",
-                           "bn.running_var::scale", "bn.num_batches_tracked"]
+        assert payload == [
+            "conv.weight::int8",
+            "conv.weight::scale",
+            "bn.running_var::int8",
+            "bn.running_var::scale",
+            "bn.num_batches_tracked",
+        ]
     else:
         assert payload == list(MODEL)
     if not dp:

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from bench.inprocess import InProcessGrid
+from fedapp.client.video_client import VideoClient
+from fedapp.server.app import NoUpdateError, run_federation
 from fedapp.server.checkpoint import (
     CheckpointError,
     best_checkpoint,
@@ -16,11 +18,9 @@ from fedapp.server.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from fedapp.client.video_client import VideoClient
-from fedapp.task.config import parse_config
 from fedapp.server.results import RunResults
-from fedapp.server.app import NoUpdateError, run_federation
 from fedapp.server.run_folder import locate_run
+from fedapp.task.config import parse_config
 
 
 def arrays(seed=0):
@@ -112,8 +112,14 @@ def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(small_run_
         assert not record["train-clients"]["failed"] and not record["train-clients"]["skipped"]
     assert history[4]["central"]["loss"] != pytest.approx(history[2]["central"]["loss"], abs=1e-6)
     after = load_checkpoint(run_dir / "checkpoints" / "round-0004")
-    assert max(float(np.abs(after.arrays[k].astype(np.float64) - v).max())
-               for k, v in before.arrays.items() if v.dtype.kind == "f") > 1e-4
+    assert (
+        max(
+            float(np.abs(after.arrays[k].astype(np.float64) - v).max())
+            for k, v in before.arrays.items()
+            if v.dtype.kind == "f"
+        )
+        > 1e-4
+    )
     assert summary["rounds-without-update"] == 0
     assert summary["rounds-completed"] == 4
     assert [p.name for p in list_checkpoints(run_dir)][-2:] == ["round-0003", "round-0004"]

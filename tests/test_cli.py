@@ -16,8 +16,15 @@ SUBCOMMANDS = ["run", "deploy", "certs", "predict", "retrieve", "export", "plot"
 
 def fedvideo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     # One torch thread: the tool subcommands import torch, and the machine has 2 cores.
-    return subprocess.run([fedvideo_command(), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [fedvideo_command(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_help_lists_every_subcommand_with_a_description() -> None:
@@ -55,8 +62,9 @@ def test_every_subcommand_answers_help_under_its_own_name(name: str) -> None:
 
 def test_synthetic_writes_a_dataset(tmp_path: Path) -> None:
     out = tmp_path / "motion"
-    proc = fedvideo("synthetic", "--out", str(out), "--classes", "2", "--videos-per-class", "2",
-                    "--frames", "8", "--size", "16")
+    proc = fedvideo(
+        "synthetic", "--out", str(out), "--classes", "2", "--videos-per-class", "2", "--frames", "8", "--size", "16"
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(list((out / "UCF-101").rglob("*.avi"))) == 4
     assert (out / "ucfTrainTestlist" / "classInd.txt").is_file()

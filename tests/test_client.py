@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fedapp.client.video_client import NoUsableVideoError, VideoClient
 from fedapp.client.app import make_client, node_settings
+from fedapp.client.video_client import NoUsableVideoError, VideoClient
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index, node_partition
 from fedapp.task.models import build_model
@@ -109,7 +109,9 @@ def test_evaluate_fails_when_no_test_video_decodes(cfg, initial, tmp_path):
         path.write_bytes(b"RIFF" + b"\x00" * 4000)
         broken.append(type(sample)(str(path), sample.label, sample.group))
     client = VideoClient(cfg, good.classes, good.train_samples, broken, partition_id=5)
-    with pytest.raises(NoUsableVideoError, match=f"partition 5: none of its {len(broken)} test videos could be decoded"):
+    with pytest.raises(
+        NoUsableVideoError, match=f"partition 5: none of its {len(broken)} test videos could be decoded"
+    ):
         client.evaluate(initial, {})
     loss, n, metrics = good.evaluate(initial, {})
     assert n == metrics["num-videos"] == len(good.test_samples) > 0

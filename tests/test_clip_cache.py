@@ -65,6 +65,7 @@ def decodes(monkeypatch) -> dict[str, int]:
         def wrapper(*args, **kwargs):
             counts[kind] += 1
             return decode_frames(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(clip_cache, "decode_frames", counting("build"))
@@ -242,8 +243,16 @@ def test_truncated_source_behaves_as_without_cache(tmp_path):
 
 def test_loaders_use_the_configured_cache_in_workers(samples, tmp_path):
     cfg = parse_config(
-        {"clip-len": 8, "clip-stride": 2, "resize": "40x48", "crop-size": 32, "eval-clips": 2, "batch-size": 4,
-         "num-workers": 1, "clip-cache-dir": str(tmp_path / "clips")},
+        {
+            "clip-len": 8,
+            "clip-stride": 2,
+            "resize": "40x48",
+            "crop-size": 32,
+            "eval-clips": 2,
+            "batch-size": 4,
+            "num-workers": 1,
+            "clip-cache-dir": str(tmp_path / "clips"),
+        },
         check_paths=False,
     )
     batches = list(eval_loader(cfg, samples))

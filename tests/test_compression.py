@@ -188,8 +188,11 @@ def test_tensors_that_would_not_shrink_or_survive_are_sent_whole():
         "huge": np.zeros(4, np.float32),  # the delta overflows float16
         "broken": np.zeros(4, np.float32),  # a NaN update must reach the server's checks as such
     }
-    upd = {"small": np.array([2.0], np.float32), "huge": np.full(4, 1e6, np.float32),
-           "broken": np.array([0, np.nan, 0, 0], np.float32)}
+    upd = {
+        "small": np.array([2.0], np.float32),
+        "huge": np.full(4, 1e6, np.float32),
+        "broken": np.array([0, np.nan, 0, 0], np.float32),
+    }
     fp16, _ = compress(upd, ref, "fp16")
     assert "huge" in fp16 and "broken" in fp16 and "small::fp16" in fp16
     int8, _ = compress(upd, ref, "int8")
@@ -319,7 +322,9 @@ def answering(update, metrics=None):
 
     def app(msg, context):
         calls.append(msg)
-        content = RecordDict({"arrays": numpy_to_arrays(update), "metrics": MetricRecord(metrics or {"num-examples": 4})})
+        content = RecordDict(
+            {"arrays": numpy_to_arrays(update), "metrics": MetricRecord(metrics or {"num-examples": 4})}
+        )
         return Message(content=content, reply_to=msg)
 
     return app, calls
@@ -364,7 +369,9 @@ def test_mod_leaves_evaluate_errors_and_uncompressed_runs_alone(pair):
     # evaluate messages pass straight through
     context = node_context({"compression": "int8"})
     evaluate = instruction(1, ref, message_type="evaluate")
-    out = compression_mod(evaluate, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=m))
+    out = compression_mod(
+        evaluate, context, lambda m, c: Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+    )
     assert "arrays" not in out.content
     # a failed reply stays the failure it is
     failed = compression_mod(instruction(1, ref), context, lambda m, c: error_reply(1, "no usable video"))
@@ -423,8 +430,14 @@ def test_a_decoded_update_is_still_validated(pair):
 def test_round_loop_counts_compressed_bytes_up(small_run_config, tmp_path):
     from bench.inprocess import run_inprocess
 
-    config = {**small_run_config, "num-server-rounds": 1, "fraction-evaluate": 0.0, "central-eval": False,
-              "compression": "topk", "topk-fraction": 0.01}
+    config = {
+        **small_run_config,
+        "num-server-rounds": 1,
+        "fraction-evaluate": 0.0,
+        "central-eval": False,
+        "compression": "topk",
+        "topk-fraction": 0.01,
+    }
     record = run_inprocess(config, 2, tmp_path / "run").rounds[1]
     clients = record["train-clients"]
     assert len(clients["clients"]) == 2 and not clients["rejected"] and not clients["failed"]

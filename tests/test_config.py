@@ -96,5 +96,15 @@ def test_to_dict_uses_toml_names():
 def test_krum_needs_enough_clients():
     with pytest.raises(ConfigError, match="krum-malicious=1 needs min-train-nodes > 2·1\\+2 = 4"):
         parse_config({"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1})
-    assert parse_config({"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1, "min-train-nodes": 5,
-                         "min-available-nodes": 5}).fusion_fn == "krum"
+    assert (
+        parse_config(
+            {
+                "strategy": "fusion",
+                "fusion-fn": "krum",
+                "krum-malicious": 1,
+                "min-train-nodes": 5,
+                "min-available-nodes": 5,
+            }
+        ).fusion_fn
+        == "krum"
+    )

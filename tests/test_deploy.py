@@ -106,8 +106,10 @@ def test_a_tls_failure_is_named_not_called_a_network_problem(tmp_path):
     server.start()
     try:
         deadline = time.monotonic() + 30
-        while "cannot reach" in (tls_problem("127.0.0.1", port, tmp_path / "real" / certs.CA_CERT) or "") \
-                and time.monotonic() < deadline:
+        while (
+            "cannot reach" in (tls_problem("127.0.0.1", port, tmp_path / "real" / certs.CA_CERT) or "")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)  # until the test server listens
         deployment.state["superlink-port"] = port
         outcome = deployment.run({"run-name": "x", "results-dir": str(tmp_path / "results")})
@@ -138,9 +140,16 @@ def test_run_finishes_when_a_supernode_dies_mid_round(small_run_config, tmp_path
     """3 SuperNodes, 2 needed; one is killed during round 1's training. Its reply becomes an error
     after about 60 s (Flower marks the node unavailable), round 1 aggregates the other two, round 2
     runs on the survivors."""
-    config = {**small_run_config, "num-server-rounds": 2, "min-train-nodes": 2, "min-evaluate-nodes": 2,
-              "min-available-nodes": 2, "round-timeout": 150.0,
-              "results-dir": str(tmp_path / "results"), "run-name": "run"}
+    config = {
+        **small_run_config,
+        "num-server-rounds": 2,
+        "min-train-nodes": 2,
+        "min-evaluate-nodes": 2,
+        "min-available-nodes": 2,
+        "round-timeout": 150.0,
+        "results-dir": str(tmp_path / "results"),
+        "run-name": "run",
+    }
     with Deployment(tmp_path / "deployment", num_nodes=3) as deployment:
         killer = threading.Thread(target=kill_when_training, args=(deployment, 2), daemon=True)
         killer.start()

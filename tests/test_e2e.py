@@ -16,13 +16,26 @@ from tests.conftest import PROJECT_DIR, fedvideo_command
 pytestmark = pytest.mark.e2e
 
 
-def launch(config: dict, tmp_path, federation: str = "num-supernodes=3 client-resources-num-cpus=1") -> tuple[int, str, dict]:
+def launch(
+    config: dict, tmp_path, federation: str = "num-supernodes=3 client-resources-num-cpus=1"
+) -> tuple[int, str, dict]:
     results = tmp_path / "results"
     config = {**config, "results-dir": str(results), "run-name": "run"}
     proc = subprocess.run(
-        [fedvideo_command(), "run", "--run-config", config_text(config),
-         "--federation-config", federation, "--timeout", "600"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
+        [
+            fedvideo_command(),
+            "run",
+            "--run-config",
+            config_text(config),
+            "--federation-config",
+            federation,
+            "--timeout",
+            "600",
+        ],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     summary_path = results / "run" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -76,8 +89,13 @@ def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tm
         writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "group"])
         writer.writeheader()
         writer.writerows(rows)
-    config = {**small_run_config, "dataset": "manifest", "data-dir": str(manifest), "partitioning": "groups",
-              "num-server-rounds": 1}
+    config = {
+        **small_run_config,
+        "dataset": "manifest",
+        "data-dir": str(manifest),
+        "partitioning": "groups",
+        "num-server-rounds": 1,
+    }
     rc, output, summary = launch(config, tmp_path)
     assert rc == 0, output[-3000:]
     record = json.loads((tmp_path / "results" / "run" / "rounds.jsonl").read_text().splitlines()[1])
@@ -92,8 +110,13 @@ STRATEGY_RUNS = {
     "median": {"strategy": "fusion", "fusion-fn": "median"},
     "trimmed-mean": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.2},
     "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
-    "krum": {"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": 1, "min-train-nodes": 5,
-             "min-available-nodes": 5},
+    "krum": {
+        "strategy": "fusion",
+        "fusion-fn": "krum",
+        "krum-malicious": 1,
+        "min-train-nodes": 5,
+        "min-available-nodes": 5,
+    },
     "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 10, "feddf-videos": 8},
     "fedavgm-fedprox-fedbn": {"server-momentum": 0.9, "server-lr": 0.5, "proximal-mu": 0.01, "fedbn": True},
     "dp-client-side": {"strategy": "average", "dp": "client-side", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0},
@@ -159,8 +182,14 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
 
     results = tmp_path / "results"
     config = {**small_run_config, "num-server-rounds": 4, "results-dir": str(results), "run-name": "run"}
-    cmd = [fedvideo_command(), "run", "--run-config", config_text(config),
-           "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    cmd = [
+        fedvideo_command(),
+        "run",
+        "--run-config",
+        config_text(config),
+        "--federation-config",
+        "num-supernodes=2 client-resources-num-cpus=1",
+    ]
     proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = results / "run" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -180,8 +209,9 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
     rounds = [json.loads(line)["round"] for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
 
-    rc, output, summary = launch({**config, "resume": "latest"}, tmp_path,
-                                 federation="num-supernodes=2 client-resources-num-cpus=1")
+    rc, output, summary = launch(
+        {**config, "resume": "latest"}, tmp_path, federation="num-supernodes=2 client-resources-num-cpus=1"
+    )
     assert rc == 0, output[-3000:]
     history = [json.loads(line) for line in (results / "run" / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4]

@@ -46,7 +46,7 @@ def test_writes_replace_the_file_whole(tmp_path):
     atomic_write_json(path, [1, 2], indent=None)
     assert path.read_text() == "[1, 2]\n"
     atomic_write_text(path, "ünï\n")
-    assert path.read_bytes() == "ünï\n".encode("utf-8")
+    assert path.read_bytes() == "ünï\n".encode()
     atomic_write_bytes(path, b"\x00\xff")
     assert path.read_bytes() == b"\x00\xff"
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]
@@ -87,11 +87,16 @@ def test_a_killed_writer_leaves_only_a_temp_file_that_remove_partial_writes_dele
     path = tmp_path / "rounds.jsonl"
     atomic_write_bytes(path, b"old\n")
     writer = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\nfrom fedapp.files import atomic_open\n"
-         f"with atomic_open({str(path)!r}) as f:\n"
-         "    f.write(b'new, half'); f.flush(); print('writing', flush=True); time.sleep(60)\n"],
-        cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom fedapp.files import atomic_open\n"
+            f"with atomic_open({str(path)!r}) as f:\n"
+            "    f.write(b'new, half'); f.flush(); print('writing', flush=True); time.sleep(60)\n",
+        ],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert writer.stdout.readline().strip() == "writing"

@@ -265,6 +265,7 @@ def test_krum_selection_is_permutation_equivariant():
 def test_robust_rules_resist_one_huge_outlier():
     rng = np.random.default_rng(7)
     center = random_models(rng, 1)[0]
+
     def perturb(change):
         return {k: change(v).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in center.items()}
 

@@ -18,13 +18,13 @@ from datasets.clip_dataset import EvalClipDataset
 from datasets.layouts import VideoSample
 from datasets.transforms import EvalClipTransform
 from datasets.video_io import VideoDecodeError
-from fedapp.tools import export, predict, retrieve
 from fedapp.server.checkpoint import model_from_checkpoint, save_checkpoint
 from fedapp.task.config import AppConfig, parse_config
 from fedapp.task.data import eval_loader, load_video_index, train_loader
-from fedapp.tools.inference import embed_video, predict_video, video_clips
 from fedapp.task.models import build_model
 from fedapp.task.train import evaluate_model, make_optimizer, train_epochs
+from fedapp.tools import export, predict, retrieve
+from fedapp.tools.inference import embed_video, predict_video, video_clips
 from tests.conftest import fedvideo_command
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -147,7 +147,10 @@ def test_predict_cli_text_through_the_fedvideo_command(trained: Trained) -> None
     samples = one_per_class(trained.test)
     result = subprocess.run(
         [fedvideo_command(), "predict", str(trained.checkpoint), *(s.path for s in samples), "--top-k", "1"],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60,
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
@@ -166,8 +169,20 @@ def test_predict_cli_bad_checkpoint(tmp_path: Path, trained: Trained, capsys) ->
 
 
 def run_retrieve(trained: Trained, gallery: Path, index_dir: Path, query: Path, capsys) -> dict:
-    code = retrieve.main([str(trained.checkpoint), "--index-dir", str(index_dir), "--videos", str(gallery),
-                          "--query", str(query), "--top-k", "3", "--json"])
+    code = retrieve.main(
+        [
+            str(trained.checkpoint),
+            "--index-dir",
+            str(index_dir),
+            "--videos",
+            str(gallery),
+            "--query",
+            str(query),
+            "--top-k",
+            "3",
+            "--json",
+        ]
+    )
     assert code == 0
     return json.loads(capsys.readouterr().out)
 

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from fedapp.task.devices import _channels_last_format, autocast_context, input_to_device, prepare_model, select_device
 from fedapp.task.models import (
     MODEL_NAMES,
     POOLINGS,
@@ -21,7 +22,6 @@ from fedapp.task.models import (
     freeze_backbone,
     load_pretrained_backbone,
 )
-from fedapp.task.devices import _channels_last_format, autocast_context, input_to_device, prepare_model, select_device
 
 torch.set_num_threads(2)
 
@@ -223,7 +223,9 @@ def test_freeze_backbone_updates_only_head() -> None:
     free = build_model("tiny3d", num_classes=2)
     ref = {k: v.clone() for k, v in free.state_dict().items()}
     _train_step(free)
-    assert not torch.equal(free.state_dict()["backbone.blocks.0.1.running_mean"], ref["backbone.blocks.0.1.running_mean"])
+    assert not torch.equal(
+        free.state_dict()["backbone.blocks.0.1.running_mean"], ref["backbone.blocks.0.1.running_mean"]
+    )
     assert not torch.equal(free.state_dict()["backbone.blocks.0.0.weight"], ref["backbone.blocks.0.0.weight"])
 
 

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from bench.inprocess import run_inprocess
-from fedapp.task.config import ConfigError, parse_config
 from fedapp.client.dp_mod import dp_clipping_mod
+from fedapp.task.config import ConfigError, parse_config
 from strategies.privacy import (
     PrivateStrategy,
     clamp_variances,
@@ -21,7 +21,7 @@ from strategies.privacy import (
 )
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.strategy import AverageStrategy, FusionStrategy, VideoFedAvg
-from tests.flower_messages import error_reply, ensure_identity, instruction, reply
+from tests.flower_messages import ensure_identity, error_reply, instruction, reply
 
 
 def model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -166,7 +166,9 @@ def test_wraps_any_strategy_but_accounts_only_a_uniform_mean():
     for inner in (VideoFedAvg(min_train_nodes=1), FusionStrategy(fusion_fn="median", min_train_nodes=1)):
         strategy = private(inner, noise=1.0)
         configured(strategy, base, 3)
-        new, _ = strategy.aggregate_train(1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2, 3)])
+        new, _ = strategy.aggregate_train(
+            1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2, 3)]
+        )
         assert new is not None
         settings = strategy.settings()
         assert settings["epsilon"] is None and settings["accounting"].startswith("not accounted")
@@ -181,8 +183,9 @@ def test_an_unchanged_model_is_rejected_not_divided_by_zero():
     base = model()
     strategy = private(noise=1.0)
     configured(strategy, base, 2)
-    report = strategy.train_round(1, [reply(1, dict(base), {"num-examples": 1}),
-                                      reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})])
+    report = strategy.train_round(
+        1, [reply(1, dict(base), {"num-examples": 1}), reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})]
+    )
     assert report.arrays is not None
     assert report.rejected[0]["reason"] == "update is the global model (norm 0)"
 
@@ -281,8 +284,15 @@ def test_dp_keys_are_validated_with_the_allowed_values():
 @pytest.mark.parametrize("mode", ["server-side", "client-side"])
 def test_dp_run_completes_and_records_its_settings(mode, small_run_config, tmp_path):
     """The real round loop, ClientApp and mods (bench/inprocess.py) with DP on, 2 rounds."""
-    config = {**small_run_config, "num-server-rounds": 2, "strategy": "average", "dp": mode,
-              "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0, "fraction-evaluate": 0.0}
+    config = {
+        **small_run_config,
+        "num-server-rounds": 2,
+        "strategy": "average",
+        "dp": mode,
+        "dp-noise-multiplier": 0.5,
+        "dp-clipping-norm": 2.0,
+        "fraction-evaluate": 0.0,
+    }
     results = run_inprocess(config, 3, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds-completed"] == 2

@@ -24,10 +24,12 @@ from fedapp.ops.processes import (
 
 # A child in a group of its own that starts a grandchild in a session (and group) of its own, as
 # the SuperLink starts Flower's SuperExec; it prints the grandchild's PID.
-TREE = ("import subprocess, sys\n"
-        "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
-        "print(p.pid, flush=True)\n"
-        "p.wait()\n")
+TREE = (
+    "import subprocess, sys\n"
+    "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+    "print(p.pid, flush=True)\n"
+    "p.wait()\n"
+)
 
 
 @pytest.fixture

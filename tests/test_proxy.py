@@ -32,8 +32,9 @@ def rounds(run_dir: Path) -> list[dict]:
 
 def post(port: int, path: str, ca: Path, body: bytes = b"") -> int:
     """HTTP status of a raw HTTPS POST of ``path`` (sent as is, not normalized) to 127.0.0.1:``port``."""
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)),
-                                       timeout=60)
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)), timeout=60
+    )
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": "application/protobuf"})
         return conn.getresponse().status
@@ -52,21 +53,35 @@ def test_secure_up_refuses_without_nginx_before_starting_anything(tmp_path, monk
 @needs_nginx
 def test_generated_config_passes_nginx_t_and_forwards_only_the_fleet_api(tmp_path):
     certs.make_certs(tmp_path / "certs")
-    tls = TlsFiles(tmp_path / "certs" / certs.CA_CERT, tmp_path / "certs" / certs.SERVER_CERT,
-                   tmp_path / "certs" / certs.SERVER_KEY)
+    tls = TlsFiles(
+        tmp_path / "certs" / certs.CA_CERT,
+        tmp_path / "certs" / certs.SERVER_CERT,
+        tmp_path / "certs" / certs.SERVER_KEY,
+    )
     prefix, logs = tmp_path / "proxy", tmp_path / "logs"
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / "tmp" / sub).mkdir(parents=True)
     logs.mkdir()
     text = proxy.nginx_config(prefix, logs, "127.0.0.1", 8443, 9443, tls)
     (prefix / "nginx.conf").write_text(text)
-    check = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                            "-e", str(logs / "proxy-error.log")], capture_output=True, text=True)
+    check = subprocess.run(
+        [NGINX, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(logs / "proxy-error.log")],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stderr
     assert text.count("proxy_pass") == 2  # /v1/fleet/<rpc> and /health, nothing else
-    for directive in ("daemon off;", "proxy_ssl_verify on;", f"proxy_ssl_trusted_certificate {tls.ca_cert};",
-                      "proxy_request_buffering off;", "proxy_buffering off;", "proxy_http_version 1.1;",
-                      "proxy_read_timeout 3600s;", "server 127.0.0.1:9443;", "listen 127.0.0.1:8443 ssl;"):
+    for directive in (
+        "daemon off;",
+        "proxy_ssl_verify on;",
+        f"proxy_ssl_trusted_certificate {tls.ca_cert};",
+        "proxy_request_buffering off;",
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        "proxy_read_timeout 3600s;",
+        "server 127.0.0.1:9443;",
+        "listen 127.0.0.1:8443 ssl;",
+    ):
         assert directive in text, directive
     assert "/var/log" not in text
 
@@ -90,8 +105,11 @@ def test_strangers_reach_only_the_fleet_api_and_registered_nodes_train(small_run
         home = tmp_path / "stranger"
         write_connection(home, public, name="public", root_certificates=ca)
         certs.write_node_key(home / "stranger")
-        for args in (["supernode", "register", str(home / "stranger.pub"), "public"], ["ls", "public"],
-                     ["run", str(PROJECT_DIR), "public"]):
+        for args in (
+            ["supernode", "register", str(home / "stranger.pub"), "public"],
+            ["ls", "public"],
+            ["run", str(PROJECT_DIR), "public"],
+        ):
             out = stranger_cli(home, *args)
             assert out.returncode != 0, (args, out.stdout[-2000:], out.stderr[-2000:])
         listed = deployment.flwr("supernode", "list", CONNECTION, "--format", "json")
@@ -100,15 +118,25 @@ def test_strangers_reach_only_the_fleet_api_and_registered_nodes_train(small_run
         assert stranger_key not in listed.stdout
         assert len(json.loads(listed.stdout)["nodes"]) == 2
         # Raw HTTPS: Control, Runtime, docs, and paths that nginx would normalize into the Fleet API.
-        for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run",
-                     "/v1/runtime/get-nodes", "/v1/runtime/pull-messages", "/docs", "/openapi.json",
-                     "/v1/fleet/..%2Fcontrol%2Flist-runs", "/v1/fleet/%2e%2e/control/list-runs",
-                     "/v1/control/..%2F..%2Fv1/fleet/get-run", "/v1/fleet/../control/list-runs",
-                     "/v1/fleet/get-run/../../control/list-runs"):
+        for path in (
+            "/v1/control/list-runs",
+            "/v1/control/register-node",
+            "/v1/control/start-run",
+            "/v1/runtime/get-nodes",
+            "/v1/runtime/pull-messages",
+            "/docs",
+            "/openapi.json",
+            "/v1/fleet/..%2Fcontrol%2Flist-runs",
+            "/v1/fleet/%2e%2e/control/list-runs",
+            "/v1/control/..%2F..%2Fv1/fleet/get-run",
+            "/v1/fleet/../control/list-runs",
+            "/v1/fleet/get-run/../../control/list-runs",
+        ):
             assert post(public, path, ca) == 403, path
         assert post(internal, "/v1/control/list-runs", ca) != 403  # the operator's loopback port answers
-        with urllib.request.urlopen(f"https://127.0.0.1:{public}/health",
-                                    context=ssl.create_default_context(cafile=str(ca)), timeout=10) as r:
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{public}/health", context=ssl.create_default_context(cafile=str(ca)), timeout=10
+        ) as r:
             assert r.status == 200
         # A large body streams through (arrays travel in 5 MB chunks): the SuperLink answers it as it
         # answers it directly (a 400 for this junk), not nginx with 413 or a 5xx from a temp folder.

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.tools import plots
 from fedapp.server.report import HISTORY_COLUMNS, TensorBoardLog, human_summary, write_final_report, write_history_csv
 from fedapp.server.results import RunResults
+from fedapp.tools import plots
 from tests.conftest import fedvideo_command
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,20 +34,29 @@ def fake_rounds() -> list[dict]:
             "round": 1,
             "train": {"train-loss": 1.8, "train-accuracy": 0.4, "clips-per-s": 12.0, "num-examples": 30},
             "train-clients": {
-                "clients": [_client(p, 100 + p, **{"train-loss": 1.7 + p / 10, "train-accuracy": 0.3 + p / 10})
-                            for p in range(3)],
-                "rejected": [], "failed": [], "skipped": "",
+                "clients": [
+                    _client(p, 100 + p, **{"train-loss": 1.7 + p / 10, "train-accuracy": 0.3 + p / 10})
+                    for p in range(3)
+                ],
+                "rejected": [],
+                "failed": [],
+                "skipped": "",
             },
             "evaluate": {"loss": 1.6, "video-accuracy": 0.45, "clip-accuracy": 0.4},
             "evaluate-clients": {
                 "clients": [_client(p, 100 + p, **{"video-accuracy": 0.4 + p / 20, "loss": 1.6}) for p in range(3)],
-                "rejected": [], "failed": [], "skipped": "",
+                "rejected": [],
+                "failed": [],
+                "skipped": "",
             },
             "central": {"loss": 1.5, "video-accuracy": 0.6, "clip-accuracy": 0.5},
             "fusion": {},
-            "round-time-s": 10.25, "wall-time-s": 12.0, "bytes-down": 3000, "bytes-up": 2900,
+            "round-time-s": 10.25,
+            "wall-time-s": 12.0,
+            "bytes-down": 3000,
+            "bytes-up": 2900,
         },
-        {   # central eval missing, one client rejected and one failed, no client evaluation, no bytes-up
+        {  # central eval missing, one client rejected and one failed, no client evaluation, no bytes-up
             "round": 2,
             "train": {"train-loss": 1.4, "train-accuracy": 0.5},
             "train-clients": {
@@ -59,23 +68,33 @@ def fake_rounds() -> list[dict]:
             "evaluate": {},
             "evaluate-clients": None,
             "central": {},
-            "round-time-s": 9.0, "wall-time-s": 21.0, "bytes-down": 3000,
+            "round-time-s": 9.0,
+            "wall-time-s": 21.0,
+            "bytes-down": 3000,
         },
         {
             "round": 3,
             "train": {"train-loss": 1.1, "train-accuracy": 0.6},
             "train-clients": {
-                "clients": [_client(p, 100 + p, **{"train-loss": 1.0, "train-accuracy": 0.6 + p / 20})
-                            for p in range(3)],
-                "rejected": [], "failed": [], "skipped": "",
+                "clients": [
+                    _client(p, 100 + p, **{"train-loss": 1.0, "train-accuracy": 0.6 + p / 20}) for p in range(3)
+                ],
+                "rejected": [],
+                "failed": [],
+                "skipped": "",
             },
             "evaluate": {"loss": 1.2, "video-accuracy": 0.5},
             "evaluate-clients": {
                 "clients": [_client(0, 100, **{"video-accuracy": 0.5}), _client(None, 77, **{"video-accuracy": 0.45})],
-                "rejected": [], "failed": [], "skipped": "",
+                "rejected": [],
+                "failed": [],
+                "skipped": "",
             },
             "central": {"loss": 1.25, "video-accuracy": 0.55, "clip-accuracy": 0.52},
-            "round-time-s": 8.5, "wall-time-s": 30.0, "bytes-down": 3000, "bytes-up": 2800,
+            "round-time-s": 8.5,
+            "wall-time-s": 30.0,
+            "bytes-down": 3000,
+            "bytes-up": 2800,
         },
     ]
 
@@ -136,9 +155,19 @@ def test_tensorboard_log_writes_expected_scalars(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     expected = {
-        "central/loss", "central/video-accuracy", "central/clip-accuracy", "train/loss", "train/accuracy",
-        "evaluate/loss", "evaluate/video-accuracy", "comm/bytes-down", "comm/bytes-up", "time/round-s",
-        "clients/0/train-accuracy", "clients/2/train-loss", "clients/1/evaluate-video-accuracy",
+        "central/loss",
+        "central/video-accuracy",
+        "central/clip-accuracy",
+        "train/loss",
+        "train/accuracy",
+        "evaluate/loss",
+        "evaluate/video-accuracy",
+        "comm/bytes-down",
+        "comm/bytes-up",
+        "time/round-s",
+        "clients/0/train-accuracy",
+        "clients/2/train-loss",
+        "clients/1/evaluate-video-accuracy",
         "clients/node-77/evaluate-video-accuracy",
     }
     assert expected <= tags, expected - tags
@@ -160,8 +189,7 @@ def test_final_report_writes_csv_summary_and_figures(tmp_path):
     confusion = [[5, 1, 0], [2, 3, 1], [0, 0, 6]]
     written = write_final_report(tmp_path, rounds, CLASSES, confusion, "target accuracy reached")
     names = {p.name for p in written}
-    assert {"history.csv", "summary.txt", "accuracy_loss.png", "client_accuracy.png",
-            "confusion_matrix.png"} <= names
+    assert {"history.csv", "summary.txt", "accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"} <= names
     assert all(p.exists() for p in written)
     for name in ("accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"):
         assert_png(tmp_path / name)
@@ -201,8 +229,7 @@ def test_cli_replots_one_run_in_place_or_into_out(tmp_path):
         assert_png(run / name)
     out = tmp_path / "figures"
     assert plots.main([str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy_loss.png", "client_accuracy.png",
-                                                      "confusion_matrix.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"]
 
 
 def test_cli_compares_runs(tmp_path, capsys):
@@ -224,8 +251,14 @@ def test_cli_exits_2_on_a_folder_without_rounds(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([fedvideo_command(), "plot", str(run), str(empty)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    proc = subprocess.run(
+        [fedvideo_command(), "plot", str(run), str(empty)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "no rounds.jsonl" in proc.stderr and str(empty) in proc.stderr
     assert "Traceback" not in proc.stderr

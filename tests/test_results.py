@@ -1,10 +1,10 @@
 import json
 
 import numpy as np
+from safetensors import safe_open
 
 from fedapp.ops.launch import judge
 from fedapp.server.results import RunResults, load_weights
-from safetensors import safe_open
 
 # The atomic writes themselves (a crash keeps the old file, no temp file is left) are tested in
 # tests/test_files.py.
@@ -26,7 +26,12 @@ def test_run_results_layout(tmp_path):
         assert json.loads(f.metadata()["classes"]) == ["a", "ünïcode"] and f.metadata()["model"] == "tiny3d"
     assert json.loads((tmp_path / "run" / "classes.json").read_text(encoding="utf-8")) == ["a", "ünïcode"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [  # and no temp file left
-        "classes.json", "model.safetensors", "rounds.jsonl", "run_config.json", "summary.json"]
+        "classes.json",
+        "model.safetensors",
+        "rounds.jsonl",
+        "run_config.json",
+        "summary.json",
+    ]
 
 
 def test_judge_requires_flower_status_and_app_summary(tmp_path):

@@ -12,9 +12,9 @@ import time
 import pytest
 
 from bench.inprocess import InProcessGrid
+from fedapp.server.app import serve
 from fedapp.server.checkpoint import CheckpointError
 from fedapp.server.results import LOCK_FILE, RunFolderError, WriterLock, lock_holder
-from fedapp.server.app import serve
 from tests.conftest import PROJECT_DIR
 
 
@@ -22,7 +22,8 @@ def snapshot(folder) -> dict[str, str]:
     """SHA-256 of every file of a run folder (the lock file is the lock's bookkeeping, not a result)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
     }
 
 
@@ -66,9 +67,15 @@ def test_a_second_writer_is_refused_while_the_first_lives(finished):
     before = snapshot(folder)
     # Another process holds the folder (as a running ServerApp would).
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fedapp.server.results import WriterLock; "
-         f"lock = WriterLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        cwd=PROJECT_DIR, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedapp.server.results import WriterLock; "
+            f"lock = WriterLock({str(folder)!r}).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"

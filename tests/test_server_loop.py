@@ -7,9 +7,9 @@ import json
 import pytest
 
 from bench.inprocess import InProcessGrid, run_inprocess
-from fedapp.task.config import parse_config
-from fedapp.server.results import RunResults
 from fedapp.server.app import NoUpdateError, run_federation
+from fedapp.server.results import RunResults
+from fedapp.task.config import parse_config
 
 
 def test_rounds_are_recorded_with_per_client_metrics(small_run_config, tmp_path):
@@ -21,8 +21,16 @@ def test_rounds_are_recorded_with_per_client_metrics(small_run_config, tmp_path)
 
 
 def test_attackers_are_outvoted_by_the_median(small_run_config, tmp_path):
-    config = {**small_run_config, "num-server-rounds": 1, "strategy": "fusion", "fusion-fn": "median",
-              "attack": "sign-flip", "attack-fraction": 0.2, "min-train-nodes": 5, "min-available-nodes": 5}
+    config = {
+        **small_run_config,
+        "num-server-rounds": 1,
+        "strategy": "fusion",
+        "fusion-fn": "median",
+        "attack": "sign-flip",
+        "attack-fraction": 0.2,
+        "min-train-nodes": 5,
+        "min-available-nodes": 5,
+    }
     results = run_inprocess(config, 5, tmp_path / "run")
     assert len(results.rounds[1]["train-clients"]["clients"]) == 5  # poisoned updates pass validation
     assert results.rounds[1]["train-clients"]["skipped"] == ""

@@ -36,10 +36,16 @@ def test_momentum_accumulates_like_flower_fedavgm():
 
 def test_batchnorm_running_statistics_take_the_aggregate_not_a_momentum_step():
     """A momentum step on running_var overshoots below zero (the model then turns NaN)."""
-    current = {"bn.running_var": np.array([1.0, 1.0], np.float32), "bn.running_mean": np.zeros(2, np.float32),
-               "bn.weight": np.ones(2, np.float32)}
-    aggregate = {"bn.running_var": np.array([0.1, 0.2], np.float32), "bn.running_mean": np.ones(2, np.float32),
-                 "bn.weight": np.full(2, 0.5, np.float32)}
+    current = {
+        "bn.running_var": np.array([1.0, 1.0], np.float32),
+        "bn.running_mean": np.zeros(2, np.float32),
+        "bn.weight": np.ones(2, np.float32),
+    }
+    aggregate = {
+        "bn.running_var": np.array([0.1, 0.2], np.float32),
+        "bn.running_mean": np.ones(2, np.float32),
+        "bn.weight": np.full(2, 0.5, np.float32),
+    }
     velocity = {k: np.full(2, -2.0) for k in current}
     new, new_velocity = server_step(current, aggregate, velocity, lr=1.0, momentum=0.9)
     np.testing.assert_array_equal(new["bn.running_var"], aggregate["bn.running_var"])

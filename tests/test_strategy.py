@@ -27,7 +27,9 @@ def test_matches_flower_fedavg_on_valid_replies():
     rng = np.random.default_rng(0)
     clients = [model(rng) for _ in range(3)]
     counts = [5, 20, 11]
-    replies = [reply(i + 1, m, {"num-examples": n, "train-loss": float(i)}) for i, (m, n) in enumerate(zip(clients, counts))]
+    replies = [
+        reply(i + 1, m, {"num-examples": n, "train-loss": float(i)}) for i, (m, n) in enumerate(zip(clients, counts))
+    ]
     ours, metrics = prepared_strategy(clients[0]).aggregate_train(1, replies)
     theirs, _ = FedAvg().aggregate_train(1, replies)
     ours, theirs = arrays_to_numpy(ours), arrays_to_numpy(theirs)
@@ -131,8 +133,10 @@ def test_metric_lists_are_kept_per_client_not_averaged():
 
 
 def _replies(models, counts, extra=None):
-    return [reply(i + 1, m, {"num-examples": n, "train-loss": 0.1 * (i + 1), **(extra or {})})
-            for i, (m, n) in enumerate(zip(models, counts))]
+    return [
+        reply(i + 1, m, {"num-examples": n, "train-loss": 0.1 * (i + 1), **(extra or {})})
+        for i, (m, n) in enumerate(zip(models, counts))
+    ]
 
 
 def test_each_family_calls_its_aggregation_function():

@@ -53,7 +53,8 @@ def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, str | None]
             raise ConfigError(f"node config {key}={value!r} must be an integer")
     if num_partitions < 1 or not 0 <= partition_id < num_partitions:
         raise ConfigError(
-            f"node config partition-id={partition_id}, num-partitions={num_partitions}: need 0 <= partition-id < num-partitions"
+            f"node config partition-id={partition_id}, num-partitions={num_partitions}: "
+            "need 0 <= partition-id < num-partitions"
         )
     return partition_id, num_partitions, data_dir
 
@@ -65,8 +66,15 @@ def make_client(
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
     # Indexes are cached for the process's lifetime, so id(index) identifies the dataset.
-    key = (id(index), cfg.partitioning, cfg.partition_seed, cfg.dirichlet_alpha, cfg.classes_per_client,
-           partition_id, num_partitions)
+    key = (
+        id(index),
+        cfg.partitioning,
+        cfg.partition_seed,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_client,
+        partition_id,
+        num_partitions,
+    )
     if key not in _SCAN_CACHE:
         train, test = node_partition(cfg, index, partition_id, num_partitions)
         usable_train, skipped_train = scan_videos(train)
@@ -75,7 +83,12 @@ def make_client(
     train, test, skipped = _SCAN_CACHE[key]
     attacker = cfg.attack != "none" and is_attacker(partition_id, num_partitions, cfg.attack_fraction)
     return VideoClient(
-        cfg, index.classes, train, test, skipped, partition_id,
+        cfg,
+        index.classes,
+        train,
+        test,
+        skipped,
+        partition_id,
         local_state=local_state,
         node_weight=node_weight(node_config),
         attack=cfg.attack if attacker else "none",

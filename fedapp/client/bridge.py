@@ -76,7 +76,9 @@ def to_metric_record(metrics: Mapping[str, Any], num_examples: int) -> MetricRec
     for key, value in metrics.items():
         if isinstance(value, list | tuple | np.ndarray):
             values = [v.item() if isinstance(v, np.generic) else v for v in value]
-            out[key] = [float(v) for v in values] if any(isinstance(v, float) for v in values) else [int(v) for v in values]
+            out[key] = (
+                [float(v) for v in values] if any(isinstance(v, float) for v in values) else [int(v) for v in values]
+            )
         elif isinstance(value, bool | np.bool_):
             out[key] = int(value)
         elif isinstance(value, int | float | np.number):

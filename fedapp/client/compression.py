@@ -112,5 +112,5 @@ def _encode(delta: np.ndarray, method: str, topk_fraction: float) -> dict[str, n
     index_dtype = np.int32 if flat.size <= np.iinfo(np.int32).max else np.int64
     if k * (np.dtype(index_dtype).itemsize + flat.itemsize) >= flat.nbytes:
         return None
-    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]).astype(index_dtype)
+    idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]).astype(index_dtype)
     return {"idx": idx, "val": flat[idx]}

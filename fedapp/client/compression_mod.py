@@ -53,6 +53,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
             del context.state[RESIDUAL_KEY]
         logger.info(
             "compression %s: update of %d bytes sent as %d bytes",
-            cfg.compression, payload_bytes(update.numpy()), payload_bytes(payload),
+            cfg.compression,
+            payload_bytes(update.numpy()),
+            payload_bytes(payload),
         )
         return reply

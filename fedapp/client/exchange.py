@@ -77,9 +77,11 @@ class Exchange:
         # The models belong to one reply; a layer that answers with another message starts afresh.
         if reply is not self._reply:
             self._reply = reply
-            self._reply_arrays = {} if reply.has_error() else {
-                key: NamedArrays(record) for key, record in reply.content.array_records.items()
-            }
+            self._reply_arrays = (
+                {}
+                if reply.has_error()
+                else {key: NamedArrays(record) for key, record in reply.content.array_records.items()}
+            )
 
     def _deliver(self) -> None:
         """Write the pending models into the reply (the owner's exit: the reply leaves the client)."""

@@ -133,7 +133,11 @@ class VideoClient(NamedNumPyClient):
         if self.attack in ("sign-flip", "noise"):
             learnable = {name for name, _ in model.named_parameters()}
             arrays = poison_update(
-                parameters, arrays, self.attack, self.cfg.attack_scale, np.random.default_rng(seed),
+                parameters,
+                arrays,
+                self.attack,
+                self.cfg.attack_scale,
+                np.random.default_rng(seed),
                 poison=[key in learnable for key in model.state_dict()],
             )
         metrics["base-round"] = server_round

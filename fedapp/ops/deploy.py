@@ -5,7 +5,8 @@ the SuperLink on one host (add its name to the server certificate with ``fedvide
 one ``flower-supernode`` per site pointing at it with its own ``--node-config``, and the CLI
 (``flwr run``) wherever the project and ``ca.crt`` are.
 
-    fedvideo deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--secure [--certs DIR] [--public-host H]] [--port P]
+    fedvideo deploy up [--dir DIR] [--nodes N | --node-data-dir PATH ...] [--port P]
+                       [--secure [--certs DIR] [--public-host H]]
     fedvideo deploy run [--dir DIR] [--run-config "k=v ..."] [--timeout S]
     fedvideo deploy stop-node K [--dir DIR] [--kill]
     fedvideo deploy start-node K [--dir DIR]
@@ -43,7 +44,6 @@ from typing import Any
 
 from fedapp.files import atomic_write_json
 from fedapp.ops import certs
-from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
 from fedapp.ops.launch import (
     PROJECT_DIR,
     Outcome,
@@ -60,6 +60,7 @@ from fedapp.ops.launch import (
     write_connection,
 )
 from fedapp.ops.processes import group_alive, pid_reused, start_time, stop_group
+from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
 
 CONNECTION = "fedvideo-deploy"
 STATE_FILE = "state.json"
@@ -73,8 +74,16 @@ class Deployment:
     """
 
     def __init__(
-        self, run_dir: Path, *, secure: bool = False, num_nodes: int = 2, data_dirs: Sequence[str] = (),
-        certs_dir: Path | None = None, port: int | None = None, grace: float = 10.0, public_host: str = "127.0.0.1",
+        self,
+        run_dir: Path,
+        *,
+        secure: bool = False,
+        num_nodes: int = 2,
+        data_dirs: Sequence[str] = (),
+        certs_dir: Path | None = None,
+        port: int | None = None,
+        grace: float = 10.0,
+        public_host: str = "127.0.0.1",
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.secure = secure
@@ -86,14 +95,23 @@ class Deployment:
         self.port = port
         # Our own children, so that their exit status is collected (a refused SuperNode exits non-zero).
         self.procs: dict[str, subprocess.Popen] = {}
-        configs = ([config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs] if data_dirs
-                   else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)])
+        configs = (
+            [config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs]
+            if data_dirs
+            else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)]
+        )
         self.state: dict[str, Any] = {
             # port: where SuperNodes connect (the proxy's public port when secure); superlink-port:
             # the SuperLink itself, on loopback, where the operator's CLI connects.
-            "secure": secure, "port": port, "superlink-port": None, "public-host": public_host,
-            "connection": CONNECTION, "flwr_home": str(self.flwr_home),
-            "certs": str(self.certs_dir) if secure else None, "superlink": {}, "proxy": {},
+            "secure": secure,
+            "port": port,
+            "superlink-port": None,
+            "public-host": public_host,
+            "connection": CONNECTION,
+            "flwr_home": str(self.flwr_home),
+            "certs": str(self.certs_dir) if secure else None,
+            "superlink": {},
+            "proxy": {},
             "nodes": [{"node_config": c, "key": self._key_path(k)} for k, c in enumerate(configs)],
         }
 
@@ -106,9 +124,15 @@ class Deployment:
         if not path.exists():
             raise FileNotFoundError(f"no deployment in {Path(run_dir).resolve()} (no {STATE_FILE}): run `up` first")
         state = json.loads(path.read_text())
-        deployment = cls(run_dir, secure=state["secure"], num_nodes=0, grace=grace,
-                         certs_dir=Path(state["certs"]) if state["certs"] else None, port=state["port"],
-                         public_host=state.get("public-host", "127.0.0.1"))
+        deployment = cls(
+            run_dir,
+            secure=state["secure"],
+            num_nodes=0,
+            grace=grace,
+            certs_dir=Path(state["certs"]) if state["certs"] else None,
+            port=state["port"],
+            public_host=state.get("public-host", "127.0.0.1"),
+        )
         deployment.state = state
         return deployment
 
@@ -178,16 +202,32 @@ class Deployment:
         # Secure: nodes reach the proxy on `port`; the SuperLink listens on another loopback port.
         superlink_port = free_port() if self.secure else port
         self.state.update(port=port, **{"superlink-port": superlink_port})
-        write_connection(self.flwr_home, superlink_port, name=CONNECTION,
-                         root_certificates=tls.ca_cert if tls else None)
+        write_connection(
+            self.flwr_home, superlink_port, name=CONNECTION, root_certificates=tls.ca_cert if tls else None
+        )
         self.save()
-        proc = start_superlink(self.flwr_home, self.log_dir, superlink_port, self.env, simulation=False, tls=tls,
-                               supernode_auth=self.secure, database=self.run_dir / "superlink.db")
+        proc = start_superlink(
+            self.flwr_home,
+            self.log_dir,
+            superlink_port,
+            self.env,
+            simulation=False,
+            tls=tls,
+            supernode_auth=self.secure,
+            database=self.run_dir / "superlink.db",
+        )
         self._record(self.state["superlink"], "superlink", proc)
         if tls is not None:
             # Recorded as soon as it exists, so that a failed start is still stopped by down().
-            start_proxy(self.run_dir / "proxy", self.log_dir, self.state["public-host"], port, superlink_port, tls,
-                        on_start=lambda proc: self._record(self.state["proxy"], "proxy", proc))
+            start_proxy(
+                self.run_dir / "proxy",
+                self.log_dir,
+                self.state["public-host"],
+                port,
+                superlink_port,
+                tls,
+                on_start=lambda proc: self._record(self.state["proxy"], "proxy", proc),
+            )
         for k in range(len(self.state["nodes"])):
             if self.secure:
                 self.register(k)
@@ -202,13 +242,15 @@ class Deployment:
         for node in self.state["nodes"]:
             if not Path(node["key"]).exists():
                 certs.write_node_key(Path(node["key"]))
-        return TlsFiles(self.certs_dir / certs.CA_CERT, self.certs_dir / certs.SERVER_CERT,
-                        self.certs_dir / certs.SERVER_KEY)
+        return TlsFiles(
+            self.certs_dir / certs.CA_CERT, self.certs_dir / certs.SERVER_CERT, self.certs_dir / certs.SERVER_KEY
+        )
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """A ``flwr`` CLI command against this deployment's connection."""
-        return subprocess.run(["flwr", *args], cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            ["flwr", *args], cwd=PROJECT_DIR, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def register(self, k: int) -> None:
         """Register SuperNode ``k``'s public key with the SuperLink (SuperNode authentication)."""
@@ -216,8 +258,10 @@ class Deployment:
         out = self.flwr("supernode", "register", public_key, CONNECTION, "--name", f"node-{k}")
         # The SuperLink's database outlives `down`: a key registered by an earlier `up` stays registered.
         if out.returncode != 0 and "Public key already in use" not in out.stdout + out.stderr:
-            raise RuntimeError(f"flwr supernode register {public_key} failed ({out.returncode}): "
-                               f"{(out.stdout + out.stderr).strip()[-1000:]}")
+            raise RuntimeError(
+                f"flwr supernode register {public_key} failed ({out.returncode}): "
+                f"{(out.stdout + out.stderr).strip()[-1000:]}"
+            )
 
     def wait_joined(self, k: int, timeout: float = 120.0) -> int:
         """Wait until SuperNode ``k`` has joined the SuperLink; returns (and records) its node id.
@@ -266,11 +310,22 @@ class Deployment:
             self.stop_node(k)
         # Secure: the proxy's public address, the one a SuperNode on another machine would use.
         host = connect_host(self.state.get("public-host", "127.0.0.1")) if self.secure else "127.0.0.1"
-        cmd = ["flower-supernode", "--superlink", listen_address(host, self.state["port"]), "--port", str(free_port()),
-               "--node-config", node["node_config"]]
+        cmd = [
+            "flower-supernode",
+            "--superlink",
+            listen_address(host, self.state["port"]),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node["node_config"],
+        ]
         if self.secure:
-            cmd += ["--root-certificates", str(self.certs_dir / certs.CA_CERT),
-                    "--auth-supernode-private-key", node["key"]]
+            cmd += [
+                "--root-certificates",
+                str(self.certs_dir / certs.CA_CERT),
+                "--auth-supernode-private-key",
+                node["key"],
+            ]
         else:
             cmd += ["--insecure"]
         # Each node has its own Flower home (where it unpacks the app), as on its own machine.
@@ -278,8 +333,9 @@ class Deployment:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.node_log(k), "ab") as log:  # appended: a restarted node keeps its history
             node.update(log_offset=log.tell(), node_id=None)
-            proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._record(node, f"node-{k}", proc)
         if wait:
             self.wait_joined(k, timeout)
@@ -319,33 +375,57 @@ class Deployment:
         self.up()  # up() brings down what it started if it fails
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.down()
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(prog="fedvideo deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                        help=f"the deployment's folder: state.json, logs, Flower homes, certs (default: {DEFAULT_DIR})")
+    parser = argparse.ArgumentParser(
+        prog="fedvideo deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help=f"the deployment's folder: state.json, logs, Flower homes, certs (default: {DEFAULT_DIR})",
+    )
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the SuperLink and the SuperNodes")
     up.add_argument("--nodes", type=int, default=2, help="SuperNodes, node K holding partition K of N (default 2)")
-    up.add_argument("--node-data-dir", action="append", default=[],
-                    help="one SuperNode with its own videos (node config data-dir), repeatable; replaces --nodes")
+    up.add_argument(
+        "--node-data-dir",
+        action="append",
+        default=[],
+        help="one SuperNode with its own videos (node config data-dir), repeatable; replaces --nodes",
+    )
     up.add_argument("--secure", action="store_true", help="TLS and SuperNode authentication (registered keys only)")
-    up.add_argument("--certs", type=Path, help="certificates and keys from `fedvideo certs` "
-                                               "(default: made on first use in DIR/certs)")
-    up.add_argument("--port", type=int, help="the port SuperNodes connect to (default: a free one); with --secure "
-                                             "the proxy's, and the SuperLink gets a free loopback port of its own")
-    up.add_argument("--public-host", default="127.0.0.1",
-                    help="--secure: the address the proxy listens on, e.g. 0.0.0.0 for other machines (default 127.0.0.1)")
+    up.add_argument(
+        "--certs",
+        type=Path,
+        help="certificates and keys from `fedvideo certs` (default: made on first use in DIR/certs)",
+    )
+    up.add_argument(
+        "--port",
+        type=int,
+        help="the port SuperNodes connect to (default: a free one); with --secure "
+        "the proxy's, and the SuperLink gets a free loopback port of its own",
+    )
+    up.add_argument(
+        "--public-host",
+        default="127.0.0.1",
+        help="--secure: the address the proxy listens on, e.g. 0.0.0.0 for other machines (default 127.0.0.1)",
+    )
     run = sub.add_parser("run", help="run the app on the deployment and judge the outcome")
-    run.add_argument("--run-config", action="append", default=[],
-                     help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')
+    run.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help="overrides of [tool.flwr.app.config], e.g. 'num-server-rounds=5 model=\"r3d_18\"'",
+    )
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     for name, text in (("start-node", "(re)start SuperNode K"), ("stop-node", "stop SuperNode K")):
         node = sub.add_parser(name, help=text)
@@ -364,15 +444,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            deployment = Deployment(args.dir, secure=args.secure, num_nodes=args.nodes, data_dirs=args.node_data_dir,
-                                    certs_dir=args.certs, port=args.port, grace=args.grace,
-                                    public_host=args.public_host)
+            deployment = Deployment(
+                args.dir,
+                secure=args.secure,
+                num_nodes=args.nodes,
+                data_dirs=args.node_data_dir,
+                certs_dir=args.certs,
+                port=args.port,
+                grace=args.grace,
+                public_host=args.public_host,
+            )
             deployment.up()
-            where = (f"SuperLink on 127.0.0.1:{deployment.superlink_port} (TLS, SuperNode auth; Control API on "
-                     f"loopback only), Fleet API through nginx on {args.public_host}:{deployment.state['port']}"
-                     if args.secure else f"SuperLink on 127.0.0.1:{deployment.state['port']} (insecure, every API open)")
-            print(f"up: {where}, "
-                  f"{len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}")
+            where = (
+                f"SuperLink on 127.0.0.1:{deployment.superlink_port} (TLS, SuperNode auth; Control API on "
+                f"loopback only), Fleet API through nginx on {args.public_host}:{deployment.state['port']}"
+                if args.secure
+                else f"SuperLink on 127.0.0.1:{deployment.state['port']} (insecure, every API open)"
+            )
+            print(
+                f"up: {where}, "
+                f"{len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}"
+            )
             return 0
         if args.command == "down" and not (args.dir / STATE_FILE).exists():
             print(f"down: nothing to stop in {args.dir.resolve()}")
@@ -384,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED: {outcome.message}", file=sys.stderr)
                 print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)
                 return 1
-            print(f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; "
-                  f"results: {outcome.run_dir}")
+            print(
+                f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; "
+                f"results: {outcome.run_dir}"
+            )
             return 0
         if args.command == "start-node":
             deployment.start_node(args.k)

@@ -23,7 +23,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,30 +75,44 @@ class TlsFiles(NamedTuple):
 
 def config_text(config: Mapping[str, Any]) -> str:
     """A dict as ``--run-config`` / ``--node-config`` text (TOML values: strings quoted)."""
+
     def value(v: Any) -> str:
         return json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
     return " ".join(f"{k}={value(v)}" for k, v in config.items())
 
 
-def write_connection(flwr_home: Path, port: int, *, name: str = CONNECTION, root_certificates: Path | None = None) -> None:
+def write_connection(
+    flwr_home: Path, port: int, *, name: str = CONNECTION, root_certificates: Path | None = None
+) -> None:
     """Point the CLI's connection at our SuperLink (Flower reads connections from FLWR_HOME).
 
     Without ``root_certificates`` the connection is insecure; with them the CLI verifies the
     SuperLink's certificate against that CA (Flower requires an absolute path).
     """
     flwr_home.mkdir(parents=True, exist_ok=True)
-    security = ("insecure = true" if root_certificates is None
-                else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    security = (
+        "insecure = true"
+        if root_certificates is None
+        else f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}"
+    )
     # Atomic: a CLI reading it meanwhile (another launcher sharing FLWR_HOME) never sees half of it.
     atomic_write_text(
         flwr_home / "config.toml",
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\n{security}\n',
     )
 
 
 def start_superlink(
-    flwr_home: Path, log_dir: Path, port: int, env: dict[str, str], *,
-    simulation: bool = True, tls: TlsFiles | None = None, supernode_auth: bool = False, database: Path | None = None,
+    flwr_home: Path,
+    log_dir: Path,
+    port: int,
+    env: dict[str, str],
+    *,
+    simulation: bool = True,
+    tls: TlsFiles | None = None,
+    supernode_auth: bool = False,
+    database: Path | None = None,
     on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> subprocess.Popen:
     """A SuperLink of our own on 127.0.0.1:``port``, in its own process group so it can be stopped whole.
@@ -110,10 +124,17 @@ def start_superlink(
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "flower-superlink", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--database", str(database or log_dir / "superlink.db"),
-        "--log-file", str(log_dir / "superlink.log"),
+        "flower-superlink",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(database or log_dir / "superlink.db"),
+        "--log-file",
+        str(log_dir / "superlink.log"),
         "--disable-runtime-dependency-installation",
     ]
     cmd += ["--simulation"] if simulation else []
@@ -124,7 +145,12 @@ def start_superlink(
     cmd += ["--enable-supernode-auth"] if supernode_auth else []
     with open(log_dir / "superlink.stderr", "wb") as stderr:
         proc = subprocess.Popen(
-            cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            cmd,
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
         )
     if on_start is not None:
         on_start(proc)
@@ -141,8 +167,15 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: Path, timeout: float = 60.0,
-                 name: str = "flower-superlink", host: str = "127.0.0.1") -> None:
+def wait_healthy(
+    proc: subprocess.Popen,
+    port: int,
+    ca_cert: Path | None,
+    log: Path,
+    timeout: float = 60.0,
+    name: str = "flower-superlink",
+    host: str = "127.0.0.1",
+) -> None:
     """Poll ``host:port/health`` (over HTTPS, checked against ``ca_cert``, when TLS is on) until it
     answers 200; raise if ``proc`` exits first or the time runs out (naming the last error)."""
     context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
@@ -159,8 +192,11 @@ def wait_healthy(proc: subprocess.Popen, port: int, ca_cert: Path | None, log: P
         except OSError as exc:  # not listening yet, or (through a proxy) a 502 while its upstream starts
             last = exc
         time.sleep(0.3)
-    hint = (" (add this address to the server certificate: fedvideo certs --san)"
-            if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError) else "")
+    hint = (
+        " (add this address to the server certificate: fedvideo certs --san)"
+        if isinstance(getattr(last, "reason", None), ssl.SSLCertVerificationError)
+        else ""
+    )
     raise RuntimeError(f"{name} did not answer {url} within {timeout:.0f} s: {last}{hint}; see {log}")
 
 
@@ -176,8 +212,10 @@ def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> s
             with context.wrap_socket(sock, server_hostname=host):
                 return None
     except ssl.SSLCertVerificationError as exc:
-        return (f"TLS: the certificate served at {host}:{port} is not trusted by {ca_cert} ({exc.verify_message}): "
-                "use the CA that signed the SuperLink's certificate, and a certificate whose SANs name this address")
+        return (
+            f"TLS: the certificate served at {host}:{port} is not trusted by {ca_cert} ({exc.verify_message}): "
+            "use the CA that signed the SuperLink's certificate, and a certificate whose SANs name this address"
+        )
     except ssl.SSLError as exc:
         return f"TLS handshake with {host}:{port} failed ({exc}): is the SuperLink running with TLS?"
     except OSError as exc:
@@ -188,7 +226,11 @@ def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -
     """Flower's own verdict on the run, e.g. ``finished:completed`` or ``finished:failed``."""
     out = subprocess.run(
         ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60,
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     try:
         runs = json.loads(out.stdout).get("runs", [])
@@ -201,11 +243,17 @@ def judge(status: str, summary: dict | None, run_dir: Path, run_id: int | None =
     """A run succeeded only if Flower says completed AND the app wrote a completed summary for
     this run (``run_id``: a resume refused at start leaves the earlier run's summary in place)."""
     if summary is None or (run_id is not None and summary.get("run-id") != run_id):
-        return Outcome(False, f"the app wrote no summary for run {run_id} in {run_dir} (Flower status: {status}; "
-                              "the reason is in the log above)", run_dir, None)
+        return Outcome(
+            False,
+            f"the app wrote no summary for run {run_id} in {run_dir} (Flower status: {status}; "
+            "the reason is in the log above)",
+            run_dir,
+            None,
+        )
     if summary.get("status") != "completed":
-        return Outcome(False, f"run failed: {summary.get('error', 'unknown error')} (Flower status: {status})",
-                       run_dir, summary)
+        return Outcome(
+            False, f"run failed: {summary.get('error', 'unknown error')} (Flower status: {status})", run_dir, summary
+        )
     if status != "finished:completed":
         return Outcome(False, f"Flower reports status {status!r}", run_dir, summary)
     return Outcome(True, "run completed", run_dir, summary)
@@ -235,7 +283,7 @@ def run_location(run_config: Sequence[str]) -> Path:
     results_dir = Path(str(overrides.get("results-dir", "results")))
     results_dir = (results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)).resolve()
     resume = absolute_resume(overrides.get("resume"))
-    run_name = str(overrides.get("run-name") or ("" if resume else f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
+    run_name = str(overrides.get("run-name") or ("" if resume else f"{datetime.now(UTC):%Y%m%d-%H%M%S}"))
     run_dir = locate_run({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="").folder
     holder = lock_holder(run_dir)
     if holder is not None:
@@ -251,8 +299,14 @@ def absolute_resume(resume: Any) -> str:
 
 
 def run_and_judge(
-    run_config: Sequence[str], run_dir: Path, env: dict[str, str], timeout: float, *,
-    connection: str = CONNECTION, extra_args: Sequence[str] = (), log_dir: Path | None = None,
+    run_config: Sequence[str],
+    run_dir: Path,
+    env: dict[str, str],
+    timeout: float,
+    *,
+    connection: str = CONNECTION,
+    extra_args: Sequence[str] = (),
+    log_dir: Path | None = None,
     watchdog: Any = None,
 ) -> Outcome:
     """``flwr run --stream`` the app against ``connection`` with its results in ``run_dir``, then
@@ -277,7 +331,7 @@ def run_and_judge(
 
 def launch_log_dir(run_dir: Path) -> Path:
     """``run_dir/logs/launch-<UTC time>``: each launch (a resume too) keeps its own logs."""
-    return run_dir / "logs" / f"launch-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
+    return run_dir / "logs" / f"launch-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
 
 
 def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
@@ -294,8 +348,15 @@ def launch(run_config: list[str], federation_config: str, timeout: float) -> Out
     try:
         superlink = start_superlink(flwr_home, log_dir, port, env, on_start=watchdog.guard)
         try:
-            return run_and_judge(run_config, run_dir, env, timeout, log_dir=log_dir, watchdog=watchdog,
-                                 extra_args=["--federation-config", federation_config])
+            return run_and_judge(
+                run_config,
+                run_dir,
+                env,
+                timeout,
+                log_dir=log_dir,
+                watchdog=watchdog,
+                extra_args=["--federation-config", federation_config],
+            )
         finally:
             stop_process_group(superlink)
             watchdog.release(superlink)
@@ -307,10 +368,18 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
     """Run ``flwr run --stream``, echoing and saving its output; returns the run id it printed."""
     run_id = None
     deadline = time.monotonic() + timeout
-    with open(log_path, "w") as log, subprocess.Popen(
-        cmd, cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    ) as proc:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            cmd,
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        ) as proc,
+    ):
         assert proc.stdout is not None
         if watchdog is not None:
             watchdog.guard(proc)
@@ -339,12 +408,20 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    parser = argparse.ArgumentParser(prog="fedvideo run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-config", action="append", default=[],
-                        help='overrides of [tool.flwr.app.config], e.g. \'num-server-rounds=5 model="r3d_18"\'')
-    parser.add_argument("--federation-config", default=DEFAULT_FEDERATION_CONFIG,
-                        help=f"simulation size and resources (default: {DEFAULT_FEDERATION_CONFIG!r})")
+    parser = argparse.ArgumentParser(
+        prog="fedvideo run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help="overrides of [tool.flwr.app.config], e.g. 'num-server-rounds=5 model=\"r3d_18\"'",
+    )
+    parser.add_argument(
+        "--federation-config",
+        default=DEFAULT_FEDERATION_CONFIG,
+        help=f"simulation size and resources (default: {DEFAULT_FEDERATION_CONFIG!r})",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     args = parser.parse_args(argv)
     from fedapp.server.checkpoint import CheckpointError
@@ -358,8 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if outcome.ok and outcome.summary:
         final = outcome.summary.get("final-central", {})
-        print(f"OK: {outcome.summary.get('rounds-completed')} rounds; central test video accuracy "
-              f"{final.get('video-accuracy', float('nan')):.3f}, clip accuracy {final.get('clip-accuracy', float('nan')):.3f}")
+        print(
+            f"OK: {outcome.summary.get('rounds-completed')} rounds; central test video accuracy "
+            f"{final.get('video-accuracy', float('nan')):.3f}, "
+            f"clip accuracy {final.get('clip-accuracy', float('nan')):.3f}"
+        )
         print(f"results: {outcome.run_dir}")
         return 0
     print(f"FAILED: {outcome.message}", file=sys.stderr)

@@ -21,8 +21,10 @@ from pathlib import Path
 from fedapp.ops.launch import PROJECT_DIR, TlsFiles, listen_address, wait_healthy
 from fedapp.ops.processes import stop_process_group
 
-NGINX_MISSING = ("nginx is not installed: the secure deployment needs it to keep the Control API off the "
-                 "public port (Debian/Ubuntu: apt-get install nginx)")
+NGINX_MISSING = (
+    "nginx is not installed: the secure deployment needs it to keep the Control API off the "
+    "public port (Debian/Ubuntu: apt-get install nginx)"
+)
 PUBLIC_PATHS = ("/v1/fleet/", "/health")
 # A Fleet RPC path as the SuperNodes send it (/v1/fleet/pull-messages ...): checked on the raw
 # request URI as well, so that no percent-encoded or dotted path that nginx normalizes into a Fleet
@@ -32,7 +34,9 @@ FLEET_URI = r"^/v1/fleet/[A-Za-z0-9_-]+(\?.*)?$"
 
 def nginx_binary() -> str | None:
     """The nginx executable (``/usr/sbin`` is not on every user's PATH), or None."""
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None)
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+    )
 
 
 def connect_host(public_host: str) -> str:
@@ -40,8 +44,9 @@ def connect_host(public_host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(public_host, public_host)
 
 
-def nginx_config(prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int,
-                 tls: TlsFiles) -> str:
+def nginx_config(
+    prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int, tls: TlsFiles
+) -> str:
     """An nginx configuration that exposes only ``PUBLIC_PATHS`` of the SuperLink on loopback."""
     forward = f"""
             proxy_pass https://superlink;
@@ -68,23 +73,25 @@ def nginx_config(prefix: Path, log_dir: Path, public_host: str, public_port: int
             if ($request_uri !~ "{FLEET_URI}") {{
                 return 403;
             }}"""
-    locations = (f"\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
-                 f"\n        location = /health {{{forward}\n        }}")
+    locations = (
+        f"\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
+        f"\n        location = /health {{{forward}\n        }}"
+    )
     return f"""# Written by fedapp.ops.deploy: only the Fleet API of the SuperLink faces the network.
 daemon off;
 worker_processes 1;
-pid {prefix / 'nginx.pid'};
-error_log {log_dir / 'proxy-error.log'} warn;
+pid {prefix / "nginx.pid"};
+error_log {log_dir / "proxy-error.log"} warn;
 events {{
     worker_connections 512;
 }}
 http {{
-    access_log {log_dir / 'proxy-access.log'};
-    client_body_temp_path {prefix / 'tmp' / 'body'};
-    proxy_temp_path {prefix / 'tmp' / 'proxy'};
-    fastcgi_temp_path {prefix / 'tmp' / 'fastcgi'};
-    uwsgi_temp_path {prefix / 'tmp' / 'uwsgi'};
-    scgi_temp_path {prefix / 'tmp' / 'scgi'};
+    access_log {log_dir / "proxy-access.log"};
+    client_body_temp_path {prefix / "tmp" / "body"};
+    proxy_temp_path {prefix / "tmp" / "proxy"};
+    fastcgi_temp_path {prefix / "tmp" / "fastcgi"};
+    uwsgi_temp_path {prefix / "tmp" / "uwsgi"};
+    scgi_temp_path {prefix / "tmp" / "scgi"};
     client_max_body_size 256m;
     client_body_buffer_size 16m;
     upstream superlink {{
@@ -107,8 +114,15 @@ http {{
 """
 
 
-def start_proxy(prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int,
-                tls: TlsFiles, on_start: Callable[[subprocess.Popen], None] | None = None) -> subprocess.Popen:
+def start_proxy(
+    prefix: Path,
+    log_dir: Path,
+    public_host: str,
+    public_port: int,
+    upstream_port: int,
+    tls: TlsFiles,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+) -> subprocess.Popen:
     """nginx in the foreground, in its own process group; returns once ``/health`` answers through it.
 
     Refuses (RuntimeError) where nginx is missing: no silent fallback to an exposed Control API.
@@ -128,8 +142,9 @@ def start_proxy(prefix: Path, log_dir: Path, public_host: str, public_port: int,
     try:
         # Through nginx on the public address, with the certificate checked for that address (as
         # the SuperNodes will check it): nginx listens, TLS fits and the SuperLink answers.
-        wait_healthy(proc, public_port, tls.ca_cert, log_dir / "proxy-error.log", name="nginx",
-                     host=connect_host(public_host))
+        wait_healthy(
+            proc, public_port, tls.ca_cert, log_dir / "proxy-error.log", name="nginx", host=connect_host(public_host)
+        )
     except BaseException:
         stop_process_group(proc)
         raise

@@ -39,7 +39,9 @@ class Watchdog:
     def __init__(self) -> None:
         # Its own session: a Ctrl-C to the terminal's group must not stop it before the launcher.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedapp.ops.watchdog"], stdin=subprocess.PIPE, start_new_session=True,
+            [sys.executable, "-m", "fedapp.ops.watchdog"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
         )
 
     def _send(self, text: str) -> None:

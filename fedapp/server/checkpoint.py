@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedapp.task.config import AppConfig, parse_config
-from fedapp.task.models import build_model
 from fedapp.files import TEMP_GLOB, atomic_directory, atomic_write_json
 from fedapp.server.results import load_weights, save_weights
+from fedapp.task.config import AppConfig, parse_config
+from fedapp.task.models import build_model
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -98,7 +98,9 @@ def save_checkpoint(
     with atomic_directory(final) as tmp:
         state_arrays, state_plain = encode_state(strategy_state)
         model_name = str(run_config.get("model", ""))
-        save_weights(tmp / WEIGHTS, {**arrays, **state_arrays}, {"model": model_name, "classes": json.dumps(list(classes))})
+        save_weights(
+            tmp / WEIGHTS, {**arrays, **state_arrays}, {"model": model_name, "classes": json.dumps(list(classes))}
+        )
         manifest = {
             "round": server_round,
             "model": model_name,
@@ -136,7 +138,11 @@ def remove_partial_writes(run_dir: str | Path) -> list[Path]:
     """Delete what a writer killed mid-write left: temp checkpoint folders (``checkpoints/.round-*``)
     and atomic-write temp files (``.NAME.*.tmp``). Only for the folder's one writer (see WriterLock)."""
     run_dir = Path(run_dir)
-    found = {*run_dir.glob(f"{CHECKPOINTS_DIR}/.round-*"), *run_dir.glob(TEMP_GLOB), *run_dir.glob(f"{CHECKPOINTS_DIR}/{TEMP_GLOB}")}
+    found = {
+        *run_dir.glob(f"{CHECKPOINTS_DIR}/.round-*"),
+        *run_dir.glob(TEMP_GLOB),
+        *run_dir.glob(f"{CHECKPOINTS_DIR}/{TEMP_GLOB}"),
+    }
     for path in found:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return sorted(found)
@@ -172,12 +178,20 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, best: Path | None) ->
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_compatible(checkpoint: Checkpoint, model_name: str, classes: Sequence[str], reference: Mapping[str, np.ndarray]) -> None:
+def check_compatible(
+    checkpoint: Checkpoint, model_name: str, classes: Sequence[str], reference: Mapping[str, np.ndarray]
+) -> None:
     """Refuse a checkpoint of another model, another class list or other tensor shapes."""
     if checkpoint.manifest.get("model") != model_name:
-        raise CheckpointError(f"checkpoint {checkpoint.path} is for model {checkpoint.manifest.get('model')!r}, this run uses {model_name!r}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} is for model {checkpoint.manifest.get('model')!r}, "
+            f"this run uses {model_name!r}"
+        )
     if checkpoint.classes != list(classes):
-        raise CheckpointError(f"checkpoint {checkpoint.path} has other classes ({len(checkpoint.classes)}) than this dataset ({len(classes)})")
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} has other classes ({len(checkpoint.classes)}) "
+            f"than this dataset ({len(classes)})"
+        )
     unexpected = [key for key in checkpoint.arrays if key not in reference]
     if unexpected:
         raise CheckpointError(f"checkpoint {checkpoint.path} has tensors this model does not: {unexpected[:5]}")

@@ -9,9 +9,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedapp.files import atomic_write_bytes, atomic_write_json
 from fedapp.tools import plots
 from fedapp.tools.plots import client_entries, client_label, get_metric, number
-from fedapp.files import atomic_write_bytes, atomic_write_json
 
 HISTORY_FILE = "history.csv"
 SUMMARY_TEXT_FILE = "summary.txt"
@@ -146,12 +146,13 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-def human_summary(rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | None,
-                  stop_reason: str | None) -> str:
+def human_summary(rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | None, stop_reason: str | None) -> str:
     """A few lines for people: accuracy reached, time taken, clients seen, why the run stopped."""
     trained = [r for r in rounds if (number(r.get("round")) or 0) >= 1]
-    lines = [f"rounds: {len(trained)} trained"
-             + (f" (last: {int(number(trained[-1].get('round')) or 0)})" if trained else "")]
+    lines = [
+        f"rounds: {len(trained)} trained"
+        + (f" (last: {int(number(trained[-1].get('round')) or 0)})" if trained else "")
+    ]
     if classes:
         shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
         lines.append(f"classes: {len(classes)} ({shown})")
@@ -163,8 +164,9 @@ def human_summary(rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | 
     if accuracy:
         best_round, best = max(accuracy, key=lambda p: (p[1], -p[0]))
         final_round, final = accuracy[-1]
-        lines.append(f"{source} video accuracy: best {best:.4f} at round {best_round}, "
-                     f"final {final:.4f} at round {final_round}")
+        lines.append(
+            f"{source} video accuracy: best {best:.4f} at round {best_round}, final {final:.4f} at round {final_round}"
+        )
     else:
         lines.append("video accuracy: not measured (central and client evaluation off)")
     for loss_source, section in (("central", "central"), ("client-evaluate", "evaluate")):
@@ -179,22 +181,30 @@ def human_summary(rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | 
 
     accepted = [n for n in (_count(r, "train-clients", "clients") for r in trained) if n is not None]
     if accepted:
-        lines.append(f"clients per round (train, accepted): mean {sum(accepted) / len(accepted):.1f}, "
-                     f"min {min(accepted)}, max {max(accepted)}")
+        lines.append(
+            f"clients per round (train, accepted): mean {sum(accepted) / len(accepted):.1f}, "
+            f"min {min(accepted)}, max {max(accepted)}"
+        )
     for phase in ("train", "evaluate"):
         rejected = sum(_count(r, f"{phase}-clients", "rejected") or 0 for r in trained)
         failed = sum(_count(r, f"{phase}-clients", "failed") or 0 for r in trained)
         lines.append(f"{phase} replies rejected: {rejected}, clients failed: {failed}")
-    no_update = sum(1 for r in trained if isinstance(r.get("train-clients"), Mapping)
-                    and r["train-clients"].get("skipped"))
+    no_update = sum(
+        1 for r in trained if isinstance(r.get("train-clients"), Mapping) and r["train-clients"].get("skipped")
+    )
     if no_update:
         lines.append(f"rounds without a global update: {no_update}")
     lines.append(f"stop reason: {stop_reason or 'none given'}")
     return "\n".join(lines) + "\n"
 
 
-def write_final_report(run_dir: str | Path, rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | None,
-                       confusion: list[list[int]] | None, stop_reason: str | None) -> list[Path]:
+def write_final_report(
+    run_dir: str | Path,
+    rounds: Sequence[Mapping[str, Any]],
+    classes: Sequence[str] | None,
+    confusion: list[list[int]] | None,
+    stop_reason: str | None,
+) -> list[Path]:
     """Write history.csv, summary.txt and the figures (confusion matrix only when given)."""
     run_dir = Path(run_dir)
     written = [write_history_csv(run_dir, rounds)]

@@ -75,8 +75,10 @@ class WriterLock:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise RunFolderError(f"{self.path.parent} is being written by another process ({holder or 'unknown'}): "
-                                 "one writer per run folder") from None
+            raise RunFolderError(
+                f"{self.path.parent} is being written by another process ({holder or 'unknown'}): "
+                "one writer per run folder"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def locate_run(run_config: Mapping[str, Any], run_id: int | str) -> RunLocation:
             )
         return RunLocation(folder, checkpoint)
     suffix = f"-run{run_id}" if run_id != "" else ""
-    folder = results_dir / (run_name or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}{suffix}")
+    folder = results_dir / (run_name or f"{datetime.now(UTC):%Y%m%d-%H%M%S}{suffix}")
     if run_folder_taken(folder):
         raise RunFolderError(
             f"run-name={run_name!r}: {folder} already holds a run; choose another run-name, or set "

@@ -77,7 +77,9 @@ def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
         root = Path(cfg.feddf_data_dir).expanduser()
         paths = list_videos(root)
         if not paths:
-            raise ConfigError(f"feddf-data-dir={cfg.feddf_data_dir!r} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
+            raise ConfigError(
+                f"feddf-data-dir={cfg.feddf_data_dir!r} holds no video file ({', '.join(VIDEO_EXTENSIONS)})"
+            )
         return [VideoSample(str(p), -1, p.stem) for p in paths[: cfg.feddf_videos]]
     spec = replace(
         cfg.synthetic_spec,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -83,7 +83,13 @@ def train_epochs(
             if step == len(loader) or time.perf_counter() - last_log > PROGRESS_INTERVAL_S:
                 last_log = time.perf_counter()
                 logger.info(
-                    "%sepoch %d/%d step %d/%d loss %.4f", log_prefix, epoch + 1, epochs, step, len(loader), ce_loss.item()
+                    "%sepoch %d/%d step %d/%d loss %.4f",
+                    log_prefix,
+                    epoch + 1,
+                    epochs,
+                    step,
+                    len(loader),
+                    ce_loss.item(),
                 )
     seconds = time.perf_counter() - start
     return {

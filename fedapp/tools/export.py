@@ -40,14 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from datasets.layouts import list_videos
 from datasets.synthetic import SyntheticSpec, generate_dataset
 from datasets.video_io import VideoDecodeError, clip_span
+from fedapp.files import atomic_write_bytes, atomic_write_json
 from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
 from fedapp.task.config import AppConfig, ConfigError, parse_size
-from datasets.layouts import list_videos
-from fedapp.tools.inference import video_clips
 from fedapp.task.models import ModelError
-from fedapp.files import atomic_write_bytes, atomic_write_json
+from fedapp.tools.inference import video_clips
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--samples", type=int, default=16, help="clips for the agreement check (default 16)")
-    parser.add_argument("--videos", nargs="+", default=[], help="take the sample clips from these videos "
-                        "(default: freshly rendered synthetic videos)")
+    parser.add_argument(
+        "--videos",
+        nargs="+",
+        default=[],
+        help="take the sample clips from these videos (default: freshly rendered synthetic videos)",
+    )
     parser.add_argument("--latency-runs", type=int, default=10, help="timed runs per artifact (default 10)")
     args = parser.parse_args(argv)
     if args.samples < 1 or args.latency_runs < 1:
@@ -248,14 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     report = export_model(model, cfg, classes, args.out, clips, args.latency_runs)
 
     sizes, latency, agreement = report["bytes"], report["latency-ms-per-clip"], report["agreement"]
-    print(f"{FLOAT_FILE}: {sizes['float']} bytes, {latency['torchscript-float']:.2f} ms/clip "
-          f"(eager {latency['eager-float']:.2f} ms)")
-    print(f"{INT8_FILE}: {sizes['int8']} bytes ({report['int8-size-ratio']:.3f}x), "
-          f"{latency['torchscript-int8']:.2f} ms/clip; quantized layers: {', '.join(report['quantized-layers'])} "
-          f"({report['quantized-parameter-fraction']:.1%} of parameters)")
-    print(f"agreement on {agreement['samples']} clips: float max |logit diff| "
-          f"{agreement['float']['max-abs-logit-diff']:.2e}, int8 top-1 {agreement['int8']['top1-agreement']:.3f}, "
-          f"int8 max |prob diff| {agreement['int8']['max-abs-prob-diff']:.4f}")
+    print(
+        f"{FLOAT_FILE}: {sizes['float']} bytes, {latency['torchscript-float']:.2f} ms/clip "
+        f"(eager {latency['eager-float']:.2f} ms)"
+    )
+    print(
+        f"{INT8_FILE}: {sizes['int8']} bytes ({report['int8-size-ratio']:.3f}x), "
+        f"{latency['torchscript-int8']:.2f} ms/clip; quantized layers: {', '.join(report['quantized-layers'])} "
+        f"({report['quantized-parameter-fraction']:.1%} of parameters)"
+    )
+    print(
+        f"agreement on {agreement['samples']} clips: float max |logit diff| "
+        f"{agreement['float']['max-abs-logit-diff']:.2e}, int8 top-1 {agreement['int8']['top1-agreement']:.3f}, "
+        f"int8 max |prob diff| {agreement['int8']['max-abs-prob-diff']:.4f}"
+    )
     if not agreement["float"]["ok"]:
         print(f"FAILED: TorchScript float differs from eager by more than {FLOAT_TOLERANCE}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """Figures of a run's history (PNG, written atomically), and a CLI to re-plot or compare runs.
 
-    fedvideo plot RUN_DIR                       # re-plot one run's figures into RUN_DIR
-    fedvideo plot RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
+fedvideo plot RUN_DIR                       # re-plot one run's figures into RUN_DIR
+fedvideo plot RUN_A RUN_B --out cmp.png     # central video accuracy per round, one line per run
 """
 
 from __future__ import annotations
@@ -236,13 +236,21 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
         threshold = counts.max() / 2 if counts.size else 0
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=font,
-                        color="white" if counts[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if counts[i, j] > threshold else "black",
+                )
     return _save(fig, path)
 
 
-def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
-                 metric: str = "video-accuracy") -> Path:
+def plot_compare(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, metric: str = "video-accuracy"
+) -> Path:
     """One line per run: the central ``metric`` per round (client-evaluate when a run has no central)."""
     fig, (ax,) = _new_figure(1)
     for label, rounds in runs.items():
@@ -301,11 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Re-plot one run's figures, or compare the central metric of several runs.",
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="one run: the folder for its figures; several: the comparison PNG "
-                             "(default: compare-METRIC.png in the current folder)")
-    parser.add_argument("--metric", choices=COMPARE_METRICS, default="video-accuracy",
-                        help="central metric to compare (several runs only)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="one run: the folder for its figures; several: the comparison PNG "
+        "(default: compare-METRIC.png in the current folder)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=COMPARE_METRICS,
+        default="video-accuracy",
+        help="central metric to compare (several runs only)",
+    )
     parser.add_argument("--labels", nargs="+", default=None, help="one legend label per run")
     args = parser.parse_args(argv)
 

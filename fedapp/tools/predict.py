@@ -22,8 +22,8 @@ from torch import nn
 from datasets.video_io import VideoDecodeError
 from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
 from fedapp.task.config import AppConfig, ConfigError
-from fedapp.tools.inference import predict_video
 from fedapp.task.models import ModelError
+from fedapp.tools.inference import predict_video
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from datasets.layouts import VIDEO_EXTENSIONS
+from datasets.layouts import VIDEO_EXTENSIONS, list_videos
 from datasets.video_io import VideoDecodeError
+from fedapp.files import atomic_write_bytes, atomic_write_json
 from fedapp.server.checkpoint import (
     CHECKPOINTS_DIR,
     MANIFEST,
@@ -36,10 +37,8 @@ from fedapp.server.checkpoint import (
     model_from_checkpoint,
 )
 from fedapp.task.config import AppConfig, ConfigError
-from datasets.layouts import list_videos
-from fedapp.tools.inference import embed_video
 from fedapp.task.models import ModelError
-from fedapp.files import atomic_write_bytes, atomic_write_json
+from fedapp.tools.inference import embed_video
 
 logger = logging.getLogger(__name__)
 
