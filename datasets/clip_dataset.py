@@ -3,12 +3,16 @@
 A file that fails to probe or decode yields ``(None, label, index)`` instead of raising, so one
 corrupt video cannot kill a federated client mid-round; ``collate_clips`` drops such items and
 reports them. Use ``scan_videos`` up front to drop unreadable files before training.
+
+Each unreadable file is warned about once per warning scope (:func:`reported_files`): a client
+builds new datasets every round, and Flower's simulation reuses its worker processes across
+rounds, so a per-dataset memory alone repeated the warning every round of a run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,22 @@ from datasets.video_io import (
 
 logger = logging.getLogger(__name__)
 
+# Files already warned about, per scope (a client names its run and partition): kept for the
+# process's life so that the datasets of later rounds and epochs stay quiet about them.
+_REPORTED: dict[Hashable, set[str]] = {}
+
+
+def reported_files(scope: Hashable | None) -> set[str]:
+    """The paths already warned about in ``scope``; None: a new, private set (warn once per owner)."""
+    return set() if scope is None else _REPORTED.setdefault(scope, set())
+
+
+def warn_unreadable(path: str, reason: object, reported: set[str]) -> None:
+    """Warn that ``path`` is skipped, unless ``reported`` says it was already; records it there."""
+    if path not in reported:
+        reported.add(path)
+        logger.warning("skipping unreadable video %s: %s", path, reason)
+
 
 @dataclass(frozen=True)
 class ClipSpec:
@@ -46,15 +66,24 @@ class ClipSpec:
 
 class _ClipDatasetBase(torch.utils.data.Dataset):
     """Shared decoding with a frame-count cache, an optional decoded-clip cache on disk
-    (``cache_dir``, see :mod:`datasets.clip_cache`) and one warning per unreadable file."""
+    (``cache_dir``, see :mod:`datasets.clip_cache`) and one warning per unreadable file and
+    ``warn_scope`` (None: per dataset)."""
 
-    def __init__(self, samples: Sequence[VideoSample], spec: ClipSpec, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        samples: Sequence[VideoSample],
+        spec: ClipSpec,
+        cache_dir: str | Path | None = None,
+        warn_scope: Hashable | None = None,
+    ):
         self.samples = list(samples)
         self.spec = spec
         self.cache = ClipCache(Path(cache_dir), spec.resize) if cache_dir else None
         self._num_frames: dict[str, int] = {}
-        # Per instance, so per DataLoader worker: each worker process warns at most once per file.
-        self._warned: set[str] = set()
+        # Shared by the datasets of one scope in this process. A DataLoader worker gets a copy when
+        # its epoch starts; what it adds is lost with it, so the training loop hands the failures it
+        # sees back through mark_reported and the next epoch's workers know them.
+        self._warned = reported_files(warn_scope)
         # Files whose cache entry could not be built: decoded clip by clip, as without a cache.
         self._uncacheable: set[str] = set()
 
@@ -94,9 +123,12 @@ class _ClipDatasetBase(torch.utils.data.Dataset):
         return decode_frames(sample.path, indices, self.spec.resize)
 
     def _warn_once(self, sample: VideoSample, error: VideoDecodeError) -> None:
-        if sample.path not in self._warned:
-            self._warned.add(sample.path)
-            logger.warning("skipping unreadable video %s: %s", sample.path, error)
+        warn_unreadable(sample.path, error, self._warned)
+
+    def mark_reported(self, indices: Iterable[int]) -> None:
+        """Record the samples at ``indices`` (as ``collate_clips`` reports failures) as warned about:
+        in the main process, so a worker of a later epoch does not warn again."""
+        self._warned.update(self.samples[i].path for i in indices)
 
 
 class TrainClipDataset(_ClipDatasetBase):
@@ -115,8 +147,9 @@ class TrainClipDataset(_ClipDatasetBase):
         transform: TrainClipTransform,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        warn_scope: Hashable | None = None,
     ):
-        super().__init__(samples, spec, cache_dir)
+        super().__init__(samples, spec, cache_dir, warn_scope)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -157,10 +190,11 @@ class EvalClipDataset(_ClipDatasetBase):
         transform: EvalClipTransform,
         clips_per_video: int = 3,
         cache_dir: str | Path | None = None,
+        warn_scope: Hashable | None = None,
     ):
         if clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
-        super().__init__(samples, spec, cache_dir)
+        super().__init__(samples, spec, cache_dir, warn_scope)
         self.transform = transform
         self.clips_per_video = clips_per_video
 
@@ -198,8 +232,9 @@ def collate_clips(
     return clips, labels, indices, failed
 
 
-def scan_videos(samples: Sequence[VideoSample]) -> tuple[list[VideoSample], list[tuple[str, str]]]:
-    """Probe every sample; returns (usable samples, [(path, reason), ...] of skipped ones).
+def scan_videos(samples: Sequence[VideoSample], warn: bool = True) -> tuple[list[VideoSample], list[tuple[str, str]]]:
+    """Probe every sample; returns (usable samples, [(path, reason), ...] of skipped ones), with a
+    warning per skipped file unless ``warn`` is False (the caller warns: see ``warn_unreadable``).
 
     Probing reads headers only: a truncated file whose header is intact passes here and fails
     later at decode time (the datasets then skip it).
@@ -210,7 +245,8 @@ def scan_videos(samples: Sequence[VideoSample]) -> tuple[list[VideoSample], list
         try:
             probe_video(sample.path)
         except VideoDecodeError as error:
-            logger.warning("skipping unreadable video %s: %s", sample.path, error)
+            if warn:
+                logger.warning("skipping unreadable video %s: %s", sample.path, error)
             skipped.append((sample.path, str(error)))
         else:
             usable.append(sample)

@@ -176,18 +176,19 @@ def partition_samples(
 
 
 def partition_summary(labels: Sequence[int], parts: list[list[int]], classes: Sequence[str]) -> dict:
-    """JSON-serializable per-client video counts, overall and per class."""
+    """JSON-serializable per-client video counts, overall and per class (keys kebab-case, as in
+    every results file: this is the shape of ``partitions.json``)."""
     clients = []
     for partition_id, part in enumerate(parts):
         counts = np.bincount(np.asarray(labels, dtype=np.int64)[part], minlength=len(classes))
         clients.append(
             {
-                "partition_id": partition_id,
-                "num_videos": len(part),
-                "per_class": {name: int(count) for name, count in zip(classes, counts)},
+                "partition-id": partition_id,
+                "num-videos": len(part),
+                "per-class": {name: int(count) for name, count in zip(classes, counts)},
             }
         )
-    return {"num_partitions": len(parts), "clients": clients}
+    return {"num-partitions": len(parts), "clients": clients}
 
 
 def _abbreviate(names: list[str]) -> tuple[list[str], str]:
@@ -202,13 +203,13 @@ def _abbreviate(names: list[str]) -> tuple[list[str], str]:
 def format_partition_summary(summary: dict) -> str:
     """Printable table: one row per client, one column per class, a totals row."""
     clients = summary["clients"]
-    names = list(clients[0]["per_class"]) if clients else []
+    names = list(clients[0]["per-class"]) if clients else []
     headers, legend = _abbreviate(names)
     rows = [
-        [str(c["partition_id"])] + [str(c["per_class"][n]) for n in names] + [str(c["num_videos"])] for c in clients
+        [str(c["partition-id"])] + [str(c["per-class"][n]) for n in names] + [str(c["num-videos"])] for c in clients
     ]
-    totals = [sum(c["per_class"][n] for c in clients) for n in names]
-    rows.append(["total"] + [str(t) for t in totals] + [str(sum(c["num_videos"] for c in clients))])
+    totals = [sum(c["per-class"][n] for c in clients) for n in names]
+    rows.append(["total"] + [str(t) for t in totals] + [str(sum(c["num-videos"] for c in clients))])
     table = [["client"] + headers + ["videos"]] + rows
     widths = [max(len(row[col]) for row in table) for col in range(len(table[0]))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in table]

@@ -1,16 +1,20 @@
 """The NumPyClient and the ClientApp's node setup on a tiny synthetic dataset."""
 
+import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from datasets.clip_dataset import reported_files
 from fedapp.client.app import make_client, node_settings
 from fedapp.client.video_client import NoUsableVideoError, VideoClient
 from fedapp.task.config import ConfigError, parse_config
-from fedapp.task.data import load_video_index, node_partition
+from fedapp.task.data import load_video_index, node_partition, train_loader
 from fedapp.task.models import build_model
-from fedapp.task.train import state_arrays
+from fedapp.task.train import make_optimizer, state_arrays, train_epochs
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_evaluate_scores_local_test_split(cfg, initial):
     assert metrics["num-clips"] == n * cfg.eval_clips
 
 
-def test_corrupt_files_are_skipped_and_counted(cfg, initial, tmp_path):
+def test_corrupt_files_are_skipped_and_counted(cfg, initial, tmp_path, caplog):
     index = load_video_index(cfg)
     root = tmp_path / "videos"
     per_class = [[s for s in index.train if s.label == c][:2] for c in range(len(index.classes))]
@@ -65,11 +69,57 @@ def test_corrupt_files_are_skipped_and_counted(cfg, initial, tmp_path):
     bad[1].write_bytes(bad[1].read_bytes()[:300])  # truncated
     (root / index.classes[0] / "notes.avi").write_text("not a video")
     folder_cfg = parse_config({**cfg.to_dict(), "dataset": "folders", "data-dir": str(root), "test-fraction": 0.01})
-    client = make_client(folder_cfg, {"data-dir": str(root)})
+    with caplog.at_level(logging.WARNING, logger="datasets.clip_dataset"):
+        client = make_client(folder_cfg, {"data-dir": str(root)}, run_id=101)
+        make_client(folder_cfg, {"data-dir": str(root)}, run_id=101)  # the next round's message
     assert len(client.skipped) >= 3
     assert {p.split("/")[-1] for p, _ in client.skipped} >= {bad[0].name, bad[1].name, "notes.avi"}
+    assert len(warnings_about(caplog, "notes.avi")) == 1  # scanned once, warned once in the run
     _, n, metrics = client.fit(initial, {"server-round": 1})
     assert metrics["skipped-videos"] == len(client.skipped) and n == len(client.train_samples)
+    with caplog.at_level(logging.WARNING, logger="datasets.clip_dataset"):
+        make_client(folder_cfg, {"data-dir": str(root)}, run_id=102)  # a new run in the same process
+    assert len(warnings_about(caplog, "notes.avi")) == 2
+
+
+def warnings_about(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and name in r.getMessage()]
+
+
+def test_a_file_that_fails_to_decode_is_warned_about_once_per_run(cfg, initial, tmp_path, caplog):
+    """It passes the quick scan and fails every epoch of every round: one warning per run, while
+    every round still counts it (failed clips in the metrics)."""
+    good = make_client(cfg, {"partition-id": 0, "num-partitions": 3})
+    broken = tmp_path / "broken-video.avi"
+    broken.write_bytes(b"RIFF" + b"\x00" * 4000)  # a header the scan accepts, no decodable frame
+    sample = type(good.train_samples[0])(str(broken), good.train_samples[0].label, "broken")
+    multi_epoch = replace(cfg, local_epochs=2)
+    with caplog.at_level(logging.WARNING, logger="datasets.clip_dataset"):
+        for server_round in (1, 2, 3):  # a new client every round, as the ClientApp makes one per message
+            client = VideoClient(
+                multi_epoch, good.classes, [*good.train_samples, sample], [sample, *good.test_samples], run_id=7
+            )
+            _, _, metrics = client.fit(initial, {"server-round": server_round})
+            assert metrics["failed-clips"] == 2  # one clip per epoch, counted every round
+            _, _, scores = client.evaluate(initial, {"server-round": server_round})
+            assert scores["failed-clips"] == cfg.eval_clips
+        assert len(warnings_about(caplog, broken.name)) == 1
+        VideoClient(multi_epoch, good.classes, [*good.train_samples, sample], [], run_id=8).fit(initial, {})
+        assert len(warnings_about(caplog, broken.name)) == 2  # a new run warns again
+
+
+def test_dataloader_workers_hand_their_failures_back(cfg, tmp_path):
+    """A worker's memory of what it warned about dies with it at the end of the epoch: the training
+    loop records the failures in the main process, so the next epoch's workers know them."""
+    good = make_client(cfg, {"partition-id": 0, "num-partitions": 3})
+    broken = tmp_path / "broken-in-worker.avi"
+    broken.write_bytes(b"RIFF" + b"\x00" * 4000)
+    samples = [*good.train_samples[:3], type(good.train_samples[0])(str(broken), 0, "broken")]
+    scope = ("run", "workers-test", 0)
+    model = build_model(cfg.model, len(good.classes))
+    loader = train_loader(replace(cfg, num_workers=1), samples, seed=0, warn_scope=scope)
+    metrics = train_epochs(model, loader, make_optimizer(model, cfg), 1, torch.device("cpu"))
+    assert metrics["failed-clips"] == 1 and str(broken) in reported_files(scope)
 
 
 def test_client_without_usable_video_fails_clearly(cfg, initial):

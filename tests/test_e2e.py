@@ -54,7 +54,7 @@ def test_simulation_completes_and_writes_results(small_run_config, tmp_path):
         assert {"loss", "video-accuracy", "clip-accuracy"} <= set(record["central"])
         assert "train-loss" in record["train"] and "video-accuracy" in record["evaluate"]
     partitions = json.loads((run_dir / "partitions.json").read_text())
-    assert partitions["num_partitions"] == 3
+    assert partitions["num-partitions"] == 3
     assert json.loads((run_dir / "classes.json").read_text()) == summary["classes"]
     assert (run_dir / "model.safetensors").stat().st_size > 0
     assert json.loads((run_dir / "run_config.json").read_text())["num-server-rounds"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -280,6 +281,27 @@ def test_export_matches_eager_and_reports_int8(trained: Trained, loaded, tmp_pat
                 assert torch.equal(logits.argmax(1), eager.argmax(1))
             else:  # int8 only approximates; on these confident clips it should still mostly agree
                 assert (logits.argmax(1) == eager.argmax(1)).float().mean() >= 0.75
+
+
+def test_exported_files_get_the_mode_the_umask_gives(small_run_config: dict, tmp_path: Path) -> None:
+    """0644 under umask 022, like any file a user writes: not the 0600 of the temp files they are
+    written through (a model is shipped to others; only private keys are 0600, see test_deploy)."""
+    cfg = parse_config(small_run_config)
+    classes = load_video_index(cfg).classes
+    model = build_model(cfg.model, len(classes))
+    arrays = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    checkpoint = save_checkpoint(tmp_path / "run", 1, arrays, small_run_config, classes, {}, [])
+    previous = os.umask(0o022)
+    try:
+        code = export.main([str(checkpoint), "--out", str(tmp_path / "out"), "--samples", "1", "--latency-runs", "1"])
+    finally:
+        os.umask(previous)
+    assert code == 0
+    names = [export.FLOAT_FILE, export.INT8_FILE, export.CLASSES_FILE, export.REPORT_FILE]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    for name in names:
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
 def test_export_fails_when_torchscript_disagrees(trained: Trained, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -129,10 +129,10 @@ def test_summary_counts_match_and_format_prints_all_clients() -> None:
     parts = partition_samples(LABELS, GROUPS, "dirichlet", 4, seed=0, alpha=0.3)
     summary = partition_summary(LABELS, parts, CLASSES)
     assert json.loads(json.dumps(summary)) == summary
-    assert summary["num_partitions"] == 4
+    assert summary["num-partitions"] == 4
     for client, part in zip(summary["clients"], parts):
-        assert client["num_videos"] == len(part)
-        assert client["per_class"] == {name: sum(LABELS[i] == c for i in part) for c, name in enumerate(CLASSES)}
+        assert client["num-videos"] == len(part)
+        assert client["per-class"] == {name: sum(LABELS[i] == c for i in part) for c, name in enumerate(CLASSES)}
     text = format_partition_summary(summary)
     lines = text.splitlines()
     assert len(lines) == 1 + 4 + 1  # header, clients, totals

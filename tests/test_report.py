@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.server.report import HISTORY_COLUMNS, TensorBoardLog, human_summary, write_final_report, write_history_csv
+from fedapp.server.report import HISTORY_COLUMNS, TensorBoardLog, write_final_report, write_history_csv
 from fedapp.server.results import RunResults
+from fedapp.server.summary import history_figures, summary_text
 from fedapp.tools import plots
 from tests.conftest import fedvideo_command
 
@@ -184,36 +185,48 @@ def test_tensorboard_log_writes_expected_scalars(tmp_path):
     assert scalars("time/round-s") == [(1, 10.25), (2, 9.0), (3, 8.5)]
 
 
-def test_final_report_writes_csv_summary_and_figures(tmp_path):
+def test_final_report_writes_csv_and_figures(tmp_path):
     rounds = fake_rounds()
     confusion = [[5, 1, 0], [2, 3, 1], [0, 0, 6]]
-    written = write_final_report(tmp_path, rounds, CLASSES, confusion, "target accuracy reached")
+    written = write_final_report(tmp_path, rounds, CLASSES, confusion)
     names = {p.name for p in written}
-    assert {"history.csv", "summary.txt", "accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"} <= names
+    assert {"history.csv", "accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"} <= names
     assert all(p.exists() for p in written)
     for name in ("accuracy_loss.png", "client_accuracy.png", "confusion_matrix.png"):
         assert_png(tmp_path / name)
     assert json.loads((tmp_path / "confusion.json").read_text())["matrix"] == confusion
-
-    summary = (tmp_path / "summary.txt").read_text()
-    assert "best 0.6000 at round 1" in summary
-    assert "final 0.5500 at round 3" in summary
-    assert "stop reason: target accuracy reached" in summary
-    assert "train replies rejected: 1, clients failed: 1" in summary
-    assert "rounds: 3 trained" in summary
+    assert not (tmp_path / "summary.txt").exists()  # written with summary.json, from its dict
 
     bare = tmp_path / "no-confusion"
-    written = write_final_report(bare, rounds, CLASSES, None, None)
+    written = write_final_report(bare, rounds, CLASSES, None)
     assert not (bare / "confusion_matrix.png").exists()
-    assert {p.name for p in written} == {"history.csv", "summary.txt", "accuracy_loss.png", "client_accuracy.png"}
+    assert {p.name for p in written} == {"history.csv", "accuracy_loss.png", "client_accuracy.png"}
+
+
+def test_summary_figures_and_text_come_from_the_history():
+    figures = history_figures(fake_rounds())
+    assert figures["rounds-completed"] == 3 and figures["rounds-without-update"] == 0
+    # Best over the trained rounds, as the best checkpoint is chosen; the initial model beside it.
+    assert (figures["best-round"], figures["best-video-accuracy"], figures["initial-video-accuracy"]) == (1, 0.6, 0.25)
+    assert figures["final-central"]["video-accuracy"] == 0.55
+    assert figures["clients-per-round"] == {"mean": 7 / 3, "min": 1, "max": 3}
+    assert (figures["train-rejected"], figures["train-failed"], figures["evaluate-failed"]) == (1, 1, 0)
+    summary = {"status": "completed", **figures, "stop-reason": "target accuracy reached", "strategy": "fedavg"}
+    text = summary_text(summary)
+    assert "best video-acc 0.6000 at round 1 (initial model 0.2500)" in text
+    assert "final central: video-acc 0.5500 clip-acc 0.5200 loss 1.2500" in text
+    assert "stop reason: target accuracy reached" in text
+    assert "train replies rejected: 1, clients failed: 1" in text
+    assert "rounds: 3 completed" in text
+    assert "clients per round (train, accepted): mean 2.3, min 1, max 3" in text
 
 
 def test_summary_copes_with_central_eval_off_and_empty_history():
     rounds = [{k: v for k, v in r.items() if k != "central"} for r in fake_rounds()]
-    text = human_summary(rounds, None, None)
-    assert "client-evaluate video accuracy: best 0.5000 at round 3" in text
-    assert "stop reason: none given" in text
-    assert "not measured" in human_summary([], CLASSES, "stopped")
+    text = summary_text({"status": "completed", **history_figures(rounds)})
+    assert "best video-acc 0.5000 at round 3" in text and "final client-evaluate: video-acc 0.5000" in text
+    assert "final central" not in text and "stop reason" not in text
+    assert "not measured" in summary_text({"status": "completed", **history_figures([])})
 
 
 def test_confusion_plot_rejects_a_matrix_that_does_not_match_the_classes(tmp_path):

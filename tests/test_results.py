@@ -31,6 +31,7 @@ def test_run_results_layout(tmp_path):
         "rounds.jsonl",
         "run_config.json",
         "summary.json",
+        "summary.txt",  # rendered from the same dict
     ]
 
 

@@ -16,7 +16,7 @@ def test_rounds_are_recorded_with_per_client_metrics(small_run_config, tmp_path)
     results = run_inprocess({**small_run_config, "num-server-rounds": 2}, 3, tmp_path / "run")
     assert [r["round"] for r in results.rounds] == [0, 1, 2]
     assert all(len(r["train-clients"]["clients"]) == 3 for r in results.rounds[1:])
-    assert json.loads((tmp_path / "run" / "partitions.json").read_text())["num_partitions"] == 3
+    assert json.loads((tmp_path / "run" / "partitions.json").read_text())["num-partitions"] == 3
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 

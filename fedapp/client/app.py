@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from datasets.clip_dataset import scan_videos
+from datasets.clip_dataset import reported_files, scan_videos, warn_unreadable
 from fedapp.client.attacks import is_attacker
 from fedapp.client.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client.compression_mod import compression_mod
@@ -60,9 +60,13 @@ def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, str | None]
 
 
 def make_client(
-    cfg: AppConfig, node_config: Mapping[str, Any], local_state: dict[str, np.ndarray] | None = None
+    cfg: AppConfig,
+    node_config: Mapping[str, Any],
+    local_state: dict[str, np.ndarray] | None = None,
+    run_id: int | None = None,
 ) -> VideoClient:
-    """The VideoClient for this node: its partition of the dataset, unreadable files set aside."""
+    """The VideoClient for this node: its partition of the dataset, unreadable files set aside
+    (warned about once per ``run_id`` and partition in this process)."""
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
     # Indexes are cached for the process's lifetime, so id(index) identifies the dataset.
@@ -77,10 +81,14 @@ def make_client(
     )
     if key not in _SCAN_CACHE:
         train, test = node_partition(cfg, index, partition_id, num_partitions)
-        usable_train, skipped_train = scan_videos(train)
-        usable_test, skipped_test = scan_videos(test)
+        usable_train, skipped_train = scan_videos(train, warn=False)
+        usable_test, skipped_test = scan_videos(test, warn=False)
         _SCAN_CACHE[key] = (usable_train, usable_test, skipped_train + skipped_test)
     train, test, skipped = _SCAN_CACHE[key]
+    # Warned here, not by the cached scan: once in every run, however many rounds this process serves.
+    reported = reported_files(("run", run_id, partition_id))
+    for path, reason in skipped:
+        warn_unreadable(path, reason, reported)
     attacker = cfg.attack != "none" and is_attacker(partition_id, num_partitions, cfg.attack_fraction)
     return VideoClient(
         cfg,
@@ -92,6 +100,7 @@ def make_client(
         local_state=local_state,
         node_weight=node_weight(node_config),
         attack=cfg.attack if attacker else "none",
+        run_id=run_id,
     )
 
 
@@ -115,7 +124,7 @@ def handle(context: Context, msg: Message, phase: str) -> Message:
         cfg = exchange.config(context.run_config)  # parsed once per message, for the mods too
         stored = context.state.array_records.get(LOCAL_STATE_KEY)
         local_state = arrays_to_numpy(stored) if stored is not None else {}
-        client = make_client(cfg, context.node_config, local_state)
+        client = make_client(cfg, context.node_config, local_state, context.run_id)
         reply = call_numpy_client(client, msg, phase)
         if client.local_state:
             context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)

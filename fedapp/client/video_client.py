@@ -44,8 +44,9 @@ class VideoClient(NamedNumPyClient):
     ``skipped`` lists the node's files that could not be decoded; they are reported in every reply's
     metrics so the server sees data problems without seeing the data. ``local_state`` persists
     across rounds on this node (Flower's ``context.state``): with ``fedbn`` the node keeps its own
-    BatchNorm layers there instead of taking the global ones. ``attack`` is a test tool
-    (``fedapp.client.attacks``), never set in a real federation.
+    BatchNorm layers there instead of taking the global ones. ``run_id`` scopes the warnings about
+    files that fail to decode: once per run and partition in this process, not every round.
+    ``attack`` is a test tool (``fedapp.client.attacks``), never set in a real federation.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class VideoClient(NamedNumPyClient):
         local_state: MutableMapping[str, np.ndarray] | None = None,
         node_weight: float | None = None,
         attack: str = "none",
+        run_id: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.classes = list(classes)
@@ -69,6 +71,7 @@ class VideoClient(NamedNumPyClient):
         self.local_state = local_state if local_state is not None else {}
         self.node_weight = node_weight
         self.attack = attack
+        self.warn_scope = ("run", run_id, partition_id)
         self.device = select_device(cfg.device)
         set_torch_threads(cfg.torch_threads)
 
@@ -113,7 +116,7 @@ class VideoClient(NamedNumPyClient):
         seed = (self.cfg.seed * 1_000_003 + server_round * 1009 + self.partition_id) % 2**31
         metrics = train_epochs(
             model,
-            train_loader(self.cfg, self.train_samples, seed=seed),
+            train_loader(self.cfg, self.train_samples, seed=seed, warn_scope=self.warn_scope),
             make_optimizer(model, self.cfg),
             epochs=self.cfg.local_epochs,
             device=self.device,
@@ -148,7 +151,11 @@ class VideoClient(NamedNumPyClient):
             raise NoUsableVideoError(f"partition {self.partition_id}: no usable test video")
         model = self._model(parameters)
         scores = evaluate_model(
-            model, eval_loader(self.cfg, self.test_samples), self.device, self.cfg.bf16, self.cfg.channels_last
+            model,
+            eval_loader(self.cfg, self.test_samples, warn_scope=self.warn_scope),
+            self.device,
+            self.cfg.bf16,
+            self.cfg.channels_last,
         )
         if scores["num-videos"] == 0:  # an accuracy of 0.0 on no video would drag the federated mean down
             raise NoUsableVideoError(

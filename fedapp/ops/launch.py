@@ -364,10 +364,49 @@ def launch(run_config: list[str], federation_config: str, timeout: float) -> Out
         watchdog.close()
 
 
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+# Lines of ``flwr run --stream`` that tell a user of this launcher nothing. They are not echoed to
+# the console; the log file keeps every line. Matched on the line without its ANSI colours.
+CONSOLE_NOISE: tuple[re.Pattern[str], ...] = (
+    # Printed by every simulation since flwr 1.32; the launcher always sets num-supernodes itself.
+    re.compile(r"^WARNING\s*:\s*Since flwr \S+, default simulated SuperNodes changed"),
+    # Flower's hint to resize with `flwr federation simulation-config` (two lines): with this
+    # launcher the size is --federation-config, and the line before says what it is.
+    re.compile(r"^INFO\s*:\s*To change federation size, use the following command:"),
+    re.compile(r"^INFO\s*:\s*flwr federation simulation-config "),
+    # An empty Flower log line (the stream ends with one).
+    re.compile(r"^(INFO|WARNING)\s*:\s*$"),
+)
+# A Python warning raised inside Ray or Flower (Ray's FutureWarning about accelerator variables on
+# every run): about the libraries' own future defaults, nothing a user of this app can act on. A
+# Ray actor's output carries the actor's name first.
+LIBRARY_WARNING = re.compile(
+    r"^(\(\w+ pid=\d+\)\s*)?\S*/(ray|flwr)/\S+\.py:\d+: (Future|Deprecation|PendingDeprecation)Warning: "
+)
+# Python prints a warning's source line after it, indented by two spaces ("  warnings.warn(").
+WARNING_CONTINUATION = re.compile(r"^(\(\w+ pid=\d+\)\s*)?  \S")
+
+
+class ConsoleFilter:
+    """Decides, line by line, which lines of the stream the console shows (see CONSOLE_NOISE)."""
+
+    def __init__(self) -> None:
+        self._in_warning = False  # the last line shown or not was a filtered library warning
+
+    def shows(self, line: str) -> bool:
+        text = ANSI_CODE.sub("", line).rstrip("\r\n")
+        if self._in_warning and WARNING_CONTINUATION.match(text):
+            return False
+        self._in_warning = bool(LIBRARY_WARNING.match(text))
+        return not self._in_warning and not any(pattern.match(text) for pattern in CONSOLE_NOISE)
+
+
 def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, watchdog: Any = None) -> int | None:
-    """Run ``flwr run --stream``, echoing and saving its output; returns the run id it printed."""
+    """Run ``flwr run --stream``, echoing its output (less ``CONSOLE_NOISE``) and saving all of it
+    to ``log_path``; returns the run id it printed."""
     run_id = None
     deadline = time.monotonic() + timeout
+    console = ConsoleFilter()
     with (
         open(log_path, "w") as log,
         subprocess.Popen(
@@ -385,7 +424,8 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
             watchdog.guard(proc)
         try:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if console.shows(line):
+                    sys.stdout.write(line)
                 log.write(line)
                 if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
                     run_id = int(m.group(1))

@@ -32,7 +32,8 @@ from fedapp.server.rounds import (
     train_round,
 )
 from fedapp.server.run_folder import locate_run
-from fedapp.server.stopping import BUDGET, best_round
+from fedapp.server.stopping import BUDGET
+from fedapp.server.summary import history_figures, summary_lines
 from fedapp.task.config import AppConfig, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.devices import select_device
@@ -74,26 +75,31 @@ def serve(grid: Grid, run_config: Mapping[str, Any], run_id: int) -> dict[str, A
         logger.info("results directory: %s", results.dir)
         started = time.time()
         try:
-            summary = run_federation(grid, parse_config(run_config), results, location.checkpoint)
+            summary = run_federation(grid, parse_config(run_config), results, location.checkpoint, started)
         except BaseException as exc:
             logger.error("run failed: %s: %s", type(exc).__name__, exc)
             if not location.resuming or results.config_written:
                 completed = results.rounds[-1]["round"] if results.rounds else 0
                 results.write_summary(
                     {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "rounds-completed": completed,
-                     "run-id": run_id, "wall-time-s": time.time() - started}
+                     "run-id": run_id, "wall-time-s": time.time() - started, "results-dir": str(results.dir)}
                 )  # fmt: skip
             raise
-        summary = {"status": "completed", **summary, "run-id": run_id, "wall-time-s": time.time() - started}
+        summary = {"status": "completed", **summary, "run-id": run_id}
         results.write_summary(summary)
-    logger.info("run completed: %s", summary)
+    for line in summary_lines(summary):  # the dict itself is in summary.json, its text in summary.txt
+        logger.info("%s", line)
     return summary
 
 
-def run_federation(grid: Grid, cfg: AppConfig, results: RunResults, checkpoint: Path | None) -> dict[str, Any]:
+def run_federation(
+    grid: Grid, cfg: AppConfig, results: RunResults, checkpoint: Path | None, started: float | None = None
+) -> dict[str, Any]:
     """The round loop: train, aggregate, evaluate on clients and centrally, checkpoint, record;
     until the round budget is spent or the stopping rule fires. ``checkpoint`` is what a resumed
-    run continues (``locate_run`` decides it), None for a fresh run."""
+    run continues (``locate_run`` decides it), None for a fresh run. ``started``: when a fresh run
+    began (default: now), the origin of every ``wall-time-s``, set-up included."""
+    started = time.time() if started is None else started
     if cfg.resume and checkpoint is None:
         raise CheckpointError(f"resume={cfg.resume!r} but no checkpoint was given: locate the run with locate_run")
     set_torch_threads(cfg.torch_threads)
@@ -108,7 +114,7 @@ def run_federation(grid: Grid, cfg: AppConfig, results: RunResults, checkpoint: 
     evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
     strategy = build_strategy(cfg, make_distiller(cfg, len(index.classes), device) if feddf else None)
-    state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint)
+    state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
 
     tensorboard = TensorBoardLog(results.dir / "tensorboard") if cfg.tensorboard else None
@@ -133,16 +139,19 @@ def start_run(
     classes: list[str],
     evaluator: CentralEvaluator | None,
     checkpoint: Path | None,
+    started: float,
 ) -> RunState:
     """The state round 1 starts from (the initial model, scored as round 0), or, resuming, the
-    checkpoint's model, strategy state and history, after checking they fit this run."""
+    checkpoint's model, strategy state and history, after checking they fit this run. A fresh
+    run's clock starts at ``started``; a resumed run's continues from its last round's wall time."""
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     removed = remove_partial_writes(results.dir)  # left by a writer killed mid-write; we hold the lock
     if removed:
         logger.info("removed %d partial writes of an earlier process: %s", len(removed), [p.name for p in removed])
     if checkpoint is None:
-        results.append_round({"round": 0, "central": evaluator(arrays) if evaluator else {}, "wall-time-s": 0.0})
-        return RunState(arrays, first_round=1, classes=classes, started=time.time())
+        central = evaluator(arrays) if evaluator else {}
+        results.append_round({"round": 0, "central": central, "wall-time-s": time.time() - started})
+        return RunState(arrays, first_round=1, classes=classes, started=started)
     loaded = load_checkpoint(checkpoint)
     check_compatible(loaded, cfg.model, classes, arrays)
     if loaded.round >= cfg.num_server_rounds:
@@ -207,17 +216,19 @@ def finish_run(
         )
     results.save_model(state.arrays, state.classes, cfg.model)
     confusion = evaluator.confusion_of(state.arrays) if evaluator else None
-    write_final_report(results.dir, results.rounds, state.classes, confusion, stop)
-    best = best_round(results.rounds)
+    write_final_report(results.dir, results.rounds, state.classes, confusion)
+    # From the history, not this process's counters: a resumed run's earlier rounds count too.
+    figures = history_figures(results.rounds)
     return {
-        "rounds-completed": last_round,
-        "rounds-without-update": state.rounds_without_update,
+        "rounds-completed": figures.pop("rounds-completed"),
+        "rounds-without-update": figures.pop("rounds-without-update"),
         "stop-reason": stop,
+        "strategy": cfg.strategy,
+        **({"fusion-fn": cfg.fusion_fn} if cfg.strategy == "fusion" else {}),
         "model": cfg.model,
         "classes": state.classes,
-        "final-central": results.rounds[-1].get("central", {}),
-        "best-round": best[0] if best else None,
-        "best-video-accuracy": best[1] if best else None,
+        **figures,
         "results-dir": str(results.dir),
         **({"privacy": strategy.settings()} if isinstance(strategy, PrivateStrategy) else {}),
+        "wall-time-s": time.time() - state.started,  # last: the whole run, final report included
     }

@@ -1,10 +1,12 @@
-"""A run's history in readable forms: ``history.csv``, TensorBoard scalars, a text summary, figures."""
+"""A run's history in readable forms: ``history.csv``, TensorBoard scalars, figures.
+
+The text summary (``summary.txt``) is rendered from ``summary.json``'s dict: ``fedapp.server.summary``.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,6 @@ from fedapp.tools import plots
 from fedapp.tools.plots import client_entries, client_label, get_metric, number
 
 HISTORY_FILE = "history.csv"
-SUMMARY_TEXT_FILE = "summary.txt"
 
 # (column, section of the round record or None for top level, key in that section)
 _HISTORY_SOURCES: tuple[tuple[str, str | None, str], ...] = (
@@ -131,86 +132,16 @@ class TensorBoardLog:
         self.close()
 
 
-def _finite(values: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
-    return [(r, v) for r, v in values if math.isfinite(v)]
-
-
-def _pairs(rounds: Sequence[Mapping[str, Any]], section: str | None, key: str) -> list[tuple[int, float]]:
-    xs, ys = plots.series(rounds, section, key)
-    return _finite(list(zip(xs, ys)))
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def human_summary(rounds: Sequence[Mapping[str, Any]], classes: Sequence[str] | None, stop_reason: str | None) -> str:
-    """A few lines for people: accuracy reached, time taken, clients seen, why the run stopped."""
-    trained = [r for r in rounds if (number(r.get("round")) or 0) >= 1]
-    lines = [
-        f"rounds: {len(trained)} trained"
-        + (f" (last: {int(number(trained[-1].get('round')) or 0)})" if trained else "")
-    ]
-    if classes:
-        shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
-        lines.append(f"classes: {len(classes)} ({shown})")
-
-    # Best over every record, round 0 included: if training only made the model worse, say so.
-    accuracy, source = _pairs(rounds, "central", "video-accuracy"), "central"
-    if not accuracy:
-        accuracy, source = _pairs(rounds, "evaluate", "video-accuracy"), "client-evaluate"
-    if accuracy:
-        best_round, best = max(accuracy, key=lambda p: (p[1], -p[0]))
-        final_round, final = accuracy[-1]
-        lines.append(
-            f"{source} video accuracy: best {best:.4f} at round {best_round}, final {final:.4f} at round {final_round}"
-        )
-    else:
-        lines.append("video accuracy: not measured (central and client evaluation off)")
-    for loss_source, section in (("central", "central"), ("client-evaluate", "evaluate")):
-        loss = _pairs(rounds, section, "loss")
-        if loss:
-            lines.append(f"final {loss_source} loss: {loss[-1][1]:.4f} at round {loss[-1][0]}")
-            break
-
-    wall = [v for _, v in _pairs(rounds, None, "wall-time-s")]
-    if wall:
-        lines.append(f"wall time: {max(wall):.1f} s ({_duration(max(wall))})")
-
-    accepted = [n for n in (_count(r, "train-clients", "clients") for r in trained) if n is not None]
-    if accepted:
-        lines.append(
-            f"clients per round (train, accepted): mean {sum(accepted) / len(accepted):.1f}, "
-            f"min {min(accepted)}, max {max(accepted)}"
-        )
-    for phase in ("train", "evaluate"):
-        rejected = sum(_count(r, f"{phase}-clients", "rejected") or 0 for r in trained)
-        failed = sum(_count(r, f"{phase}-clients", "failed") or 0 for r in trained)
-        lines.append(f"{phase} replies rejected: {rejected}, clients failed: {failed}")
-    no_update = sum(
-        1 for r in trained if isinstance(r.get("train-clients"), Mapping) and r["train-clients"].get("skipped")
-    )
-    if no_update:
-        lines.append(f"rounds without a global update: {no_update}")
-    lines.append(f"stop reason: {stop_reason or 'none given'}")
-    return "\n".join(lines) + "\n"
-
-
 def write_final_report(
     run_dir: str | Path,
     rounds: Sequence[Mapping[str, Any]],
     classes: Sequence[str] | None,
     confusion: list[list[int]] | None,
-    stop_reason: str | None,
 ) -> list[Path]:
-    """Write history.csv, summary.txt and the figures (confusion matrix only when given)."""
+    """Write history.csv and the figures (confusion matrix only when given). ``summary.txt`` is
+    written with ``summary.json``, from the same dict (``RunResults.write_summary``)."""
     run_dir = Path(run_dir)
     written = [write_history_csv(run_dir, rounds)]
-    summary = run_dir / SUMMARY_TEXT_FILE
-    atomic_write_bytes(summary, human_summary(rounds, classes, stop_reason).encode())
-    written.append(summary)
     written.append(plots.plot_accuracy_loss(rounds, run_dir / plots.ACCURACY_LOSS_PNG))
     written.append(plots.plot_client_accuracy(rounds, run_dir / plots.CLIENT_ACCURACY_PNG))
     if confusion is not None:

@@ -15,8 +15,10 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
+from fedapp.server.summary import summary_text
 
 SUMMARY_FILE = "summary.json"
+SUMMARY_TEXT_FILE = "summary.txt"
 CONFIG_FILE = "run_config.json"
 ROUNDS_FILE = "rounds.jsonl"
 PARTITIONS_FILE = "partitions.json"
@@ -145,4 +147,7 @@ class RunResults:
         save_weights(self.dir / MODEL_FILE, arrays, {"model": model_name, "classes": json.dumps(list(classes))})
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """``summary.json`` and ``summary.txt``, the text rendered from the same dict: the two never
+        disagree, and a failed run (a failed resume too) replaces the text along with the JSON."""
         atomic_write_json(self.dir / SUMMARY_FILE, dict(summary))
+        atomic_write_bytes(self.dir / SUMMARY_TEXT_FILE, summary_text(summary).encode())

@@ -20,6 +20,7 @@ from fedapp.server.checkpoint import best_checkpoint, mark_best, prune_checkpoin
 from fedapp.server.report import TensorBoardLog
 from fedapp.server.results import RunResults
 from fedapp.server.stopping import best_round, stop_reason
+from fedapp.server.summary import strategy_label
 from fedapp.task.config import AppConfig
 from strategies.privacy import PrivateStrategy
 from strategies.records import NamedArrays, numpy_to_arrays
@@ -119,14 +120,35 @@ def record_round(
     results.append_round(record)
     if tensorboard:
         tensorboard.log_round(record)
-    central = record["central"]
-    logger.info(
-        "round %d: train loss %.4f acc %.3f | central loss %s video-acc %s | %.1fs",
-        record["round"], record["train"].get("train-loss", float("nan")),
-        record["train"].get("train-accuracy", float("nan")),
-        _fmt(central.get("loss")), _fmt(central.get("video-accuracy")), record["round-time-s"],
-    )  # fmt: skip
+    logger.info("%s", round_line(record, cfg))
     return stop
+
+
+def round_line(record: dict[str, Any], cfg: AppConfig) -> str:
+    """The round's one console line, e.g. ``round 3/10 · fedavg · train loss 0.812 acc 0.700 ·
+    central video-acc 0.875 loss 0.421 · 3 clients (1 rejected, 0 failed) · 12.1 s``.
+
+    Client evaluation is shown when there is no central one; a round that kept the global model
+    says so instead of a train loss."""
+    label = strategy_label(cfg.strategy, cfg.fusion_fn, cfg.dp)
+    epsilon = (record.get("privacy") or {}).get("epsilon")
+    if epsilon is not None:
+        label += f" (epsilon {epsilon:.3f})"
+    parts = [f"round {record['round']}/{cfg.num_server_rounds}", label]
+    train, clients = record.get("train") or {}, record.get("train-clients") or {}
+    if clients.get("skipped"):
+        parts.append(f"no update: {clients['skipped']}")
+    elif "train-loss" in train:
+        parts.append(f"train loss {train['train-loss']:.3f} acc {train.get('train-accuracy', float('nan')):.3f}")
+    for name, section in (("central", "central"), ("client-evaluate", "evaluate")):
+        scores = record.get(section) or {}
+        if scores.get("video-accuracy") is not None:
+            parts.append(f"{name} video-acc {scores['video-accuracy']:.3f} loss {_fmt(scores.get('loss'))}")
+            break
+    accepted, rejected, failed = (len(clients.get(key) or []) for key in ("clients", "rejected", "failed"))
+    parts.append(f"{accepted} clients ({rejected} rejected, {failed} failed)")
+    parts.append(f"{record['round-time-s']:.1f} s")
+    return " · ".join(parts)
 
 
 def record_partitions(results: RunResults, state: RunState, train: RoundReport, server_round: int) -> None:
@@ -138,17 +160,18 @@ def record_partitions(results: RunResults, state: RunState, train: RoundReport, 
 
 
 def reported_partitions(classes: list[str], report: RoundReport, known: dict[int, list[int]]) -> dict[str, Any]:
-    """The partition table so far: ``known`` updated with this round's reports."""
+    """The partition table so far (``partitions.json``, the shape of ``partition_summary``):
+    ``known`` updated with this round's reports."""
     for client in report.accepted:
         if "partition-id" in client.metrics and "class-counts" in client.metrics:
             known[int(client.metrics["partition-id"])] = [int(c) for c in client.metrics["class-counts"]]
     return {
-        "num_partitions": len(known),
+        "num-partitions": len(known),
         "clients": [
             {
-                "partition_id": pid,
-                "num_videos": sum(counts),
-                "per_class": {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(classes)},
+                "partition-id": pid,
+                "num-videos": sum(counts),
+                "per-class": {name: counts[i] if i < len(counts) else 0 for i, name in enumerate(classes)},
             }
             for pid, counts in sorted(known.items())
         ],
@@ -156,4 +179,4 @@ def reported_partitions(classes: list[str], report: RoundReport, known: dict[int
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None else f"{value:.3f}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,22 +131,31 @@ def loader_workers(num_workers: int) -> int:
     return max(cpus - 1, 0)
 
 
-def train_loader(cfg: AppConfig, samples: Sequence[VideoSample], seed: int) -> DataLoader:
-    """Shuffled loader of one random clip per video per epoch."""
+def train_loader(
+    cfg: AppConfig, samples: Sequence[VideoSample], seed: int, warn_scope: Hashable | None = None
+) -> DataLoader:
+    """Shuffled loader of one random clip per video per epoch; an unreadable file is warned about
+    once per ``warn_scope`` (None: once per loader)."""
     dataset = TrainClipDataset(
-        samples, cfg.clip_spec, TrainClipTransform(cfg.crop_size), seed=seed, cache_dir=cfg.clip_cache_dir or None
+        samples,
+        cfg.clip_spec,
+        TrainClipTransform(cfg.crop_size),
+        seed=seed,
+        cache_dir=cfg.clip_cache_dir or None,
+        warn_scope=warn_scope,
     )
     return _loader(cfg, dataset, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
-def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample]) -> DataLoader:
-    """Loader of ``eval-clips`` uniformly spaced clips per video, in order."""
+def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample], warn_scope: Hashable | None = None) -> DataLoader:
+    """Loader of ``eval-clips`` uniformly spaced clips per video, in order; warnings as ``train_loader``."""
     dataset = EvalClipDataset(
         samples,
         cfg.clip_spec,
         EvalClipTransform(cfg.crop_size),
         clips_per_video=cfg.eval_clips,
         cache_dir=cfg.clip_cache_dir or None,
+        warn_scope=warn_scope,
     )
     return _loader(cfg, dataset, shuffle=False)
 

@@ -62,6 +62,7 @@ def train_epochs(
             loader.dataset.set_epoch(epoch)
         for step, (clips, labels, _, bad) in enumerate(loader, start=1):
             failed += len(bad)
+            _mark_reported(loader, bad)
             if clips is None:
                 continue
             clips = input_to_device(clips, device, channels_last)
@@ -121,6 +122,7 @@ def evaluate_model(
     video_labels: dict[int, int] = {}
     for clips, labels, video_ids, bad in loader:
         failed += len(bad)
+        _mark_reported(loader, bad)
         if clips is None:
             continue
         clips = input_to_device(clips, device, channels_last)
@@ -150,6 +152,13 @@ def evaluate_model(
         "num-videos": float(len(video_probs)),
         "failed-clips": float(failed),
     }
+
+
+def _mark_reported(loader: DataLoader, failed: list[int]) -> None:
+    """Tell the dataset which files failed (warned about in a DataLoader worker, whose memory of it
+    dies with the worker), so the next epoch's workers do not warn about them again."""
+    if failed and hasattr(loader.dataset, "mark_reported"):
+        loader.dataset.mark_reported(failed)
 
 
 def set_torch_threads(threads: int) -> None:
