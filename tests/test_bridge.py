@@ -172,7 +172,7 @@ class StepClient(NamedNumPyClient):
 def counted(monkeypatch):
     """The real ClientApp (compression_mod -> dp_clipping_mod -> handler -> bridge) around a StepClient,
     with every model conversion, every Flower (de)serialization and every parse_config counted."""
-    monkeypatch.setattr(client_app, "make_client", lambda cfg, node_config, local_state=None: StepClient())
+    monkeypatch.setattr(client_app, "make_client", lambda cfg, node_config, *rest: StepClient())
     seen = {"decode": [], "encode": [], "np.load": 0, "np.save": 0, "parse_config": 0}
     wrapped = {
         "arrays_to_numpy": lambda arg, _f=records.arrays_to_numpy: seen["decode"].append(dict(arg)) or _f(arg),

@@ -68,7 +68,8 @@ def test_corrupt_files_are_skipped_and_counted(cfg, initial, tmp_path, caplog):
     bad[0].write_bytes(b"")  # empty
     bad[1].write_bytes(bad[1].read_bytes()[:300])  # truncated
     (root / index.classes[0] / "notes.avi").write_text("not a video")
-    folder_cfg = parse_config({**cfg.to_dict(), "dataset": "folders", "data-dir": str(root), "test-fraction": 0.01})
+    own = {k: v for k, v in cfg.to_dict().items() if not k.startswith("synthetic-")}  # only for dataset="synthetic"
+    folder_cfg = parse_config({**own, "dataset": "folders", "data-dir": str(root), "test-fraction": 0.01})
     with caplog.at_level(logging.WARNING, logger="datasets.clip_dataset"):
         client = make_client(folder_cfg, {"data-dir": str(root)}, run_id=101)
         make_client(folder_cfg, {"data-dir": str(root)}, run_id=101)  # the next round's message

@@ -356,7 +356,7 @@ def test_launcher_passes_fractional_gpus_to_the_federation(tmp_path, monkeypatch
     assert launcher.main(["--run-config", run_config, "--federation-config", federation]) == 1  # nothing ran
     (cmd,) = commands
     passed = cmd[cmd.index("--federation-config") + 1]
-    parsed = launcher.parse_config_args([passed])
+    parsed = launcher.config_overrides([passed])  # the same TOML reading as Flower's
     assert parsed["client-resources-num-gpus"] == 0.25 and isinstance(parsed["client-resources-num-gpus"], float)
     assert parsed["num-supernodes"] == 8
     assert "client-resources-num-gpus=0.0" in launcher.DEFAULT_FEDERATION_CONFIG

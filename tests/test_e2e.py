@@ -90,7 +90,7 @@ def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tm
         writer.writeheader()
         writer.writerows(rows)
     config = {
-        **small_run_config,
+        **{k: v for k, v in small_run_config.items() if not k.startswith("synthetic-")},  # synthetic-only keys
         "dataset": "manifest",
         "data-dir": str(manifest),
         "partitioning": "groups",

@@ -47,7 +47,8 @@ def test_a_run_where_no_round_updates_fails(small_run_config, tmp_path):
         writer = csv.DictWriter(f, fieldnames=["path", "label", "split"])
         writer.writeheader()
         writer.writerows(rows)
-    config = {**small_run_config, "dataset": "manifest", "data-dir": str(manifest), "num-server-rounds": 2}
+    own = {k: v for k, v in small_run_config.items() if not k.startswith("synthetic-")}  # only for dataset="synthetic"
+    config = {**own, "dataset": "manifest", "data-dir": str(manifest), "num-server-rounds": 2}
     cfg = parse_config(config)
     results = RunResults(tmp_path / "run")
     with pytest.raises(NoUpdateError, match="no round produced a global update"):

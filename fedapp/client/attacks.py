@@ -13,9 +13,12 @@ fusion strategies can be measured against known attacks (``bench/compare_strateg
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the run config imports ATTACKS: validating it must not wait for torch
+    import torch
 
 ATTACKS = ("none", "sign-flip", "noise", "label-flip")
 

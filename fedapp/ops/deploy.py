@@ -49,6 +49,7 @@ from fedapp.ops.launch import (
     Outcome,
     TlsFiles,
     _exit_on_sigterm,
+    check_run_config,
     config_text,
     flwr_env,
     free_port,
@@ -61,6 +62,7 @@ from fedapp.ops.launch import (
 )
 from fedapp.ops.processes import group_alive, pid_reused, start_time, stop_group
 from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
+from fedapp.task.config import ConfigError
 
 CONNECTION = "fedvideo-deploy"
 STATE_FILE = "state.json"
@@ -362,7 +364,9 @@ class Deployment:
             texts = [config_text(run_config)]
         else:
             texts = [run_config] if isinstance(run_config, str) else list(run_config)
-        run_dir = run_location(texts)
+        # No size check: SuperNodes on other machines join a deployment without being in its state.
+        cfg = check_run_config(texts, None)
+        run_dir = run_location(texts, cfg)
         if not self._alive("superlink", self.state["superlink"]):
             return Outcome(False, f"the SuperLink of {self.run_dir} is not running (run `up` first)", run_dir, None)
         if self.secure:  # Flower's CLI calls every TLS failure "check your network": say what it is
@@ -471,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         deployment = Deployment.load(args.dir, grace=args.grace)
         if args.command == "run":
-            outcome = deployment.run(args.run_config, args.timeout)
+            try:
+                outcome = deployment.run(args.run_config, args.timeout)
+            except ConfigError as exc:  # refused before anything ran or was written
+                print(f"FAILED: config: {exc}", file=sys.stderr)
+                return 2
             if not outcome.ok:
                 print(f"FAILED: {outcome.message}", file=sys.stderr)
                 print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)

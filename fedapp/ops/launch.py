@@ -27,14 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from flwr.common.config import parse_config_args
-
 from fedapp.files import atomic_write_text
 from fedapp.ops.processes import stop_process_group
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_FEDERATION_CONFIG = "num-supernodes=3 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 CONNECTION = "fedvideo-sim"
+FLOWER_DEFAULT_SUPERNODES = 2  # what Flower simulates without num-supernodes (since flwr 1.32)
 
 
 @dataclass
@@ -260,14 +259,43 @@ def judge(status: str, summary: dict | None, run_dir: Path, run_id: int | None =
 
 
 def config_overrides(run_config: Sequence[str]) -> dict[str, Any]:
-    """``--run-config`` texts merged into one dict (later texts win)."""
-    overrides: dict = {}
-    for text in run_config:
-        overrides.update(parse_config_args([text]))
-    return overrides
+    """``--run-config`` texts merged into one dict (later texts win); ConfigError on a malformed one."""
+    from fedapp.task.config import parse_overrides
+
+    return parse_overrides(run_config)
 
 
-def run_location(run_config: Sequence[str]) -> Path:
+def federation_size(federation_config: str) -> int:
+    """``num-supernodes`` of a ``--federation-config`` text (Flower's default, 2, when absent)."""
+    from fedapp.task.config import ConfigError, parse_overrides
+
+    try:
+        options = parse_overrides([federation_config])
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--run-config", "--federation-config")) from None
+    size = options.get("num-supernodes", FLOWER_DEFAULT_SUPERNODES)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"--federation-config num-supernodes={size!r}: expected an integer >= 1")
+    return size
+
+
+def check_run_config(run_config: Sequence[str], federation_config: str | None) -> Any:
+    """The run config exactly as the ServerApp will validate it (the app's declared config plus the
+    overrides), checked here before any Flower process starts, plus what only the launcher knows:
+    the simulated federation's size (``federation_config``; None where the size is not known here,
+    a deployment). ConfigError names the key, the value and what is allowed."""
+    import tomllib
+
+    from fedapp.task.config import check_federation_size, parse_config
+
+    declared = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = parse_config({**declared, **config_overrides(run_config)})
+    if federation_config is not None:
+        check_federation_size(cfg, federation_size(federation_config))
+    return cfg
+
+
+def run_location(run_config: Sequence[str], cfg: Any = None) -> Path:
     """The run's results folder, absolute, checked before anything starts: ``results-dir/run-name``
     (a relative ``results-dir`` is taken from the current directory; the default name is a UTC
     timestamp), or the folder that ``resume`` continues.
@@ -275,7 +303,10 @@ def run_location(run_config: Sequence[str]) -> Path:
     Refuses (RunFolderError, CheckpointError) a folder that holds another run unless ``resume``
     names it, a ``resume`` with nothing to resume, and a folder another process is writing: the
     same rules the ServerApp applies, checked here so that a refused start writes no log into it.
+    With the validated ``cfg``, a resumed checkpoint of another model, or one with no round left to
+    train, is refused here too.
     """
+    from fedapp.server.checkpoint import check_resumable, read_manifest
     from fedapp.server.results import RunFolderError, lock_holder
     from fedapp.server.run_folder import locate_run  # imports torch: only when a run is launched
 
@@ -284,7 +315,11 @@ def run_location(run_config: Sequence[str]) -> Path:
     results_dir = (results_dir if results_dir.is_absolute() else (Path.cwd() / results_dir)).resolve()
     resume = absolute_resume(overrides.get("resume"))
     run_name = str(overrides.get("run-name") or ("" if resume else f"{datetime.now(UTC):%Y%m%d-%H%M%S}"))
-    run_dir = locate_run({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="").folder
+    location = locate_run({"results-dir": str(results_dir), "run-name": run_name, "resume": resume}, run_id="")
+    run_dir = location.folder
+    if location.checkpoint is not None and cfg is not None:
+        manifest = read_manifest(location.checkpoint)
+        check_resumable(location.checkpoint, manifest, cfg.model, cfg.num_server_rounds)
     holder = lock_holder(run_dir)
     if holder is not None:
         raise RunFolderError(f"{run_dir} is being written by another process ({holder}): one writer per run folder")
@@ -338,7 +373,8 @@ def launch(run_config: list[str], federation_config: str, timeout: float) -> Out
     """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
     from fedapp.ops.watchdog import Watchdog
 
-    run_dir = run_location(run_config)
+    cfg = check_run_config(run_config, federation_config)  # ConfigError before anything starts
+    run_dir = run_location(run_config, cfg)
     log_dir = launch_log_dir(run_dir)
     flwr_home = Path(os.environ.get("FEDVIDEO_FLWR_HOME", PROJECT_DIR / ".flwr_home")).resolve()
     env = flwr_env(flwr_home)
@@ -464,11 +500,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     args = parser.parse_args(argv)
+    from fedapp.task.config import ConfigError
+
+    try:  # before anything starts or is written, in well under a second (no torch, no Flower process)
+        check_run_config(args.run_config, args.federation_config)
+    except ConfigError as exc:
+        print(f"FAILED: config: {exc}", file=sys.stderr)
+        return 2
     from fedapp.server.checkpoint import CheckpointError
     from fedapp.server.results import RunFolderError
 
     try:
-        outcome = launch(args.run_config, args.federation_config, args.timeout)
+        outcome = launch(args.run_config, args.federation_config, args.timeout)  # checks the config again: cheap
     except (RunFolderError, CheckpointError) as exc:  # refused before anything started or was written
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

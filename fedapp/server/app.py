@@ -19,7 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.server.build_strategy import build_strategy, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
-from fedapp.server.checkpoint import CheckpointError, check_compatible, load_checkpoint, remove_partial_writes
+from fedapp.server.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    check_resumable,
+    load_checkpoint,
+    remove_partial_writes,
+)
 from fedapp.server.report import TensorBoardLog, write_final_report
 from fedapp.server.results import RunFolderError, RunResults, WriterLock
 from fedapp.server.rounds import (
@@ -153,12 +159,8 @@ def start_run(
         results.append_round({"round": 0, "central": central, "wall-time-s": time.time() - started})
         return RunState(arrays, first_round=1, classes=classes, started=started)
     loaded = load_checkpoint(checkpoint)
+    check_resumable(loaded.path, loaded.manifest, cfg.model, cfg.num_server_rounds)
     check_compatible(loaded, cfg.model, classes, arrays)
-    if loaded.round >= cfg.num_server_rounds:
-        raise CheckpointError(
-            f"checkpoint {loaded.path} is at round {loaded.round}: num-server-rounds="
-            f"{cfg.num_server_rounds} leaves nothing to train; raise num-server-rounds to continue"
-        )
     # In the model's own state_dict order (safetensors gives them back in name order).
     arrays = {key: loaded.arrays[key] for key in arrays}
     strategy.load_state(loaded.manifest["strategy-state"])

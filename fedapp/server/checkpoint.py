@@ -178,6 +178,29 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, best: Path | None) ->
             shutil.rmtree(path, ignore_errors=True)
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's manifest alone: cheap (no weights read, no hash), for checks before a start."""
+    manifest_path = Path(path) / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} and {WEIGHTS} are required")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest_path} is corrupt: {exc}") from exc
+
+
+def check_resumable(path: str | Path, manifest: Mapping[str, Any], model_name: str, num_server_rounds: int) -> None:
+    """Refuse to resume a checkpoint of another model, or one that leaves no round to train. The
+    manifest is enough: the launcher checks this before anything starts, the ServerApp again."""
+    if manifest.get("model") != model_name:
+        raise CheckpointError(f"checkpoint {path} is for model {manifest.get('model')!r}, this run uses {model_name!r}")
+    if int(manifest["round"]) >= num_server_rounds:
+        raise CheckpointError(
+            f"checkpoint {path} is at round {manifest['round']}: num-server-rounds={num_server_rounds} "
+            "leaves nothing to train; raise num-server-rounds to continue"
+        )
+
+
 def check_compatible(
     checkpoint: Checkpoint, model_name: str, classes: Sequence[str], reference: Mapping[str, np.ndarray]
 ) -> None:

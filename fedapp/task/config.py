@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets.clip_dataset import ClipSpec
 from datasets.layouts import LAYOUTS
 from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
 from fedapp.client.attacks import ATTACKS
-from fedapp.task.models import MODEL_NAMES, POOLINGS
 from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
 from strategies.privacy import DP_MODES
@@ -23,6 +24,13 @@ STRATEGIES = ("fedavg", "average", "weighted", "fusion")
 DATASETS = ("synthetic", *LAYOUTS)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SYNTHETIC_PRESETS = ("easy", "hard")
+# The model zoo's names (fedapp.task.models builds them): kept here so that validating a run config
+# never imports torch (the launcher checks the config in well under a second, before Flower starts).
+MODEL_NAMES = ("tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "framepool_resnet18", "framepool_resnet50")
+POOLINGS = ("mean", "attention")
+
+if TYPE_CHECKING:
+    from datasets.clip_dataset import ClipSpec
 
 
 class ConfigError(ValueError):
@@ -116,6 +124,8 @@ class AppConfig:
 
     @property
     def clip_spec(self) -> ClipSpec:
+        from datasets.clip_dataset import ClipSpec  # imports torch: only where clips are decoded
+
         return ClipSpec(
             clip_len=self.clip_len,
             stride=self.clip_stride,
@@ -189,10 +199,12 @@ def _range(key: str, value: float, low: float, high: float | None = None, low_op
 def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> AppConfig:
     """Validate a Flower run config into an :class:`AppConfig`.
 
-    Unknown keys are ignored (Flower only passes keys declared in pyproject.toml); missing keys take
-    the defaults. ``check_paths`` verifies that the data paths exist (the server checks them before
-    round 1; a SuperNode with its own data checks its own).
+    An unknown key is refused with the closest valid one; missing keys take the defaults; a key set
+    to something other than its default that has no effect under the chosen options is refused too
+    (:func:`check_no_effect`). ``check_paths`` verifies that the data paths exist (the server checks
+    them before round 1; a SuperNode with its own data checks its own).
     """
+    check_keys(run_config)
     values: dict[str, Any] = {}
     for field in fields(AppConfig):
         key = field.name.replace("_", "-")
@@ -225,7 +237,10 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     if cfg.strategy == "fusion" and cfg.fusion_fn == "krum" and cfg.min_train_nodes <= 2 * cfg.krum_malicious + 2:
         raise ConfigError(
             f"fusion-fn='krum' with krum-malicious={cfg.krum_malicious} needs min-train-nodes > "
-            f"2·{cfg.krum_malicious}+2 = {2 * cfg.krum_malicious + 2}, got min-train-nodes={cfg.min_train_nodes}"
+            f"2·{cfg.krum_malicious}+2 = {2 * cfg.krum_malicious + 2}, got min-train-nodes={cfg.min_train_nodes}: "
+            f"set min-train-nodes={2 * cfg.krum_malicious + 3} min-available-nodes={2 * cfg.krum_malicious + 3} and "
+            f"run at least {2 * cfg.krum_malicious + 3} SuperNodes (fedvideo run --federation-config "
+            f"'num-supernodes={2 * cfg.krum_malicious + 3}')"
         )
     _range("feddf-steps", cfg.feddf_steps, 0)
     _range("feddf-lr", cfg.feddf_lr, 0.0, low_open=True)
@@ -281,10 +296,144 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("target-accuracy", cfg.target_accuracy, 0.0, 1.0)
     if not cfg.results_dir:
         raise ConfigError("results-dir='' is not allowed: name a directory for the run's outputs")
+    check_no_effect(cfg)
 
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+def config_keys() -> list[str]:
+    """Every run-config key, in declaration order."""
+    return [f.name.replace("_", "-") for f in fields(AppConfig)]
+
+
+def check_keys(run_config: Mapping[str, Any]) -> None:
+    """Refuse keys the app does not have, naming the closest valid key for each."""
+    known = config_keys()
+    unknown = [key for key in run_config if key not in known]
+    if not unknown:
+        return
+    problems = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        problems.append(f"unknown key {key!r}" + (f": did you mean {close[0]!r}?" if close else ""))
+    raise ConfigError("; ".join(problems) + " (every key: pyproject.toml [tool.flwr.app.config], README Configuration)")
+
+
+def _krum(cfg: AppConfig) -> bool:
+    return cfg.strategy == "fusion" and cfg.fusion_fn == "krum"
+
+
+def _feddf(cfg: AppConfig) -> bool:
+    return cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
+
+
+# Keys that only act under some options: (keys, whether they act, the options they need). A key set
+# to anything but its default where it does nothing is a mistake the user would want to hear about
+# (data-dir with the synthetic dataset trains on generated videos), so it is refused, not ignored.
+_ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str], ...] = (
+    (("weight-source",), lambda c: c.strategy == "weighted", 'strategy="weighted"'),
+    (("staleness-decay",), lambda c: c.strategy == "weighted" and c.weight_source == "staleness",
+     'strategy="weighted" and weight-source="staleness"'),
+    (("fusion-fn",), lambda c: c.strategy == "fusion", 'strategy="fusion"'),
+    (("trim-beta",), lambda c: c.strategy == "fusion" and c.fusion_fn == "trimmed-mean",
+     'strategy="fusion" and fusion-fn="trimmed-mean"'),
+    (("krum-malicious", "krum-selected"), _krum, 'strategy="fusion" and fusion-fn="krum"'),
+    (("feddf-steps", "feddf-lr", "feddf-temperature", "feddf-patience", "feddf-data-dir", "feddf-videos"),
+     _feddf, 'strategy="fusion" and fusion-fn="feddf"'),
+    (("dp-noise-multiplier", "dp-clipping-norm", "dp-delta"), lambda c: c.dp != "none",
+     'dp="server-side" or dp="client-side"'),
+    (("topk-fraction",), lambda c: c.compression == "topk", 'compression="topk"'),
+    (("data-dir",), lambda c: c.dataset != "synthetic", "a dataset of your own (dataset=" + " / ".join(
+        f'"{d}"' for d in LAYOUTS) + ")"),
+    (("splits-dir",), lambda c: c.dataset in ("ucf101", "hmdb51"), 'dataset="ucf101" or "hmdb51"'),
+    (("fold",), lambda c: c.dataset in ("synthetic", "ucf101", "hmdb51"), 'dataset="synthetic", "ucf101" or "hmdb51"'),
+    (("test-fraction",), lambda c: c.dataset in ("folders", "manifest"), 'dataset="folders" or "manifest"'),
+    (("synthetic-classes", "synthetic-videos-per-class", "synthetic-frames", "synthetic-size", "synthetic-preset",
+      "synthetic-seed"), lambda c: c.dataset == "synthetic" or (_feddf(c) and not c.feddf_data_dir),
+     'dataset="synthetic" (or FedDF without feddf-data-dir)'),
+    (("dirichlet-alpha",), lambda c: c.partitioning == "dirichlet", 'partitioning="dirichlet"'),
+    (("classes-per-client",), lambda c: c.partitioning == "k-classes", 'partitioning="k-classes"'),
+    (("pooling",), lambda c: c.model.startswith("framepool_"), "a framepool_* model"),
+    (("momentum",), lambda c: c.optimizer == "sgd", 'optimizer="sgd"'),
+    (("attack-fraction",), lambda c: c.attack != "none", 'attack != "none"'),
+    (("attack-scale",), lambda c: c.attack in ("sign-flip", "noise"), 'attack="sign-flip" or "noise"'),
+    (("attack",), lambda c: c.attack_fraction > 0, "attack-fraction > 0 (the share of clients that attack)"),
+    (("early-stop-min-delta",), lambda c: c.early_stop_patience > 0, "early-stop-patience > 0"),
+)  # fmt: skip
+
+
+def check_no_effect(cfg: AppConfig) -> None:
+    """Refuse keys set away from their default that the chosen options make do nothing."""
+    defaults = AppConfig()
+    problems = []
+    for keys, acts, needs in _ACTS_ONLY_WITH:
+        if acts(cfg):
+            continue
+        for key in keys:
+            name = key.replace("-", "_")
+            value = getattr(cfg, name)
+            if value != getattr(defaults, name):
+                problems.append(f"{key}={_toml(value)} has no effect: it applies only with {needs}")
+    if problems:
+        raise ConfigError("; ".join(problems) + ". Set the option it needs, or leave the key out")
+
+
+def _toml(value: Any) -> str:
+    """A value as the user writes it in TOML (``"r3d_18"``, ``true``, ``0.5``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+# A ``key=value`` pair as Flower's CLI reads it from ``--run-config`` (the same pattern).
+_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
+    """``--run-config`` texts (``'k=v k2="s"'``) as a dict, later texts winning, each pair read as
+    TOML the way Flower reads it; refuses what Flower would fail on or silently drop: text that is
+    not a ``key=value`` pair, and a value that is not TOML (above all an unquoted string)."""
+    out: dict[str, Any] = {}
+    for text in texts:
+        leftover = _PAIR.sub("", text).strip()
+        if leftover:
+            raise ConfigError(
+                f"--run-config {text!r}: {leftover!r} is not a key=value pair (pairs are separated by spaces: "
+                "'num-server-rounds=5 model=\"r3d_18\"')"
+            )
+        for key, raw in _PAIR.findall(text):
+            try:
+                out.update(tomllib.loads(f"{key} = {raw}"))
+            except tomllib.TOMLDecodeError:
+                hint = f'{key}="{raw}"' if re.fullmatch(r"[^\s\"']+", raw) else f"{key}=<a TOML value>"
+                raise ConfigError(
+                    f"--run-config {key}={raw}: the value is not a number, true/false or a quoted string; "
+                    f"strings need TOML quotes: {hint} (in a shell, inside single quotes: '{hint}')"
+                ) from None
+    return out
+
+
+def check_federation_size(cfg: AppConfig, num_nodes: int) -> None:
+    """Refuse what a federation of ``num_nodes`` SuperNodes cannot give: a run that would wait for
+    nodes that never come, or an attack setting under which no client attacks."""
+    need = {"min-available-nodes": cfg.min_available_nodes, "min-train-nodes": cfg.min_train_nodes}
+    if cfg.fraction_evaluate > 0:
+        need["min-evaluate-nodes"] = cfg.min_evaluate_nodes
+    short = {k: v for k, v in need.items() if v > num_nodes}
+    if short:
+        wanted = max(short.values())
+        raise ConfigError(
+            ", ".join(f"{k}={v}" for k, v in short.items()) + f" but the federation has {num_nodes} SuperNodes "
+            f"(num-supernodes={num_nodes}): the run would wait for nodes that never come; lower "
+            f"{' / '.join(short)}, or run {wanted} SuperNodes (--federation-config 'num-supernodes={wanted}')"
+        )
+    if cfg.attack != "none" and round(cfg.attack_fraction * num_nodes) == 0:
+        raise ConfigError(
+            f"attack={cfg.attack!r} with attack-fraction={cfg.attack_fraction}: round({cfg.attack_fraction} × "
+            f"{num_nodes} SuperNodes) = 0 clients attack; raise attack-fraction to at least {0.5 / num_nodes:.2f}"
+        )
 
 
 def _check_clip_cache_dir(value: str) -> None:

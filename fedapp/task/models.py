@@ -16,10 +16,10 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from fedapp.task.config import MODEL_NAMES, POOLINGS
+
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES = ("tiny3d", "r3d_18", "mc3_18", "r2plus1d_18", "framepool_resnet18", "framepool_resnet50")
-POOLINGS = ("mean", "attention")
 
 _VIDEO_RESNETS: dict[str, Callable[..., nn.Module]] = {
     "r3d_18": torchvision.models.video.r3d_18,
