@@ -237,7 +237,7 @@ class VideoFedAvg(FedAvg):
                 logger.warning("round %d %s: rejected reply from node %d: %s", server_round, phase, node_id, reason)
                 continue
             report.accepted.append(reply)
-        logger.info(
+        logger.debug(  # the round's one console line (fedapp.server.rounds) carries these counts
             "round %d %s: %d accepted, %d rejected, %d failed",
             server_round,
             phase,

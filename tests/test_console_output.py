@@ -110,3 +110,14 @@ def test_the_final_lines_say_how_the_run_went_in_words():
     ]
     failed = {"status": "failed", "error": "ConfigError: x", "rounds-completed": 0, "wall-time-s": 1.0}
     assert summary_lines(failed) == ["run failed after 0 rounds (1.0 s): ConfigError: x"]
+
+
+def test_the_launchers_ok_line_says_what_was_measured():
+    from fedapp.ops.launch import ok_line
+
+    central = {"rounds-completed": 1, "final-central": {"video-accuracy": 0.5, "clip-accuracy": 0.25}}
+    assert ok_line(central) == "OK: 1 round; central test video accuracy 0.500, clip accuracy 0.250"
+    clients = {"rounds-completed": 3, "final-central": {}, "final-evaluate": {"video-accuracy": 0.75}}
+    assert ok_line(clients) == "OK: 3 rounds; clients' test video accuracy 0.750 (central-eval is off)"
+    assert "no accuracy measured" in ok_line({"rounds-completed": 2, "final-central": {}, "final-evaluate": {}})
+    assert "nan" not in ok_line(clients)

@@ -60,11 +60,16 @@ def test_simulation_completes_and_writes_results(small_run_config, tmp_path):
     assert json.loads((run_dir / "run_config.json").read_text())["num-server-rounds"] == 2
 
 
-def test_bad_config_fails_before_round_one_with_a_clear_message(small_run_config, tmp_path):
+def test_bad_config_fails_before_anything_starts_with_a_clear_message(small_run_config, tmp_path):
+    """The launcher refuses it itself: one line, exit 2, no Flower process, nothing written (the
+    ServerApp's own refusal, for plain `flwr run .`, is tested in tests/test_plain_flwr_run.py)."""
     rc, output, summary = launch({**small_run_config, "model": "resnet9000"}, tmp_path)
-    assert rc != 0
-    assert "FAILED" in output and "model='resnet9000'" in output and "tiny3d" in output
-    assert summary["status"] == "failed" and summary["rounds-completed"] == 0
+    assert rc == 2
+    assert output.strip().splitlines() == [
+        "FAILED: config: model='resnet9000' is not allowed: choose one of tiny3d, r3d_18, mc3_18, r2plus1d_18, "
+        "framepool_resnet18, framepool_resnet50"
+    ]
+    assert summary == {} and not (tmp_path / "results").exists()
 
 
 def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tmp_path):

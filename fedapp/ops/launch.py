@@ -477,6 +477,22 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
     return run_id
 
 
+def ok_line(summary: Mapping[str, Any]) -> str:
+    """The launcher's last word on a completed run: rounds and the accuracy the run measured
+    (central test split, else the clients' own test videos when central evaluation is off)."""
+    rounds = summary.get("rounds-completed")
+    head = f"OK: {rounds} round{'' if rounds == 1 else 's'}"
+    central, clients = summary.get("final-central") or {}, summary.get("final-evaluate") or {}
+    if "video-accuracy" in central:
+        return (
+            f"{head}; central test video accuracy {central['video-accuracy']:.3f}, "
+            f"clip accuracy {central.get('clip-accuracy', float('nan')):.3f}"
+        )
+    if "video-accuracy" in clients:
+        return f"{head}; clients' test video accuracy {clients['video-accuracy']:.3f} (central-eval is off)"
+    return f"{head}; no accuracy measured (central-eval is off and no client evaluated)"
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # Turn SIGTERM into SystemExit so `finally` blocks stop the SuperLink we started.
     raise SystemExit(128 + signum)
@@ -517,12 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print()
     if outcome.ok and outcome.summary:
-        final = outcome.summary.get("final-central", {})
-        print(
-            f"OK: {outcome.summary.get('rounds-completed')} rounds; central test video accuracy "
-            f"{final.get('video-accuracy', float('nan')):.3f}, "
-            f"clip accuracy {final.get('clip-accuracy', float('nan')):.3f}"
-        )
+        print(ok_line(outcome.summary))
         print(f"results: {outcome.run_dir}")
         return 0
     print(f"FAILED: {outcome.message}", file=sys.stderr)
