@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.compression import decompress, payload_bytes
-from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
+from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
 from strategies.validation import check_update, reference_spec
@@ -345,8 +345,11 @@ class FusionStrategy(VideoFedAvg):
             fused, info = geometric_median(models, [r.metrics["num-examples"] for r in accepted])
             return fused, {"iterations": info["iterations"], "converged": info["converged"]}
         if self.fusion_fn == "krum":
-            fused, selected = krum(models, self.krum_malicious, self.krum_selected)
-            return fused, {"selected-nodes": [accepted[i].node_id for i in selected]}
+            # Rejected replies can leave too few updates for the configured f: run with the f that fits.
+            f = krum_tolerance(len(models), self.krum_malicious)
+            counts = [float(r.metrics["num-examples"]) for r in accepted]  # Flower's MultiKrum weights
+            fused, selected = krum(models, f, min(self.krum_selected, len(models)), weights=counts)
+            return fused, {"selected-nodes": [accepted[i].node_id for i in selected], "krum-malicious": f}
         if self.fusion_fn == "feddf":
             counts = [float(r.metrics["num-examples"]) for r in accepted]
             start = fedavg(zip(models, counts))

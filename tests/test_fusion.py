@@ -359,3 +359,60 @@ def test_fusion_names_and_no_flower_import():
     code = "import sys, strategies.fusion, strategies.weighting; print(any(m.startswith('flwr') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("seed", "n"), [(s, n) for s, n in CASES if n >= 5])
+def test_fusion_strategy_multikrum_weights_like_flowers_multikrum(seed, n):
+    """Multi-Krum through the strategy averages the selected models by sample count, as Flower's
+    MultiKrum does (on float tensors, where both measure the same distances)."""
+    from flwr.serverapp.strategy import MultiKrum
+
+    from strategies.strategy import FusionStrategy
+
+    rng = np.random.default_rng(seed)
+    models = random_models(rng, n, with_int=False)
+    counts = [int(c) for c in rng.integers(1, 50, size=n)]
+    f, m = 1, n - 3
+    ours = FusionStrategy(fusion_fn="krum", krum_malicious=f, krum_selected=m, min_train_nodes=1)
+    ours._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    report = ours.train_round(1, replies(models, counts))
+    theirs = flower_train(MultiKrum(num_malicious_nodes=f, num_nodes_to_select=m), models, counts)
+    for key in theirs:
+        np.testing.assert_allclose(report.arrays[key], theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def batchnorm_models(rng):
+    """4 honest clients with close weights but widely spread BatchNorm statistics (as measured), and
+    one attacker who moves the weights far and leaves its statistics at the honest mean."""
+    honest = [
+        {
+            "conv.weight": rng.normal(0.0, 0.01, size=(4, 3)).astype(np.float32),
+            "bn.running_mean": np.full(50, 10.0 * i, np.float32),
+            "bn.running_var": np.full(50, 1.0 + 20.0 * i, np.float32),
+            "bn.num_batches_tracked": np.asarray(100 * i, np.int64),
+        }
+        for i in range(4)
+    ]
+    mean = {k: np.mean([m[k] for m in honest], axis=0).astype(honest[0][k].dtype) for k in honest[0]}
+    attacker = {**mean, "conv.weight": np.full((4, 3), 5.0, np.float32)}
+    return honest, attacker
+
+
+def test_distances_are_over_learnable_parameters_not_batchnorm_statistics():
+    honest, attacker = batchnorm_models(np.random.default_rng(0))
+    models = [*honest, attacker]
+    # Over every float tensor the attacker would be the most central model; over the weights, the farthest.
+    dist = pairwise_sq_distances(models)
+    assert np.argmax(dist.sum(axis=1)) == 4
+    _, selected = krum(models, num_malicious=1)
+    assert selected[0] != 4
+    fused, _ = geometric_median(models)
+    assert np.abs(fused["conv.weight"]).max() < 0.5  # the attacker's 5.0 barely moves it
+
+
+def test_krum_takes_the_statistics_of_the_clients_it_selects():
+    honest, attacker = batchnorm_models(np.random.default_rng(1))
+    models = [*honest, attacker]
+    fused, (chosen,) = krum(models, num_malicious=1)
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        np.testing.assert_array_equal(fused[key], models[chosen][key])

@@ -56,3 +56,32 @@ def test_a_run_where_no_round_updates_fails(small_run_config, tmp_path):
     assert [r["round"] for r in results.rounds] == [0, 1, 2]
     assert "no usable training video" in results.rounds[1]["train-clients"]["failed"][0]["reason"]
     assert "fewer than min-train-nodes" in results.rounds[1]["train-clients"]["skipped"]
+
+
+def test_the_initial_model_is_seeded_from_seed():
+    import torch
+
+    from fedapp.server.app import initial_model
+    from fedapp.task.config import parse_config
+
+    def weights(seed):
+        return initial_model(parse_config({"seed": seed}), 4).state_dict()
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    a, b, c = weights(0), weights(0), weights(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), before)  # the caller's random state is not consumed
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_two_runs_of_one_config_start_from_the_same_model(small_run_config, tmp_path):
+    import torch
+
+    config = {**small_run_config, "num-server-rounds": 1, "fraction-evaluate": 0.0}
+    torch.manual_seed(1)
+    first = run_inprocess(config, 2, tmp_path / "a").rounds[0]["central"]
+    torch.manual_seed(2)  # whatever else drew from the global generator in between
+    second = run_inprocess(config, 2, tmp_path / "b").rounds[0]["central"]
+    assert first["loss"] == second["loss"] and first["video-accuracy"] == second["video-accuracy"]

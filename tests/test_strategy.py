@@ -80,20 +80,27 @@ def test_all_replies_bad_gives_no_update():
     assert "fewer than min-train-nodes=1" in report.skipped
 
 
-def test_too_few_survivors_keep_the_global_model_without_crashing():
+def test_krum_adapts_f_to_the_replies_that_survived_screening():
+    """Two NaN clients of six used to knock Krum (f = 1 needs 5 updates) out of every round; it now
+    runs with the largest f the 4 survivors allow, and says so."""
     from strategies.strategy import FusionStrategy
 
     rng = np.random.default_rng(5)
-    models = [model(rng) for _ in range(5)]
+    models = [model(rng) for _ in range(6)]
+    nan_model = {**models[0], "conv.weight": np.full((4, 3, 3), np.nan, np.float32)}
     replies = [reply(i + 1, m, {"num-examples": 4}) for i, m in enumerate(models)]
-    replies[0] = error_reply(1, "node vanished", code=5)
+    replies[0], replies[1] = reply(1, nan_model, {"num-examples": 4}), error_reply(2, "node vanished", code=5)
     strategy = FusionStrategy(fusion_fn="krum", krum_malicious=1, min_train_nodes=4)
     strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
-    report = strategy.train_round(1, replies)  # 4 left: Krum needs > 4
-    assert report.arrays is None and "aggregation failed" in report.skipped and "Krum" in report.skipped
-    strategy.min_train_nodes = 5
+    report = strategy.train_round(1, replies)
+    assert report.arrays is not None and report.fusion["krum-malicious"] == 0
+    assert report.fusion["selected-nodes"][0] in (3, 4, 5, 6)
+    strategy.min_train_nodes = 5  # fewer survivors than the user requires: the global model is kept
     report = strategy.train_round(1, replies)
     assert report.arrays is None and "4 usable updates, fewer than min-train-nodes=5" in report.skipped
+    strategy.min_train_nodes = 1  # 2 updates: too few for any Krum
+    report = strategy.train_round(1, replies[:3])
+    assert report.arrays is None and "aggregation failed" in report.skipped and "at least 3" in report.skipped
 
 
 def test_configure_train_records_the_reference_model():

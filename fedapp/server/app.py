@@ -112,10 +112,7 @@ def run_federation(
     index = load_video_index(cfg)  # generates the synthetic default before any client needs it
     logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
                 len(index.train), len(index.test))  # fmt: skip
-    model = build_model(
-        cfg.model, len(index.classes), pretrained_path=cfg.pretrained_path, freeze_backbone=cfg.freeze_backbone,
-        pooling=cfg.pooling,
-    )  # fmt: skip
+    model = initial_model(cfg, len(index.classes))
     device = select_device(cfg.device)
     evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
@@ -135,6 +132,17 @@ def run_federation(
         if tensorboard:
             tensorboard.close()
     return finish_run(cfg, results, strategy, state, evaluator, stop or BUDGET)
+
+
+def initial_model(cfg: AppConfig, num_classes: int) -> torch.nn.Module:
+    """The global model of round 0, its random initialisation seeded from ``seed``: two runs of a
+    comparison start from the same point (the process's own random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(
+            cfg.model, num_classes, pretrained_path=cfg.pretrained_path, freeze_backbone=cfg.freeze_backbone,
+            pooling=cfg.pooling,
+        )  # fmt: skip
 
 
 def start_run(
