@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import average, fedavg, weighted_average
+from strategies.attacks import AttackInjector
 from strategies.compression import decompress, payload_bytes
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 # Client metrics that are counts: summed over clients instead of averaged.
 SUMMED_METRICS = frozenset({"num-examples", "skipped-videos", "failed-clips"})
 # Client metrics that identify a client: meaningless when averaged, kept per client only.
-IDENTITY_METRICS = frozenset({"partition-id"})
+IDENTITY_METRICS = frozenset({"partition-id", "attacker"})  # "attacker": the test tool's mark
 
 
 @dataclass
@@ -114,9 +115,17 @@ class VideoFedAvg(FedAvg):
     """
 
     def __init__(
-        self, *, server_lr: float = 1.0, server_momentum: float = 0.0, proximal_mu: float = 0.0, **kwargs: Any
+        self,
+        *,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        proximal_mu: float = 0.0,
+        attack_injector: AttackInjector | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # TEST TOOL (strategies.attacks): simulated colluding attackers; None in any real federation.
+        self.attack_injector = attack_injector
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.proximal_mu = proximal_mu
@@ -177,12 +186,16 @@ class VideoFedAvg(FedAvg):
             )
             logger.warning("round %d: %s", server_round, report.skipped)
             return report
+        # TEST TOOL: the simulated omniscient attackers replace their models here, after screening.
+        attack = self.attack_injector(report.accepted, self._current) if self.attack_injector else None
         try:
             merged, report.fusion = self.aggregate_arrays(report.accepted, server_round)
         except ValueError as exc:  # e.g. Krum with too few survivors, all-zero weights
             report.skipped = f"aggregation failed ({exc}): global model kept"
             logger.error("round %d: %s", server_round, report.skipped)
             return report
+        if attack is not None:  # the round record says which nodes attacked, for benchmarks to check
+            report.fusion = {**report.fusion, "attack": attack}
         report.arrays, self.velocity = server_step(
             self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
         )

@@ -8,6 +8,13 @@ fusion strategies can be measured against known attacks (``bench/compare_strateg
 - ``noise``: send ``start + N(0, (scale · std of the honest update)²)`` per tensor: garbage of a
   plausible size.
 - ``label-flip``: train honestly on poisoned labels ``y → C − 1 − y`` (data poisoning).
+- ``free-rider``: skip training and send the global model back unchanged (a zero update) while
+  claiming its sample count. It passes reply screening; the DP wrapper rejects norm-0 updates.
+- ``alie``, ``ipm``, ``min-max``, ``min-sum``: omniscient colluding attacks. They need the round's
+  honest updates, which no client here can see: the attacker trains honestly and marks its reply
+  (metric ``attacker: 1``), and the server-side test tool (``strategies.attacks``) puts the
+  attack in its place before aggregation. That simulates the papers' threat model (full knowledge),
+  not something a real attacker in this system can do.
 """
 
 from __future__ import annotations
@@ -17,10 +24,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from strategies.attacks import ATTACKER_METRIC, OMNISCIENT_ATTACKS
+
 if TYPE_CHECKING:  # the run config imports ATTACKS: validating it must not wait for torch
     import torch
 
-ATTACKS = ("none", "sign-flip", "noise", "label-flip")
+ATTACKS = ("none", "sign-flip", "noise", "label-flip", "free-rider", *OMNISCIENT_ATTACKS)
+UPDATE_ATTACKS = ("sign-flip", "noise")  # the ones poison_update computes on the client
+
+
+def attacker_metrics(attack: str) -> dict[str, int]:
+    """The mark an omniscient attacker adds to its reply, for the server-side step to find it."""
+    return {ATTACKER_METRIC: 1} if attack in OMNISCIENT_ATTACKS else {}
 
 
 def is_attacker(partition_id: int, num_partitions: int, fraction: float) -> bool:

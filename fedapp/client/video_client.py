@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from datasets.layouts import VideoSample
-from fedapp.client.attacks import flipped_labels, poison_update
+from fedapp.client.attacks import UPDATE_ATTACKS, attacker_metrics, flipped_labels, poison_update
 from fedapp.client.bridge import NamedNumPyClient
 from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, train_loader
@@ -111,6 +111,9 @@ class VideoClient(NamedNumPyClient):
                 f"partition {self.partition_id}: no usable training video ({len(self.skipped)} skipped as unreadable)"
             )
         server_round = int(config.get("server-round", 0))
+        if self.attack == "free-rider":  # test tool: the global model back, untrained (a zero update)
+            metrics = {"base-round": server_round, **self._data_metrics(self.train_samples)}
+            return list(parameters), len(self.train_samples), metrics
         model = self._model(parameters)
         # A different but reproducible clip order for every (run seed, round, client).
         seed = (self.cfg.seed * 1_000_003 + server_round * 1009 + self.partition_id) % 2**31
@@ -133,7 +136,7 @@ class VideoClient(NamedNumPyClient):
             keys = list(model.state_dict())
             bn = set(batchnorm_state_keys(model))
             self.local_state.update({k: a for k, a in zip(keys, arrays) if k in bn})
-        if self.attack in ("sign-flip", "noise"):
+        if self.attack in UPDATE_ATTACKS:
             learnable = {name for name, _ in model.named_parameters()}
             arrays = poison_update(
                 parameters,
@@ -144,6 +147,7 @@ class VideoClient(NamedNumPyClient):
                 poison=[key in learnable for key in model.state_dict()],
             )
         metrics["base-round"] = server_round
+        metrics.update(attacker_metrics(self.attack))
         return arrays, len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:

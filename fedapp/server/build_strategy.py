@@ -14,6 +14,7 @@ from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, unlabeled_samples
 from fedapp.task.devices import autocast_context, input_to_device
 from fedapp.task.models import build_model
+from strategies.attacks import OMNISCIENT_ATTACKS, ColludingAttack
 from strategies.distillation import DistillConfig, Placement, distill_arrays
 from strategies.privacy import PrivateStrategy
 from strategies.strategy import AverageStrategy, FusionStrategy, VideoFedAvg, WeightedStrategy
@@ -44,6 +45,7 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
         server_lr=cfg.server_lr,
         server_momentum=cfg.server_momentum,
         proximal_mu=cfg.proximal_mu,
+        attack_injector=attack_injector(cfg),
     )
     if cfg.strategy == "average":
         return AverageStrategy(**common)
@@ -59,6 +61,13 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
             **common,
         )
     return VideoFedAvg(**common)
+
+
+def attack_injector(cfg: AppConfig) -> ColludingAttack | None:
+    """TEST TOOL: the server-side step of an omniscient ``attack`` (``strategies.attacks``), else None."""
+    if cfg.attack not in OMNISCIENT_ATTACKS or cfg.attack_fraction <= 0:
+        return None
+    return ColludingAttack(cfg.attack, z=cfg.attack_z, epsilon=cfg.attack_epsilon)
 
 
 def make_distiller(cfg: AppConfig, num_classes: int, device: torch.device) -> Distiller:

@@ -15,6 +15,7 @@ from datasets.layouts import LAYOUTS
 from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
 from fedapp.client.attacks import ATTACKS
+from strategies.attacks import OMNISCIENT_ATTACKS
 from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
 from strategies.privacy import DP_MODES
@@ -113,6 +114,8 @@ class AppConfig:
     attack: str = "none"
     attack_fraction: float = 0.0
     attack_scale: float = 10.0
+    attack_z: float = 0.0
+    attack_epsilon: float = 0.1
     results_dir: str = "results"
     run_name: str = ""
     checkpoint_keep: int = 3
@@ -290,6 +293,12 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _choice("attack", cfg.attack, ATTACKS)
     _range("attack-fraction", cfg.attack_fraction, 0.0, 1.0)
     _range("attack-scale", cfg.attack_scale, 0.0)
+    _range("attack-z", cfg.attack_z, 0.0)
+    _range("attack-epsilon", cfg.attack_epsilon, 0.0, low_open=True)
+    if cfg.attack in OMNISCIENT_ATTACKS and cfg.dp != "none":
+        # Server-side DP clips inside Flower's wrapper before the inner strategy (where the test
+        # tool injects) aggregates: the forged model would skip the clipping real replies get.
+        raise ConfigError(f'attack={cfg.attack!r} is not simulated with dp={cfg.dp!r}: set dp="none"')
     _range("checkpoint-keep", cfg.checkpoint_keep, 0)
     _range("early-stop-patience", cfg.early_stop_patience, 0)
     _range("early-stop-min-delta", cfg.early_stop_min_delta, 0.0)
@@ -359,6 +368,8 @@ _ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str],
     (("momentum",), lambda c: c.optimizer == "sgd", 'optimizer="sgd"'),
     (("attack-fraction",), lambda c: c.attack != "none", 'attack != "none"'),
     (("attack-scale",), lambda c: c.attack in ("sign-flip", "noise"), 'attack="sign-flip" or "noise"'),
+    (("attack-z",), lambda c: c.attack == "alie", 'attack="alie"'),
+    (("attack-epsilon",), lambda c: c.attack == "ipm", 'attack="ipm"'),
     (("attack",), lambda c: c.attack_fraction > 0, "attack-fraction > 0 (the share of clients that attack)"),
     (("early-stop-min-delta",), lambda c: c.early_stop_patience > 0, "early-stop-patience > 0"),
 )  # fmt: skip
