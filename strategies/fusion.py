@@ -24,7 +24,8 @@ from strategies.aggregation import Weights, _cast_like, _weighted_mean64, weight
 from strategies.weighting import normalize_weights
 
 # "feddf" (ensemble distillation) needs torch and lives elsewhere; listed for config validation.
-FUSION_FUNCTIONS = ("median", "trimmed-mean", "geometric-median", "krum", "feddf")
+# "centered-clipping" and "bulyan" live in strategies/defences.py.
+FUSION_FUNCTIONS = ("median", "trimmed-mean", "geometric-median", "krum", "centered-clipping", "bulyan", "feddf")
 
 Models = Sequence[Mapping[str, np.ndarray]]
 

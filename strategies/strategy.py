@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.attacks import AttackInjector
 from strategies.compression import decompress, payload_bytes
+from strategies.defences import bound_update_norm, bucket_means, bulyan, bulyan_tolerance, centered_clipping
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
@@ -111,7 +112,9 @@ class VideoFedAvg(FedAvg):
     sample count) before aggregation; a bad one is dropped, logged with its node id and reason, and
     counted, where Flower's own FedAvg would raise and end the run. Integer buffers stay integers.
     ``server_lr``/``server_momentum`` turn the average into a FedAvgM step; ``proximal_mu`` > 0 is
-    sent to clients, which then add FedProx's proximal term to their loss.
+    sent to clients, which then add FedProx's proximal term to their loss. ``norm_bound`` > 0 scales
+    each accepted update (model − global, learnable parameters) to L2 norm ≤ ``norm_bound`` before
+    any family aggregates it (Sun et al. 2019), so every family gets it.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class VideoFedAvg(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         proximal_mu: float = 0.0,
+        norm_bound: float = 0.0,
         attack_injector: AttackInjector | None = None,
         **kwargs: Any,
     ) -> None:
@@ -129,6 +133,7 @@ class VideoFedAvg(FedAvg):
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.proximal_mu = proximal_mu
+        self.norm_bound = norm_bound
         self.velocity: dict[str, np.ndarray] | None = None
         self._current: dict[str, np.ndarray] = {}
         self._sent: list[Message] = []
@@ -189,7 +194,11 @@ class VideoFedAvg(FedAvg):
         # TEST TOOL: the simulated omniscient attackers replace their models here, after screening.
         attack = self.attack_injector(report.accepted, self._current) if self.attack_injector else None
         try:
+            # After the (test tool's) attack: the defence bounds what the attackers sent.
+            bounded = self.bound_norms(report.accepted) if self.norm_bound > 0 else None
             merged, report.fusion = self.aggregate_arrays(report.accepted, server_round)
+            if bounded is not None:
+                report.fusion = {**report.fusion, "norm-bound": bounded}
         except ValueError as exc:  # e.g. Krum with too few survivors, all-zero weights
             report.skipped = f"aggregation failed ({exc}): global model kept"
             logger.error("round %d: %s", server_round, report.skipped)
@@ -201,6 +210,16 @@ class VideoFedAvg(FedAvg):
         )
         report.metrics = aggregate_metrics(report.accepted)
         return report
+
+    def bound_norms(self, accepted: list[ClientReply]) -> dict[str, Any]:
+        """Scale each accepted update to norm ≤ ``norm_bound`` in place; what it did, for the round's record."""
+        clipped, norms = [], []
+        for r in accepted:
+            r.arrays, norm = bound_update_norm(r.arrays, self._current, self.norm_bound)
+            norms.append(norm)
+            if norm > self.norm_bound:
+                clipped.append(r.node_id)
+        return {"bound": self.norm_bound, "clipped-nodes": clipped, "update-norm-max": max(norms)}
 
     def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Screen the evaluate replies and aggregate the accepted clients' metrics."""
@@ -322,9 +341,16 @@ class WeightedStrategy(VideoFedAvg):
 class FusionStrategy(VideoFedAvg):
     """A fusion function of all client models: robust statistics or ensemble distillation.
 
-    ``fusion_fn`` is one of ``median``, ``trimmed-mean``, ``geometric-median``, ``krum`` or
-    ``feddf``. FedDF needs ``distiller``: a callable ``(start, client_models, weights) -> (model,
-    info)`` that distils the clients' ensemble into the start model on server-side unlabeled clips.
+    ``fusion_fn`` is one of ``median``, ``trimmed-mean``, ``geometric-median``, ``krum``,
+    ``centered-clipping``, ``bulyan`` or ``feddf``. FedDF needs ``distiller``: a callable ``(start,
+    client_models, weights) -> (model, info)`` that distils the clients' ensemble into the start
+    model on server-side unlabeled clips.
+
+    ``bucket_size`` s > 1 (not with FedDF) first averages random buckets of s clients (seeded by
+    ``bucket_seed`` and the round) and gives the rule the ⌈N/s⌉ bucket means, weighted by their
+    summed sample counts. f attackers spoil at most f buckets, so Krum and Bulyan run with
+    f_buckets = min(f, what the bucket count allows); ``selected-nodes`` then lists the nodes of
+    the selected buckets.
     """
 
     def __init__(
@@ -334,6 +360,10 @@ class FusionStrategy(VideoFedAvg):
         trim_beta: float = 0.2,
         krum_malicious: int = 1,
         krum_selected: int = 1,
+        bucket_size: int = 1,
+        bucket_seed: int = 0,
+        cc_radius: float = 10.0,
+        cc_iterations: int = 1,
         distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -344,27 +374,54 @@ class FusionStrategy(VideoFedAvg):
         self.trim_beta = trim_beta
         self.krum_malicious = krum_malicious
         self.krum_selected = krum_selected
+        self.bucket_size = bucket_size
+        self.bucket_seed = bucket_seed
+        self.cc_radius = cc_radius
+        self.cc_iterations = cc_iterations
         self.distiller = distiller
 
     def aggregate_arrays(
         self, accepted: list[ClientReply], server_round: int
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         models = [r.arrays for r in accepted]
+        counts = [float(r.metrics["num-examples"]) for r in accepted]
+        groups = [[r.node_id] for r in accepted]  # the nodes behind each model the rule sees
+        if self.bucket_size > 1 and self.fusion_fn != "feddf":
+            # Seeded by (run seed, round): reproducible, yet fresh buckets every round, as the paper draws them.
+            models, counts, buckets = bucket_means(models, self.bucket_size, [self.bucket_seed, server_round], counts)
+            groups = [[accepted[i].node_id for i in bucket] for bucket in buckets]
+            fused, info = self._fuse(models, counts, groups)
+            return fused, {"buckets": groups, **info}
+        return self._fuse(models, counts, groups)
+
+    def _fuse(
+        self, models: list[dict[str, np.ndarray]], counts: list[float], groups: list[list[int]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The configured rule on ``models`` (client models or bucket means) standing for ``groups``."""
         if self.fusion_fn == "median":
             return coordinate_median(models), {}
         if self.fusion_fn == "trimmed-mean":
             return trimmed_mean(models, self.trim_beta), {}
         if self.fusion_fn == "geometric-median":
-            fused, info = geometric_median(models, [r.metrics["num-examples"] for r in accepted])
+            fused, info = geometric_median(models, counts)
             return fused, {"iterations": info["iterations"], "converged": info["converged"]}
         if self.fusion_fn == "krum":
             # Rejected replies can leave too few updates for the configured f: run with the f that fits.
             f = krum_tolerance(len(models), self.krum_malicious)
-            counts = [float(r.metrics["num-examples"]) for r in accepted]  # Flower's MultiKrum weights
+            # Flower's MultiKrum weights: sample counts (bucket means: their summed counts).
             fused, selected = krum(models, f, min(self.krum_selected, len(models)), weights=counts)
-            return fused, {"selected-nodes": [accepted[i].node_id for i in selected], "krum-malicious": f}
+            return fused, {"selected-nodes": [n for i in selected for n in groups[i]], "krum-malicious": f}
+        if self.fusion_fn == "bulyan":
+            f = bulyan_tolerance(len(models), self.krum_malicious)  # as Krum: the f the survivors allow
+            fused, selected = bulyan(models, f)
+            return fused, {"selected-nodes": [n for i in selected for n in groups[i]], "bulyan-malicious": f}
+        if self.fusion_fn == "centered-clipping":
+            # Centered on the round's global model (the updates' origin); without one (the strategy
+            # used outside a round) on the coordinate-wise median, a robust start too.
+            center = self._current or coordinate_median(models)
+            fused, info = centered_clipping(models, center, self.cc_radius, self.cc_iterations)
+            return fused, {"clipped": info["clipped"], "update-norm-median": float(np.median(info["update-norms"]))}
         if self.fusion_fn == "feddf":
-            counts = [float(r.metrics["num-examples"]) for r in accepted]
             start = fedavg(zip(models, counts))
             fused, info = self.distiller(start, models, counts)
             return fused, dict(info)

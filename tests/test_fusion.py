@@ -354,9 +354,20 @@ def test_geometric_median_of_identical_models_and_iteration_cap():
 
 
 def test_fusion_names_and_no_flower_import():
-    assert FUSION_FUNCTIONS == ("median", "trimmed-mean", "geometric-median", "krum", "feddf")
+    assert FUSION_FUNCTIONS == (
+        "median",
+        "trimmed-mean",
+        "geometric-median",
+        "krum",
+        "centered-clipping",
+        "bulyan",
+        "feddf",
+    )
     # The math must stay importable without Flower (tests import it, so check in a fresh process).
-    code = "import sys, strategies.fusion, strategies.weighting; print(any(m.startswith('flwr') for m in sys.modules))"
+    code = (
+        "import sys, strategies.fusion, strategies.defences, strategies.weighting; "
+        "print(any(m.startswith('flwr') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -45,6 +45,7 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
         server_lr=cfg.server_lr,
         server_momentum=cfg.server_momentum,
         proximal_mu=cfg.proximal_mu,
+        norm_bound=cfg.norm_bound,
         attack_injector=attack_injector(cfg),
     )
     if cfg.strategy == "average":
@@ -57,6 +58,10 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
             trim_beta=cfg.trim_beta,
             krum_malicious=cfg.krum_malicious,
             krum_selected=cfg.krum_selected,
+            bucket_size=cfg.bucket_size,
+            bucket_seed=cfg.seed,
+            cc_radius=cfg.cc_radius,
+            cc_iterations=cfg.cc_iterations,
             distiller=distiller,
             **common,
         )

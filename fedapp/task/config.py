@@ -54,6 +54,7 @@ class AppConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     proximal_mu: float = 0.0
+    norm_bound: float = 0.0
     fedbn: bool = False
     weight_source: str = "num-examples"
     staleness_decay: float = 0.5
@@ -61,6 +62,9 @@ class AppConfig:
     trim_beta: float = 0.2
     krum_malicious: int = 1
     krum_selected: int = 1
+    bucket_size: int = 1
+    cc_radius: float = 10.0
+    cc_iterations: int = 1
     feddf_steps: int = 100
     feddf_lr: float = 0.0005
     feddf_temperature: float = 1.0
@@ -237,6 +241,25 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("trim-beta", cfg.trim_beta, 0.0, 0.49)
     _range("krum-malicious", cfg.krum_malicious, 0)
     _range("krum-selected", cfg.krum_selected, 1)
+    _range("bucket-size", cfg.bucket_size, 1)
+    _range("cc-radius", cfg.cc_radius, 0.0, low_open=True)
+    _range("cc-iterations", cfg.cc_iterations, 1)
+    _range("norm-bound", cfg.norm_bound, 0.0)
+    f = cfg.krum_malicious
+    if cfg.strategy == "fusion" and cfg.fusion_fn == "bulyan" and cfg.min_train_nodes < 4 * f + 3:
+        raise ConfigError(
+            f"fusion-fn='bulyan' with krum-malicious={f} needs min-train-nodes >= 4·{f}+3 = {4 * f + 3}, got "
+            f"min-train-nodes={cfg.min_train_nodes}: set min-train-nodes={4 * f + 3} min-available-nodes={4 * f + 3} "
+            f"and run at least {4 * f + 3} SuperNodes (fedvideo run --federation-config 'num-supernodes={4 * f + 3}')"
+        )
+    if cfg.bucket_size > 1 and (_krum(cfg) or _bulyan(cfg)):
+        # Krum and Bulyan need 3 models; with bucketing they see ⌈N/s⌉ bucket means, not N clients.
+        if -(-cfg.min_train_nodes // cfg.bucket_size) < 3:
+            raise ConfigError(
+                f"bucket-size={cfg.bucket_size} leaves ⌈min-train-nodes/bucket-size⌉ = "
+                f"{-(-cfg.min_train_nodes // cfg.bucket_size)} buckets, fewer than the 3 fusion-fn="
+                f"{cfg.fusion_fn!r} needs: lower bucket-size to at most {max((cfg.min_train_nodes - 1) // 2, 1)}"
+            )
     if cfg.strategy == "fusion" and cfg.fusion_fn == "krum" and cfg.min_train_nodes <= 2 * cfg.krum_malicious + 2:
         raise ConfigError(
             f"fusion-fn='krum' with krum-malicious={cfg.krum_malicious} needs min-train-nodes > "
@@ -334,6 +357,10 @@ def _krum(cfg: AppConfig) -> bool:
     return cfg.strategy == "fusion" and cfg.fusion_fn == "krum"
 
 
+def _bulyan(cfg: AppConfig) -> bool:
+    return cfg.strategy == "fusion" and cfg.fusion_fn == "bulyan"
+
+
 def _feddf(cfg: AppConfig) -> bool:
     return cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
 
@@ -348,7 +375,12 @@ _ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str],
     (("fusion-fn",), lambda c: c.strategy == "fusion", 'strategy="fusion"'),
     (("trim-beta",), lambda c: c.strategy == "fusion" and c.fusion_fn == "trimmed-mean",
      'strategy="fusion" and fusion-fn="trimmed-mean"'),
-    (("krum-malicious", "krum-selected"), _krum, 'strategy="fusion" and fusion-fn="krum"'),
+    (("krum-malicious",), lambda c: _krum(c) or _bulyan(c), 'strategy="fusion" and fusion-fn="krum" or "bulyan"'),
+    (("krum-selected",), _krum, 'strategy="fusion" and fusion-fn="krum"'),
+    (("bucket-size",), lambda c: c.strategy == "fusion" and c.fusion_fn != "feddf",
+     'strategy="fusion" and a fusion-fn other than "feddf"'),
+    (("cc-radius", "cc-iterations"), lambda c: c.strategy == "fusion" and c.fusion_fn == "centered-clipping",
+     'strategy="fusion" and fusion-fn="centered-clipping"'),
     (("feddf-steps", "feddf-lr", "feddf-temperature", "feddf-patience", "feddf-data-dir", "feddf-videos"),
      _feddf, 'strategy="fusion" and fusion-fn="feddf"'),
     (("dp-noise-multiplier", "dp-clipping-norm", "dp-delta"), lambda c: c.dp != "none",

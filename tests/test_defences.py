@@ -1,0 +1,399 @@
+"""Defences (strategies/defences.py) against reference formulas written here, Flower's Bulyan, and
+through the strategies (FusionStrategy / VideoFedAvg.train_round on Flower replies)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import Bulyan
+
+from fedapp.task.config import ConfigError, parse_config
+from strategies.defences import (
+    bound_update_norm,
+    bucket_assignment,
+    bucket_means,
+    bulyan,
+    bulyan_select,
+    bulyan_tolerance,
+    centered_clipping,
+)
+from strategies.fusion import FUSION_FUNCTIONS, coordinate_median
+from strategies.strategy import FusionStrategy, VideoFedAvg
+from tests.flower_messages import reply
+
+SEEDS = (0, 1, 2)
+
+
+def random_models(rng, n, with_bn=False, scale=1.0):
+    models = []
+    for _ in range(n):
+        model = {
+            "conv.weight": (scale * rng.normal(size=(4, 3, 3))).astype(np.float32),
+            "fc.bias": (scale * rng.normal(size=(5,))).astype(np.float32),
+        }
+        if with_bn:
+            model["bn.running_mean"] = rng.normal(size=(3,)).astype(np.float32)
+            model["bn.running_var"] = rng.uniform(0.5, 2.0, size=(3,)).astype(np.float32)
+            model["bn.num_batches_tracked"] = np.asarray(rng.integers(0, 100), dtype=np.int64)
+        models.append(model)
+    return models
+
+
+PARAMS = ("conv.weight", "fc.bias")
+
+
+def vec(model, keys=PARAMS):
+    return np.concatenate([np.ravel(model[k]).astype(np.float64) for k in keys])
+
+
+def unvec(v, like, keys=PARAMS):
+    out, start = {}, 0
+    for k in keys:
+        size = np.size(like[k])
+        out[k] = v[start : start + size].reshape(np.shape(like[k]))
+        start += size
+    return out
+
+
+def replies(models, counts=None):
+    counts = counts or [1] * len(models)
+    return [reply(i + 1, m, {"num-examples": c}) for i, (m, c) in enumerate(zip(models, counts))]
+
+
+def prepared(strategy, global_model):
+    """A strategy as configure_train leaves it: the round's global model set."""
+    strategy.set_global(global_model)
+    return strategy
+
+
+def test_new_rules_are_fusion_functions():
+    assert {"centered-clipping", "bulyan"} <= set(FUSION_FUNCTIONS)
+
+
+# --- bucketing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "s"), list(itertools.product((1, 5, 7, 10), (1, 2, 3, 4))))
+def test_buckets_are_a_seeded_permutation_in_ceil_n_over_s_groups(n, s):
+    buckets = bucket_assignment(n, s, seed=[3, 1])
+    assert len(buckets) == math.ceil(n / s)
+    assert sorted(i for b in buckets for i in b) == list(range(n))
+    assert all(len(b) == s for b in buckets[:-1]) and 1 <= len(buckets[-1]) <= s
+    assert buckets == bucket_assignment(n, s, seed=[3, 1])  # reproducible
+
+
+def test_buckets_change_with_the_round():
+    assert bucket_assignment(20, 2, [0, 1]) != bucket_assignment(20, 2, [0, 2])
+
+
+@pytest.mark.parametrize(("seed", "n", "s"), list(itertools.product(SEEDS, (5, 8), (2, 3))))
+def test_bucket_means_are_weighted_means_with_summed_weights(seed, n, s):
+    rng = np.random.default_rng(seed)
+    models = random_models(rng, n, with_bn=True)
+    counts = [float(c) for c in rng.integers(1, 30, size=n)]
+    means, weights, buckets = bucket_means(models, s, seed, counts)
+    assert buckets == bucket_assignment(n, s, seed)
+    for mean, weight, bucket in zip(means, weights, buckets):
+        assert weight == sum(counts[i] for i in bucket)
+        for key in models[0]:
+            ref = sum(counts[i] * models[i][key].astype(np.float64) for i in bucket) / weight
+            assert mean[key].dtype == models[0][key].dtype
+            if key.endswith("num_batches_tracked"):
+                assert mean[key] == np.rint(ref)
+            else:
+                np.testing.assert_allclose(mean[key], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_bucketing_then_median_through_the_strategy_equals_the_composition():
+    rng = np.random.default_rng(4)
+    models = random_models(rng, 9)
+    counts = [int(c) for c in rng.integers(1, 20, size=9)]
+    strategy = FusionStrategy(fusion_fn="median", bucket_size=2, bucket_seed=7, min_train_nodes=1)
+    report = prepared(strategy, models[0]).train_round(3, replies(models, counts))
+    buckets = bucket_assignment(9, 2, [7, 3])
+    means = [
+        {k: sum(counts[i] * models[i][k].astype(np.float64) for i in b) / sum(counts[i] for i in b) for k in PARAMS}
+        for b in buckets
+    ]
+    for key in PARAMS:
+        np.testing.assert_allclose(report.arrays[key], np.median(np.stack([m[key] for m in means]), axis=0), rtol=1e-6)
+    assert report.fusion["buckets"] == [[i + 1 for i in b] for b in buckets]  # node ids are index + 1
+
+
+def test_bucketing_helps_median_against_heterogeneous_honest_clients():
+    # Two honest groups (non-iid) at −1 and +1, uneven: the plain median picks a group's value;
+    # bucket means of pairs pull it towards the honest mean (0.2) — the paper's motivation.
+    honest = [{"w": np.full(3, v, np.float32)} for v in [-1.0] * 4 + [1.0] * 6]
+    plain = coordinate_median(honest)["w"][0]
+    strategy = FusionStrategy(fusion_fn="median", bucket_size=5, min_train_nodes=1)
+    fused = [prepared(strategy, honest[0]).train_round(r, replies(honest)).arrays["w"][0] for r in range(1, 30)]
+    assert abs(plain - 0.2) == pytest.approx(0.8)
+    assert abs(np.mean(fused) - 0.2) < 0.3
+
+
+def test_krum_on_buckets_maps_f_to_the_bucket_count():
+    rng = np.random.default_rng(5)
+    models = random_models(rng, 10)
+    strategy = FusionStrategy(fusion_fn="krum", krum_malicious=3, bucket_size=2, min_train_nodes=1)
+    report = prepared(strategy, models[0]).train_round(1, replies(models))
+    # 5 buckets allow f = (5 − 3) // 2 = 1, not 3; the selected bucket's two nodes are named.
+    assert report.fusion["krum-malicious"] == 1
+    assert len(report.fusion["selected-nodes"]) == 2
+    assert report.fusion["selected-nodes"] in report.fusion["buckets"]
+
+
+# --- centered clipping ---------------------------------------------------------------------------
+
+
+def reference_cc(xs, v, tau, iterations):
+    v = v.copy()
+    for _ in range(iterations):
+        step = np.zeros_like(v)
+        for x in xs:
+            z = x - v
+            norm = np.linalg.norm(z)
+            step += z * min(1.0, tau / norm) if norm > 0 else z
+        v = v + step / len(xs)
+    return v
+
+
+def test_centered_clipping_hand_example():
+    models = [{"w": np.asarray([v], np.float64)} for v in (1.0, 2.0, 100.0)]
+    fused, info = centered_clipping(models, {"w": np.zeros(1)}, radius=3.0)
+    assert fused["w"][0] == pytest.approx((1 + 2 + 3) / 3)  # 100 is clipped to 3
+    assert info["clipped"] == [1] and info["update-norms"] == [1.0, 2.0, 100.0]
+
+
+@pytest.mark.parametrize(("seed", "n", "iterations"), list(itertools.product(SEEDS, (3, 6), (1, 3))))
+def test_centered_clipping_equals_reference(seed, n, iterations):
+    rng = np.random.default_rng(seed)
+    models = random_models(rng, n)
+    center = random_models(rng, 1, scale=0.1)[0]
+    norms = [np.linalg.norm(vec(m) - vec(center)) for m in models]
+    tau = float(np.median(norms))  # some clipped, some not
+    fused, info = centered_clipping(models, center, tau, iterations)
+    ref = reference_cc([vec(m) for m in models], vec(center), tau, iterations)
+    np.testing.assert_allclose(vec(fused), ref, rtol=1e-5, atol=1e-6)
+    assert len(info["clipped"]) == iterations and info["clipped"][0] == sum(x > tau for x in norms)
+
+
+def test_centered_clipping_bounds_a_byzantine_client():
+    rng = np.random.default_rng(0)
+    center = {k: np.zeros_like(v) for k, v in random_models(rng, 1)[0].items()}
+    honest = random_models(rng, 6, scale=0.01)
+    attacker = {k: np.full_like(v, 1e6) for k, v in honest[0].items()}
+    fused, _ = centered_clipping([*honest, attacker], center, radius=0.5)
+    honest_mean = np.mean([vec(m) for m in honest], axis=0)
+    # One client moves v by at most τ/N, however far it is.
+    assert np.linalg.norm(vec(fused) - honest_mean * 6 / 7) <= 0.5 / 7 + 1e-6
+
+
+def test_centered_clipping_moves_statistics_by_the_clients_factor():
+    models = [
+        {"w": np.asarray([4.0], np.float32), "bn.running_mean": np.asarray([8.0], np.float32)},
+        {"w": np.asarray([1.0], np.float32), "bn.running_mean": np.asarray([2.0], np.float32)},
+    ]
+    center = {"w": np.zeros(1, np.float32), "bn.running_mean": np.zeros(1, np.float32)}
+    fused, _ = centered_clipping(models, center, radius=2.0)
+    # factors 2/4 and 1 (norms over "w" only): w = (2 + 1)/2, statistics (4 + 2)/2
+    assert fused["w"][0] == pytest.approx(1.5) and fused["bn.running_mean"][0] == pytest.approx(3.0)
+
+
+def test_centered_clipping_argument_checks():
+    models = [{"w": np.ones(2)}]
+    with pytest.raises(ValueError, match="radius"):
+        centered_clipping(models, {"w": np.zeros(2)}, 0.0)
+    with pytest.raises(ValueError, match="iteration"):
+        centered_clipping(models, {"w": np.zeros(2)}, 1.0, iterations=0)
+    with pytest.raises(ValueError, match="center"):
+        centered_clipping(models, {}, 1.0)
+
+
+def test_centered_clipping_through_the_strategy_starts_from_the_global_model():
+    rng = np.random.default_rng(2)
+    global_model = random_models(rng, 1)[0]
+    models = [{k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in global_model.items()}
+              for _ in range(4)]  # fmt: skip
+    models.append({k: v + 1000.0 for k, v in global_model.items()})
+    strategy = FusionStrategy(fusion_fn="centered-clipping", cc_radius=0.1, cc_iterations=2, min_train_nodes=1)
+    report = prepared(strategy, global_model).train_round(1, replies(models))
+    ref = reference_cc([vec(m) for m in models], vec(global_model), 0.1, 2)
+    np.testing.assert_allclose(vec(report.arrays), ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(vec(report.arrays) - vec(global_model)).max() < 0.1
+    assert report.fusion["clipped"][0] >= 1 and report.fusion["update-norm-median"] > 0
+
+
+# --- Bulyan --------------------------------------------------------------------------------------
+
+
+def reference_bulyan(models, f):
+    xs = [vec(m) for m in models]
+    n = len(xs)
+    d = np.array([[np.sum((a - b) ** 2) for b in xs] for a in xs])
+    remaining, chosen = list(range(n)), []
+    while len(chosen) < n - 2 * f:
+        scores = []
+        for i in remaining:
+            others = sorted(d[i, j] for j in remaining if j != i)
+            scores.append(sum(others[: max(1, len(remaining) - f - 2)]))
+        best = remaining[int(np.argmin(scores))]
+        chosen.append(best)
+        remaining.remove(best)
+    beta = len(chosen) - 2 * f
+    stacked = np.stack([xs[i] for i in chosen])
+    out = np.empty(stacked.shape[1])
+    for c in range(stacked.shape[1]):
+        column = stacked[:, c]
+        med = np.median(column)
+        closest = sorted(column, key=lambda x: abs(x - med))[:beta]
+        out[c] = np.mean(closest)
+    return out, chosen
+
+
+@pytest.mark.parametrize(("seed", "n", "f"), [(s, n, f) for s in SEEDS for n, f in ((3, 0), (7, 1), (9, 1), (11, 2))])
+def test_bulyan_equals_reference(seed, n, f):
+    models = random_models(np.random.default_rng(seed), n)
+    fused, selected = bulyan(models, f)
+    ref, chosen = reference_bulyan(models, f)
+    assert selected == chosen
+    np.testing.assert_allclose(vec(fused), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bulyan_hand_example():
+    # 7 scalars, f=1: repeated Krum keeps θ=5 of them, then the mean of the β=3 closest to their median.
+    values = [0.0, 1.0, 2.0, 3.0, 4.0, 50.0, -60.0]
+    models = [{"w": np.asarray([v])} for v in values]
+    fused, selected = bulyan(models, 1)
+    assert sorted(values[i] for i in selected) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert fused["w"][0] == pytest.approx(2.0)  # median 2, closest 1, 2, 3
+
+
+def flower_bulyan(models, f, selection_rule=None):
+    strategy = Bulyan(num_malicious_nodes=f, selection_rule=selection_rule)
+    record, _ = strategy.aggregate_train(1, replies(models))
+    return {key: array.numpy() for key, array in record.items()}
+
+
+@pytest.mark.parametrize(("seed", "n", "f"), [(s, n, f) for s in SEEDS for n, f in ((7, 1), (10, 1), (11, 2))])
+def test_bulyan_equals_flowers(seed, n, f):
+    models = random_models(np.random.default_rng(seed), n)
+    # Flower's default selection: the θ best scores of one multi-Krum pass.
+    ours, _ = bulyan(models, f, repeated=False)
+    theirs = flower_bulyan(models, f)
+    # The paper's repeated Krum (checked against the reference above), handed to Flower's Bulyan as
+    # its selection rule, so that its coordinate step runs on our selection. Flower's own Krum,
+    # repeated, would differ by design in ties: near the end the sets are small and Krum counts one
+    # neighbour, so the closest pair always ties; we take the lower index, Flower's float32
+    # ‖x‖²+‖y‖²−2x·y takes whichever rounding favours.
+    ours_repeated, selected = bulyan(models, f)
+    theirs_repeated = flower_bulyan(models, f, lambda contents, _f, _k: [contents[i] for i in selected])
+    for key in PARAMS:
+        np.testing.assert_array_equal(ours[key], theirs[key])
+        np.testing.assert_array_equal(ours_repeated[key], theirs_repeated[key])
+
+
+def test_bulyan_neutralises_byzantine_outliers():
+    rng = np.random.default_rng(3)
+    honest = random_models(rng, 9, scale=0.01)
+    attackers = [{k: np.full_like(v, 100.0) for k, v in honest[0].items()} for _ in range(2)]
+    fused, selected = bulyan([*honest, *attackers], 2)
+    # The first Krum picks (many neighbours counted) are honest; the last ones count a single
+    # neighbour, and the colluding pair, each other's nearest at distance 0, may get in there;
+    # the coordinate step (β closest to the median) still trims them away.
+    assert not {9, 10} & set(selected[:3])
+    assert np.abs(vec(fused)).max() < 0.05
+
+
+def test_bulyan_requirements_and_tolerance():
+    models = random_models(np.random.default_rng(0), 6)
+    with pytest.raises(ValueError, match="4f"):
+        bulyan_select(models, 1)
+    assert bulyan_tolerance(6, 1) == 0 and bulyan_tolerance(7, 1) == 1 and bulyan_tolerance(11, 5) == 2
+    with pytest.raises(ValueError):
+        bulyan_tolerance(2, 0)
+
+
+def test_bulyan_through_the_strategy_names_the_selected_nodes():
+    rng = np.random.default_rng(6)
+    models = random_models(rng, 6, with_bn=True)  # 6 < 4·1+3: runs with f = 0
+    strategy = FusionStrategy(fusion_fn="bulyan", krum_malicious=1, min_train_nodes=1)
+    report = prepared(strategy, models[0]).train_round(1, replies(models))
+    assert report.fusion["bulyan-malicious"] == 0 and sorted(report.fusion["selected-nodes"]) == list(range(1, 7))
+    np.testing.assert_allclose(report.arrays["fc.bias"], np.mean([m["fc.bias"] for m in models], axis=0), rtol=1e-5)
+    assert report.arrays["bn.num_batches_tracked"].dtype == np.int64
+
+
+# --- norm bounding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_norm_bound_equals_reference(seed):
+    rng = np.random.default_rng(seed)
+    model, center = random_models(rng, 2, with_bn=True)
+    norm = np.linalg.norm(vec(model) - vec(center))
+    bounded, measured = bound_update_norm(model, center, norm / 3)
+    assert measured == pytest.approx(norm)
+    ref = vec(center) + (vec(model) - vec(center)) / 3
+    np.testing.assert_allclose(vec(bounded), ref, rtol=1e-5, atol=1e-6)
+    assert np.linalg.norm(vec(bounded) - vec(center)) == pytest.approx(norm / 3, rel=1e-5)
+    for key in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked"):
+        np.testing.assert_array_equal(bounded[key], model[key])  # statistics untouched
+    same, _ = bound_update_norm(model, center, norm * 2)
+    assert all(same[k] is model[k] for k in model)
+
+
+def test_norm_bound_needs_a_global_model():
+    with pytest.raises(ValueError, match="global model"):
+        bound_update_norm({"w": np.ones(2)}, {}, 1.0)
+
+
+def test_norm_bound_applies_to_plain_fedavg_and_is_recorded():
+    rng = np.random.default_rng(1)
+    global_model = random_models(rng, 1)[0]
+    honest = [{k: v + 0.01 * np.ones_like(v) for k, v in global_model.items()} for _ in range(4)]
+    boosted = {k: v + 100.0 for k, v in global_model.items()}  # a model-replacement-sized update
+    strategy = prepared(VideoFedAvg(norm_bound=1.0, min_train_nodes=1), global_model)
+    report = strategy.train_round(1, replies([*honest, boosted]))
+    assert report.fusion["norm-bound"]["clipped-nodes"] == [5]
+    assert report.fusion["norm-bound"]["update-norm-max"] == pytest.approx(100.0 * math.sqrt(41), rel=1e-5)
+    # The boosted client moves the mean by at most bound / 5 (equal counts).
+    assert np.linalg.norm(vec(report.arrays) - vec(global_model)) <= 0.01 * math.sqrt(41) + 1.0 / 5 + 1e-5
+
+
+def test_norm_bound_composes_with_fusion_rules():
+    rng = np.random.default_rng(2)
+    global_model = random_models(rng, 1)[0]
+    models = [{k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in global_model.items()}
+              for _ in range(5)]  # fmt: skip
+    strategy = prepared(FusionStrategy(fusion_fn="median", norm_bound=0.05, min_train_nodes=1), global_model)
+    report = strategy.train_round(1, replies(models))
+    assert sorted(report.fusion["norm-bound"]["clipped-nodes"]) == [1, 2, 3, 4, 5]
+    bounded = [bound_update_norm(m, global_model, 0.05)[0] for m in models]
+    for key in PARAMS:
+        np.testing.assert_allclose(report.arrays[key], coordinate_median(bounded)[key], rtol=1e-6)
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_refusals():
+    cfg = parse_config({}, check_paths=False)
+    assert (cfg.bucket_size, cfg.cc_radius, cfg.cc_iterations, cfg.norm_bound) == (1, 10.0, 1, 0.0)
+    bulyan_ok = {"strategy": "fusion", "fusion-fn": "bulyan", "min-train-nodes": 7, "min-available-nodes": 7}
+    assert parse_config({**bulyan_ok, "krum-malicious": 1}, check_paths=False).fusion_fn == "bulyan"
+    refused = [
+        ({**bulyan_ok, "krum-malicious": 2}, "4·2\\+3"),
+        ({"strategy": "fusion", "cc-radius": 3.0}, "cc-radius=3.0 has no effect"),
+        ({"strategy": "fusion", "fusion-fn": "centered-clipping", "cc-radius": 0.0}, "cc-radius"),
+        ({"strategy": "fusion", "fusion-fn": "centered-clipping", "cc-iterations": 0}, "cc-iterations"),
+        ({"bucket-size": 2}, "bucket-size=2 has no effect"),
+        ({"strategy": "fusion", "bucket-size": 0}, "bucket-size"),
+        ({**bulyan_ok, "bucket-size": 4}, "at most 3"),
+        ({"norm-bound": -1.0}, "norm-bound"),
+        ({"strategy": "fusion", "fusion-fn": "centered-clipping", "krum-malicious": 2}, "krum-malicious=2 has no"),
+    ]
+    for run_config, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(run_config, check_paths=False)
+    assert parse_config({"norm-bound": 2.0}, check_paths=False).norm_bound == 2.0  # acts with every strategy
