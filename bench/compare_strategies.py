@@ -36,7 +36,7 @@ STRATEGIES = {
     "median": {"strategy": "fusion", "fusion-fn": "median"},
     "trimmed-mean β=0.3": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.3},
     "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
-    "krum": {"strategy": "fusion", "fusion-fn": "krum"},  # f = the number of attackers (below)
+    "krum": {"strategy": "fusion", "fusion-fn": "krum", "krum-malicious": "f"},  # f = the attackers (below)
     "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 50, "feddf-videos": 32},
 }
 
@@ -51,17 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
     args = parser.parse_args(argv)
 
-    base = {
-        **comparison_config(args.rounds, args.clients, args.cache_dir),
-        # Krum assumes f attackers: as many as the attack scenario has (round(0.3 × clients)).
-        "krum-malicious": max(1, round(ATTACK_FRACTION * args.clients)),
-    }
+    base = comparison_config(args.rounds, args.clients, args.cache_dir)
+    # Krum assumes f attackers: as many as the attack scenario has (round(0.3 × clients)). Only Krum
+    # gets the key: elsewhere it has no effect, which the config refuses.
+    f = max(1, round(ATTACK_FRACTION * args.clients))
     curves: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for scenario in args.scenarios:
             curves[scenario] = {}
             for name in args.strategies:
-                config = {**base, **SCENARIOS[scenario], **STRATEGIES[name]}
+                strategy = {k: f if v == "f" else v for k, v in STRATEGIES[name].items()}
+                config = {**base, **SCENARIOS[scenario], **strategy}
                 start = time.perf_counter()
                 results = run_inprocess(config, args.clients, Path(tmp) / f"{scenario}-{name}")
                 accuracy = [r["central"]["video-accuracy"] for r in results.rounds]

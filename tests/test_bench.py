@@ -117,3 +117,26 @@ def test_client_throughput_benchmark(tmp_path: Path, capsys) -> None:
     for mode in result["modes"]:
         assert _positive(row[f"{mode}-clips-per-s"]) and _positive(row[f"{mode}-vs-limit"])
     assert all(_positive(v) for v in result["decode-only-clips-per-s"].values())
+
+
+def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
+    """The attack × rule table: every cell a mean ± std over the seeds, raw numbers in the JSON."""
+    from bench import robustness
+
+    args = ["--clients", "5", "--attackers", "1", "--rounds", "1", "--seeds", "0", "1", "--threads", "1"]
+    args += ["--partitionings", "iid", "--attacks", "none", "alie", "--rules", "fedavg", "krum"]
+    assert robustness.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = (tmp_path / "robustness.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| none |", "| alie |"))]
+    assert "| attack | fedavg | krum |" in table and [row.count(" ± ") for row in rows] == [2, 2]
+    raw = json.loads((tmp_path / "robustness.json").read_text())
+    assert all(len(v) == 2 for v in raw["final-video-accuracy"]["iid"]["alie"].values())  # one per seed
+    assert (tmp_path / "robustness.png").stat().st_size > 0
+
+
+def test_compare_strategies_benchmark(tmp_path: Path) -> None:
+    from bench import compare_strategies
+
+    args = ["--rounds", "1", "--clients", "7", "--scenarios", "30%-sign-flip", "--strategies", "fedavg", "krum"]
+    assert compare_strategies.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "| krum |" in (tmp_path / "strategies.md").read_text()
