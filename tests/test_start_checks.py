@@ -216,6 +216,12 @@ TROUBLESHOOTING = [
     ({"pretrained-path": "/no/such/file.pt"}, "is not a file"),
     ({"clip-cache-dir": "cache"}, "is not allowed: give an absolute path"),
     ({"resize": "big"}, "is invalid: expected 'HxW'"),
+    ({"strategy": "fusion", "fusion-fn": "bulyan"}, "needs min-train-nodes >= 4·1+3 = 7"),
+    (
+        {"strategy": "fusion", "fusion-fn": "krum", "bucket-size": 3, "min-train-nodes": 5, "min-available-nodes": 5},
+        "buckets, fewer than the 3",
+    ),
+    ({"attack": "alie", "attack-fraction": 0.4, "dp": "server-side"}, "is not simulated with dp="),
 ]
 
 
