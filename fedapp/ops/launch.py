@@ -369,11 +369,11 @@ def launch_log_dir(run_dir: Path) -> Path:
     return run_dir / "logs" / f"launch-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
 
 
-def launch(run_config: list[str], federation_config: str, timeout: float) -> Outcome:
-    """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome."""
+def launch(run_config: list[str], federation_config: str, timeout: float, cfg: Any) -> Outcome:
+    """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome.
+    ``cfg``: the run config as :func:`check_run_config` validated it."""
     from fedapp.ops.watchdog import Watchdog
 
-    cfg = check_run_config(run_config, federation_config)  # ConfigError before anything starts
     run_dir = run_location(run_config, cfg)
     log_dir = launch_log_dir(run_dir)
     flwr_home = Path(os.environ.get("FEDVIDEO_FLWR_HOME", PROJECT_DIR / ".flwr_home")).resolve()
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedapp.task.config import ConfigError
 
     try:  # before anything starts or is written, in well under a second (no torch, no Flower process)
-        check_run_config(args.run_config, args.federation_config)
+        cfg = check_run_config(args.run_config, args.federation_config)
     except ConfigError as exc:
         print(f"FAILED: config: {exc}", file=sys.stderr)
         return 2
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedapp.server.results import RunFolderError
 
     try:
-        outcome = launch(args.run_config, args.federation_config, args.timeout)  # checks the config again: cheap
+        outcome = launch(args.run_config, args.federation_config, args.timeout, cfg)
     except (RunFolderError, CheckpointError) as exc:  # refused before anything started or was written
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
