@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from bench import aggregation, bytes_per_round, client_throughput, federation_overhead
 
 
@@ -132,6 +134,37 @@ def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
     raw = json.loads((tmp_path / "robustness.json").read_text())
     assert all(len(v) == 2 for v in raw["final-video-accuracy"]["iid"]["alie"].values())  # one per seed
     assert (tmp_path / "robustness.png").stat().st_size > 0
+
+
+def test_robustness_parts_merge(tmp_path: Path) -> None:
+    """Parts of the grid run side by side merge into one table; parts of another setting are refused."""
+    from bench import robustness
+
+    setting = {"rounds": 20, "clients": 10, "attackers": 3, "seeds": [0, 1]}
+    parts = [
+        {"setting": setting, "commands": [{"command": f"part {k}", "wall-time-s": 60.0}],
+         "final-video-accuracy": {"iid": {"alie": {rule: [0.5, 0.7]}}},
+         "video-accuracy-per-round": {f"iid-alie-{rule}-0": [0.1, 0.5]}}
+        for k, rule in enumerate(["fedavg", "median"])
+    ]  # fmt: skip
+    parts[1]["final-video-accuracy"]["iid"]["none"] = {"median": [0.8, 0.8]}
+    for k, part in enumerate(parts):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "robustness.json").write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    assert robustness.main(["--merge", str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(out)]) == 0
+    table = (out / "robustness.md").read_text()
+    assert "| attack | fedavg | median |" in table
+    assert "| alie | 0.600 ± 0.141 | 0.600 ± 0.141 |" in table
+    assert "| none | — | 0.800 ± 0.000 |" in table  # a cell no part ran is shown as missing, not as 0
+    assert "`part 0` (1 min); `part 1` (1 min)" in table
+    assert len(json.loads((out / "robustness.json").read_text())["video-accuracy-per-round"]) == 2
+
+    parts[1]["setting"] = {**setting, "rounds": 5}
+    (tmp_path / "1" / "robustness.json").write_text(json.dumps(parts[1]))
+    with pytest.raises(SystemExit, match="different settings"):
+        robustness.main(["--merge", str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_compare_strategies_benchmark(tmp_path: Path) -> None:
