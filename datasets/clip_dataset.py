@@ -52,15 +52,20 @@ def warn_unreadable(path: str, reason: object, reported: set[str]) -> None:
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How clips are cut: ``clip_len`` frames every ``stride``, decoded at ``resize`` (h, w), cropped square."""
+    """How clips are cut: ``clip_len`` frames every ``stride``, decoded at ``resize``, cropped square.
+
+    ``resize`` is an exact ``(height, width)`` or an int N: the short side becomes N and the aspect
+    ratio is kept (torchvision's int size, see :func:`datasets.video_io.resized_shape`).
+    """
 
     clip_len: int = 16
     stride: int = 1
-    resize: tuple[int, int] = (64, 64)
+    resize: tuple[int, int] | int = (64, 64)
     crop_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.clip_len < 1 or self.stride < 1 or self.crop_size < 1 or min(self.resize) < 1:
+        sides = (self.resize,) if isinstance(self.resize, int) else self.resize
+        if self.clip_len < 1 or self.stride < 1 or self.crop_size < 1 or min(sides) < 1:
             raise ValueError(f"ClipSpec values must be positive: {self}")
 
 

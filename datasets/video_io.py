@@ -126,12 +126,34 @@ def random_clip_start(num_frames: int, clip_len: int, stride: int, rng: random.R
     return rng.randint(0, max_start)
 
 
-def decode_frames(path: str | Path, frame_indices: Sequence[int], size: tuple[int, int] | None = None) -> np.ndarray:
+def resized_shape(height: int, width: int, resize: tuple[int, int] | int | None) -> tuple[int, int]:
+    """The ``(height, width)`` a ``height×width`` frame gets under ``resize``.
+
+    A tuple is the exact ``(height, width)``; an int N is the short side (torchvision's convention
+    for an int size: the smaller edge becomes N, the longer ``int(N * long / short)``, so the aspect
+    ratio is kept up to rounding down); None keeps the native size.
+    """
+    if resize is None:
+        return height, width
+    if isinstance(resize, int):
+        if resize < 1 or height < 1 or width < 1:
+            raise ValueError(f"short side and frame size must be positive, got {resize} for {height}x{width}")
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(resize * long / short)
+        return (new_long, resize) if width <= height else (resize, new_long)
+    new_height, new_width = resize
+    return int(new_height), int(new_width)
+
+
+def decode_frames(
+    path: str | Path, frame_indices: Sequence[int], size: tuple[int, int] | int | None = None
+) -> np.ndarray:
     """Decode the given frames as a uint8 RGB array ``T×H×W×3`` with ``T == len(frame_indices)``.
 
     ``frame_indices`` must be non-decreasing and may repeat (padded clips). ``size=(height, width)``
-    resizes (bilinear); None keeps the native size. Decoding starts at the keyframe before the first
-    index and stops after the last one. Raises VideoDecodeError if the file cannot be decoded or
+    resizes (bilinear) to exactly that; an int resizes the short side to it, keeping the aspect
+    ratio (see :func:`resized_shape`); None keeps the native size. Decoding starts at the keyframe
+    before the first index and stops after the last one. Raises VideoDecodeError if the file cannot be decoded or
     some requested frame never comes out (truncated file, index past the end).
     """
     indices = [int(i) for i in frame_indices]
@@ -143,7 +165,7 @@ def decode_frames(path: str | Path, frame_indices: Sequence[int], size: tuple[in
     with _decode_errors_named(path):
         with av.open(str(path)) as container:
             stream = _first_video_stream(container, path)
-            frames = _decode_wanted(container, stream, path, sorted(set(indices)), size)
+            frames = _decode_wanted(container, stream, path, sorted(set(indices)), _output_size(stream, path, size))
     missing = sorted(set(indices) - frames.keys())
     if missing:
         raise VideoDecodeError(
@@ -151,6 +173,18 @@ def decode_frames(path: str | Path, frame_indices: Sequence[int], size: tuple[in
             "truncated or corrupt file, or index past the end"
         )
     return np.stack([frames[i] for i in indices])
+
+
+def _output_size(
+    stream: av.video.stream.VideoStream, path: Path, size: tuple[int, int] | int | None
+) -> tuple[int, int] | None:
+    """``size`` as an exact ``(height, width)`` (None: native): a short side needs the stream's frame size."""
+    if not isinstance(size, int):
+        return size
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width <= 0 or height <= 0:
+        raise VideoDecodeError(f"{path}: video stream has no frame size")
+    return resized_shape(height, width, size)
 
 
 def _decode_wanted(
