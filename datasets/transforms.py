@@ -69,7 +69,14 @@ class TrainClipTransform:
     which real action datasets contain too.
     """
 
-    def __init__(self, crop_size: int, jitter: float = 0.2, hflip_label_map: dict[int, int] | None = None):
+    def __init__(
+        self,
+        crop_size: int,
+        jitter: float = 0.2,
+        hflip_label_map: dict[int, int] | None = None,
+        mean: Sequence[float] = KINETICS_MEAN,
+        std: Sequence[float] = KINETICS_STD,
+    ):
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
         if not 0.0 <= jitter < 1.0:
@@ -79,6 +86,7 @@ class TrainClipTransform:
         self.crop_size = crop_size
         self.jitter = jitter
         self.hflip_label_map = hflip_label_map
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, clip: np.ndarray, label: int, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
         """Augment a uint8 ``T×H×W×3`` clip; returns (normalized ``C×T×H×W`` tensor, possibly remapped label)."""
@@ -96,16 +104,17 @@ class TrainClipTransform:
         if self.hflip_label_map is not None and rng.random() < 0.5:
             frames = frames.flip(2)
             label = self.hflip_label_map.get(label, label)
-        return to_normalized_tensor(frames), label
+        return to_normalized_tensor(frames, self.mean, self.std), label
 
 
 class EvalClipTransform:
     """Deterministic evaluation transform: centre crop (zero-padded if smaller), then normalize."""
 
-    def __init__(self, crop_size: int):
+    def __init__(self, crop_size: int, mean: Sequence[float] = KINETICS_MEAN, std: Sequence[float] = KINETICS_STD):
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
         self.crop_size = crop_size
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, clip: np.ndarray) -> torch.Tensor:
         """Centre-crop and normalize a uint8 ``T×H×W×3`` clip into float32 ``C×T×H×W``."""
@@ -113,4 +122,4 @@ class EvalClipTransform:
         clip = _pad_to_crop(clip, self.crop_size)
         top = (clip.shape[1] - self.crop_size) // 2
         left = (clip.shape[2] - self.crop_size) // 2
-        return to_normalized_tensor(np.ascontiguousarray(_crop(clip, top, left, self.crop_size)))
+        return to_normalized_tensor(np.ascontiguousarray(_crop(clip, top, left, self.crop_size)), self.mean, self.std)

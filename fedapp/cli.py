@@ -33,6 +33,7 @@ COMMANDS: dict[str, Command] = {
     "retrieve": Command("fedapp.tools.retrieve", "find the videos of a folder most similar to a query video"),
     "export": Command("fedapp.tools.export", "export a checkpoint as TorchScript (float and int8)"),
     "plot": Command("fedapp.tools.plots", "re-plot a run's figures, or compare runs"),
+    "weights": Command("fedapp.tools.weights", "pretrained torchvision weights: list, locate, --download once"),
     "synthetic": Command("datasets.synthetic", "write the synthetic motion dataset (UCF-101 layout)"),
 }
 

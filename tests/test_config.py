@@ -3,7 +3,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fedapp.task.config import AppConfig, ConfigError, parse_config, parse_size
+from fedapp.task.config import AppConfig, ConfigError, parse_config, parse_size, resolve_preset
 from tests.conftest import PROJECT_DIR
 
 
@@ -14,7 +14,9 @@ def pyproject_config() -> dict:
 def test_pyproject_declares_every_knob_with_the_code_defaults():
     declared = pyproject_config()
     assert set(declared) == set(AppConfig().to_dict())
-    assert parse_config(declared) == AppConfig()
+    # resize="auto" / crop-size=0 resolve to the preset at parse time, from the file as from the code
+    assert parse_config(declared) == resolve_preset(AppConfig())
+    assert declared == AppConfig().to_dict()
 
 
 def test_readme_lists_every_key():

@@ -214,6 +214,10 @@ TROUBLESHOOTING = [
     ({"dataset": "folders"}, "data-dir='' is not allowed with dataset="),
     ({"dataset": "folders", "data-dir": "/no/such/folder"}, "does not exist"),
     ({"pretrained-path": "/no/such/file.pt"}, "is not a file"),
+    (
+        {"model": "r3d_18", "pretrained": "KINETICS400_V1"},
+        "pretrained='KINETICS400_V1': torchvision's file for r3d_18 is not at",
+    ),
     ({"clip-cache-dir": "cache"}, "is not allowed: give an absolute path"),
     ({"resize": "big"}, "is invalid: expected 'HxW'"),
     ({"strategy": "fusion", "fusion-fn": "bulyan"}, "needs min-train-nodes >= 4·1+3 = 7"),
@@ -226,7 +230,8 @@ TROUBLESHOOTING = [
 
 
 @pytest.mark.parametrize(("case", "quoted"), TROUBLESHOOTING)
-def test_troubleshooting_quotes_the_real_messages(case, quoted):
+def test_troubleshooting_quotes_the_real_messages(case, quoted, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch.hub cache: no weights file
     readme = (PROJECT_DIR / "README.md").read_text()
     section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
     assert quoted in section

@@ -141,7 +141,7 @@ def initial_model(cfg: AppConfig, num_classes: int) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         return build_model(
             cfg.model, num_classes, pretrained_path=cfg.pretrained_path, freeze_backbone=cfg.freeze_backbone,
-            pooling=cfg.pooling,
+            pooling=cfg.pooling, pretrained=cfg.pretrained,
         )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ from datasets.layouts import LAYOUTS
 from datasets.partition import METHODS as PARTITION_METHODS
 from datasets.synthetic import SyntheticSpec
 from fedapp.client.attacks import ATTACKS
+from fedapp.task.pretrained import KINETICS400, weights_for, weights_path
 from strategies.attacks import OMNISCIENT_ATTACKS
 from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
@@ -95,12 +96,13 @@ class AppConfig:
     partition_seed: int = 42
     clip_len: int = 16
     clip_stride: int = 1
-    resize: str = "64x64"
-    crop_size: int = 64
+    resize: str = "auto"
+    crop_size: int = 0
     eval_clips: int = 3
     clip_cache_dir: str = ""
     model: str = "tiny3d"
     pooling: str = "mean"
+    pretrained: str = "none"
     pretrained_path: str = ""
     freeze_backbone: bool = False
     local_epochs: int = 2
@@ -136,9 +138,15 @@ class AppConfig:
         return ClipSpec(
             clip_len=self.clip_len,
             stride=self.clip_stride,
-            resize=parse_size(self.resize, "resize"),
+            resize=parse_resize(self.resize, "resize"),
             crop_size=self.crop_size,
         )
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the inputs: the pretrained weights' own, Kinetics-400's otherwise."""
+        preset = weights_for(self.model, self.pretrained).preset if self.pretrained != "none" else KINETICS400
+        return preset.mean, preset.std
 
     @property
     def synthetic_spec(self) -> SyntheticSpec:
@@ -176,6 +184,16 @@ def parse_size(text: str, key: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) < 8:
         raise ConfigError(f"{key}={text!r} is invalid: expected 'HxW' with H, W >= 8 (e.g. '128x171')")
     return values  # type: ignore[return-value]
+
+
+def parse_resize(text: str, key: str) -> tuple[int, int] | int:
+    """Parse ``"short:N"`` (the short side becomes N, aspect kept: an int) or ``"HxW"`` (exact)."""
+    if str(text).lower().startswith("short:"):
+        side = str(text)[len("short:") :]
+        if not side.isdigit() or int(side) < 8:
+            raise ConfigError(f"{key}={text!r} is invalid: expected 'short:N' with N >= 8 (e.g. 'short:128')")
+        return int(side)
+    return parse_size(text, key)
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -294,11 +312,22 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("classes-per-client", cfg.classes_per_client, 1)
     _range("clip-len", cfg.clip_len, 1)
     _range("clip-stride", cfg.clip_stride, 1)
-    height, width = parse_size(cfg.resize, "resize")
-    _range("crop-size", cfg.crop_size, 8, min(height, width))
+    _choice("model", cfg.model, MODEL_NAMES)
+    if cfg.pretrained != "none":
+        try:
+            weights_for(cfg.model, cfg.pretrained)
+        except KeyError as error:
+            raise ConfigError(f"pretrained={cfg.pretrained!r}: {error.args[0]}, or 'none'") from None
+        if cfg.pretrained_path:
+            raise ConfigError(
+                f"pretrained={cfg.pretrained!r} and pretrained-path={cfg.pretrained_path!r} both name the starting "
+                "weights: keep one (pretrained-path for a file of your own)"
+            )
+    cfg = resolve_preset(cfg)
+    resize = parse_resize(cfg.resize, "resize")
+    _range("crop-size", cfg.crop_size, 8, resize if isinstance(resize, int) else min(resize))
     _range("eval-clips", cfg.eval_clips, 1)
     _check_clip_cache_dir(cfg.clip_cache_dir)
-    _choice("model", cfg.model, MODEL_NAMES)
     _choice("pooling", cfg.pooling, POOLINGS)
     _range("local-epochs", cfg.local_epochs, 1)
     _range("batch-size", cfg.batch_size, 1)
@@ -333,6 +362,17 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     if check_paths:
         check_data_paths(cfg)
     return cfg
+
+
+def resolve_preset(cfg: AppConfig) -> AppConfig:
+    """``resize="auto"`` and ``crop-size=0`` take the pretrained weights' preset (torchvision's
+    ``weights.transforms()``), or the small default 64x64 / 64 without pretrained weights."""
+    preset = weights_for(cfg.model, cfg.pretrained).preset if cfg.pretrained != "none" else None
+    return replace(
+        cfg,
+        resize=cfg.resize if cfg.resize != "auto" else (preset.resize if preset else "64x64"),
+        crop_size=cfg.crop_size or (preset.crop_size if preset else 64),
+    )
 
 
 def config_keys() -> list[str]:
@@ -505,5 +545,13 @@ def check_data_paths(cfg: AppConfig) -> None:
             raise ConfigError(f"splits-dir={cfg.splits_dir!r} is not a directory")
     if cfg.feddf_data_dir and not Path(cfg.feddf_data_dir).expanduser().is_dir():
         raise ConfigError(f"feddf-data-dir={cfg.feddf_data_dir!r} is not a directory")
+    if cfg.pretrained != "none" and not weights_path(cfg.model, cfg.pretrained).is_file():
+        path = weights_path(cfg.model, cfg.pretrained)
+        raise ConfigError(
+            f"pretrained={cfg.pretrained!r}: torchvision's file for {cfg.model} is not at {path} (torch.hub's cache, "
+            f"$TORCH_HOME/hub/checkpoints). Fetch it once with `fedvideo weights {cfg.model} {cfg.pretrained} "
+            f"--download`, or copy {path.name} there from a machine that has it; the server loads it and sends it "
+            "to the clients, which never need it"
+        )
     if cfg.pretrained_path and not Path(cfg.pretrained_path).expanduser().is_file():
         raise ConfigError(f"pretrained-path={cfg.pretrained_path!r} is not a file")

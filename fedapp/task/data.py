@@ -139,7 +139,7 @@ def train_loader(
     dataset = TrainClipDataset(
         samples,
         cfg.clip_spec,
-        TrainClipTransform(cfg.crop_size),
+        TrainClipTransform(cfg.crop_size, mean=cfg.normalization[0], std=cfg.normalization[1]),
         seed=seed,
         cache_dir=cfg.clip_cache_dir or None,
         warn_scope=warn_scope,
@@ -152,7 +152,7 @@ def eval_loader(cfg: AppConfig, samples: Sequence[VideoSample], warn_scope: Hash
     dataset = EvalClipDataset(
         samples,
         cfg.clip_spec,
-        EvalClipTransform(cfg.crop_size),
+        EvalClipTransform(cfg.crop_size, *cfg.normalization),
         clips_per_video=cfg.eval_clips,
         cache_dir=cfg.clip_cache_dir or None,
         warn_scope=warn_scope,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from fedapp.task.config import MODEL_NAMES, POOLINGS
+from fedapp.task.pretrained import weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +175,13 @@ def build_model(
     pretrained_path: str = "",
     freeze_backbone: bool = False,
     pooling: str = "mean",
+    pretrained: str = "none",
 ) -> VideoClassifier:
-    """Build a classifier by name; optionally load a local pretrained backbone and freeze it.
+    """Build a classifier by name; optionally load a pretrained backbone and freeze it.
 
-    ``pooling`` only matters for ``framepool_*`` models.
+    ``pretrained`` names torchvision weights (``"KINETICS400_V1"``...), read from torch.hub's cache
+    and never downloaded; ``pretrained_path`` is a local file. ``pooling`` only matters for
+    ``framepool_*`` models.
     """
     _check_choice("model", name, MODEL_NAMES)
     _check_choice("pooling", pooling, POOLINGS)
@@ -187,6 +191,17 @@ def build_model(
         logger.info("pooling=%r ignored: it only applies to framepool_* models, not %s", pooling, name)
     backbone, feature_dim = _build_backbone(name, pooling)
     model = VideoClassifier(backbone, feature_dim, num_classes)
+    if pretrained != "none":
+        try:
+            path = weights_path(name, pretrained)
+        except KeyError as error:
+            raise ModelError(error.args[0]) from None
+        if not path.is_file():
+            raise ModelError(
+                f"torchvision's {pretrained} weights for {name} are not at {path}: "
+                f"fetch them once with `fedvideo weights {name} {pretrained} --download`"
+            )
+        load_pretrained_backbone(model, name, str(path))
     if pretrained_path:
         load_pretrained_backbone(model, name, pretrained_path)
     if freeze_backbone:

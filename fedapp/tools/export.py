@@ -45,7 +45,7 @@ from datasets.synthetic import SyntheticSpec, generate_dataset
 from datasets.video_io import VideoDecodeError, clip_span
 from fedapp.files import atomic_write_bytes, atomic_write_json
 from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
-from fedapp.task.config import AppConfig, ConfigError, parse_size
+from fedapp.task.config import AppConfig, ConfigError, parse_resize
 from fedapp.task.models import ModelError
 from fedapp.tools.inference import video_clips
 
@@ -87,12 +87,13 @@ def _torch_threads(threads: int) -> Iterator[None]:
 def synthetic_sample_clips(cfg: AppConfig, count: int) -> torch.Tensor:
     """``count`` clips cut from freshly rendered synthetic videos (all eight motions, in turn),
     written to a temporary folder and read back through the evaluation pipeline."""
-    height, width = parse_size(cfg.resize, "resize")
+    resize = parse_resize(cfg.resize, "resize")
+    sides = (resize,) if isinstance(resize, int) else resize  # square synthetic frames: the larger side
     spec = SyntheticSpec(
         num_classes=8,
         videos_per_class=max(1, math.ceil(count / 8)),
         num_frames=max(2, clip_span(cfg.clip_len, cfg.clip_stride)),
-        size=max(16, height, width),
+        size=max(16, *sides),
         seed=SYNTHETIC_SEED,
     )
     with tempfile.TemporaryDirectory(prefix="fedapp-export-") as tmp:

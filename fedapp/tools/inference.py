@@ -36,7 +36,7 @@ def video_clips(path: str | Path, cfg: AppConfig) -> torch.Tensor:
     wanted = sorted({i for indices in per_clip for i in indices})
     frames = decode_frames(path, wanted, spec.resize)
     row = {index: n for n, index in enumerate(wanted)}
-    transform = EvalClipTransform(spec.crop_size)
+    transform = EvalClipTransform(spec.crop_size, *cfg.normalization)
     return torch.stack([transform(frames[[row[i] for i in indices]]) for indices in per_clip])
 
 

@@ -87,6 +87,7 @@ def clip_settings(cfg: AppConfig) -> dict[str, Any]:
         "resize": cfg.resize,
         "crop-size": cfg.crop_size,
         "eval-clips": cfg.eval_clips,
+        "normalization": [list(values) for values in cfg.normalization],
     }
 
 
