@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,12 @@ def rules_of(by_attack: dict[str, dict[str, list[float]]]) -> list[str]:
     return list(dict.fromkeys(rule for by_rule in by_attack.values() for rule in by_rule))
 
 
-def cell_text(values: list[float] | None) -> str:
+def cell_text(values: list[float] | None, seeds: int) -> str:
+    """mean ± std, with the number of seeds when a stopped grid left fewer than the setting's."""
     if not values:
         return "—"
     mean, std = mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f} ± {std:.3f}" + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -127,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     command = "python -m bench.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = merge([read_json(d / "robustness.json") for d in args.merge]) if args.merge else run_grid(args, command)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "robustness.json", result)
+    if args.merge:
+        result = merge([read_json(d / "robustness.json") for d in args.merge])
+    else:
+        result = run_grid(args, command, save=lambda so_far: save_json(args.out, so_far))
+    save_json(args.out, result)
     table = markdown_table(result)
     atomic_write_bytes(args.out / "robustness.md", table.encode())
     plot(result["final-video-accuracy"], args.out / "robustness.png")
@@ -137,9 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_grid(args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Every partitioning × attack × rule × seed of ``args``, one in-process run each."""
+def run_grid(
+    args: argparse.Namespace, command: str, save: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every partitioning × attack × rule × seed of ``args``, one in-process run each; ``save`` gets
+    the result so far after every run (``"partial": true`` until the last), so a grid stopped
+    midway keeps what it finished."""
     started = time.perf_counter()
+    setting = {k: v for k, v in vars(args).items() if k in ("rounds", "clients", "attackers", "seeds")}
+
+    def result(partial: bool) -> dict[str, Any]:
+        return {
+            "setting": setting,
+            "partial": partial,
+            "commands": [{"command": command.strip(), "wall-time-s": time.perf_counter() - started}],
+            "final-video-accuracy": finals,
+            "video-accuracy-per-round": curves,
+        }
+
     finals: dict[str, dict[str, dict[str, list[float]]]] = {}
     curves: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,13 +180,14 @@ def run_grid(args: argparse.Namespace, command: str) -> dict[str, Any]:
                             f"final {accuracy[-1]:.3f} | {time.perf_counter() - cell:.0f} s",
                             flush=True,
                         )
-    setting = {k: v for k, v in vars(args).items() if k in ("rounds", "clients", "attackers", "seeds")}
-    return {
-        "setting": setting,
-        "commands": [{"command": command.strip(), "wall-time-s": time.perf_counter() - started}],
-        "final-video-accuracy": finals,
-        "video-accuracy-per-round": curves,
-    }
+                        if save is not None:
+                            save(result(partial=True))
+    return result(partial=False)
+
+
+def save_json(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "robustness.json", result)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -186,6 +206,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
                 finals.setdefault(partitioning, {}).setdefault(attack, {}).update(by_rule)
     return {
         "setting": parts[0]["setting"],
+        "partial": any(p.get("partial", False) for p in parts),
         "commands": [c for p in parts for c in p["commands"]],
         "final-video-accuracy": finals,
         "video-accuracy-per-round": {k: v for p in parts for k, v in p["video-accuracy-per-round"].items()},
@@ -206,11 +227,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"chance 0.125). Run on this machine (2 cores) as {commands}.",
         "",
     ]
+    if result.get("partial"):
+        lines += ["**Partial**: stopped before the grid finished; a cell marked (n=k) has k seeds.", ""]
     for partitioning, by_attack in result["final-video-accuracy"].items():
         rules = rules_of(by_attack)
         lines += [f"**{partitioning}**", "", "| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
         for attack, by_rule in by_attack.items():
-            cells = [cell_text(by_rule.get(rule)) for rule in rules]
+            cells = [cell_text(by_rule.get(rule), len(setting["seeds"])) for rule in rules]
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

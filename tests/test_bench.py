@@ -136,6 +136,32 @@ def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_a_stopped_robustness_grid_keeps_its_finished_runs(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from bench import robustness
+
+    calls = []
+
+    def fake_run(config, clients, run_dir):
+        calls.append(config["seed"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the grid during its third run
+        return SimpleNamespace(rounds=[{"central": {"video-accuracy": 0.5 + 0.1 * len(calls)}}])
+
+    monkeypatch.setattr(robustness, "run_inprocess", fake_run)
+    args = ["--seeds", "0", "1", "--partitionings", "iid", "--attacks", "none", "alie", "--rules", "fedavg"]
+    with pytest.raises(KeyboardInterrupt):
+        robustness.main([*args, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "robustness.json").read_text())
+    assert saved["partial"] is True
+    assert saved["final-video-accuracy"]["iid"] == {"none": {"fedavg": [0.6, 0.7]}}  # the two finished runs
+    out = tmp_path / "table"
+    assert robustness.main(["--merge", str(tmp_path), "--out", str(out)]) == 0
+    table = (out / "robustness.md").read_text()
+    assert "**Partial**" in table and "| none | 0.650 ± 0.071 |" in table and "| alie |" not in table
+
+
 def test_robustness_parts_merge(tmp_path: Path) -> None:
     """Parts of the grid run side by side merge into one table; parts of another setting are refused."""
     from bench import robustness
