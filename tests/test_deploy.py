@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -76,8 +77,18 @@ def test_cli_down_without_deployment_is_a_no_op(tmp_path):
 
 
 @pytest.mark.e2e
-def test_insecure_superlink_and_two_supernodes_complete_two_rounds(small_run_config, tmp_path):
-    config = {**small_run_config, "num-server-rounds": 2, "results-dir": str(tmp_path / "results"), "run-name": "run"}
+def test_insecure_superlink_and_two_supernodes_complete_two_rounds(small_run_config, tmp_path, monkeypatch):
+    """Two rounds on real processes, started from pretrained weights in the server host's torch.hub
+    cache (the ServerApp loads them; they reach the SuperNodes as the round-0 model)."""
+    from safetensors.numpy import load_file
+
+    from tests.test_pretrained import place_random_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # inherited by the SuperLink's ServerApp
+    state = place_random_weights("framepool_resnet18", "IMAGENET1K_V1")
+    pretrained = {"model": "framepool_resnet18", "pretrained": "IMAGENET1K_V1", "clip-len": 4}
+    config = {**small_run_config, **pretrained, "num-server-rounds": 2, "results-dir": str(tmp_path / "results"),
+              "run-name": "run"}  # fmt: skip
     with Deployment(tmp_path / "deployment", num_nodes=2) as deployment:
         node_ids = {node["node_id"] for node in deployment.state["nodes"]}
         outcome = deployment.run(config, timeout=600)
@@ -89,6 +100,8 @@ def test_insecure_superlink_and_two_supernodes_complete_two_rounds(small_run_con
     for record in history[1:]:
         assert {c["node-id"] for c in record["train-clients"]["clients"]} == node_ids
         assert {"loss", "video-accuracy"} <= set(record["central"])
+    trained = load_file(str(outcome.run_dir / "model.safetensors"))["backbone.net.conv1.weight"]
+    assert np.corrcoef(trained.ravel(), state["conv1.weight"].numpy().ravel())[0, 1] > 0.9  # from the file
 
 
 # TLS + SuperNode auth behind the proxy (registered keys only, strangers refused, nodes train):

@@ -60,6 +60,35 @@ def test_simulation_completes_and_writes_results(small_run_config, tmp_path):
     assert json.loads((run_dir / "run_config.json").read_text())["num-server-rounds"] == 2
 
 
+def test_simulation_starts_from_pretrained_weights_in_the_cache(small_run_config, tmp_path, monkeypatch):
+    """`pretrained` in Flower's simulation engine: the file in torch.hub's cache is what the
+    federation starts from (the trained model still carries it), and nothing is downloaded."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tests.test_pretrained import place_random_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # inherited by the SuperLink and ServerApp
+    state = place_random_weights("framepool_resnet18", "IMAGENET1K_V1")
+    config = {
+        **small_run_config,
+        "model": "framepool_resnet18",
+        "pretrained": "IMAGENET1K_V1",
+        "resize": "32x32",  # the preset (short:256 / 224) overridden: CPU-sized
+        "crop-size": 32,
+        "clip-len": 4,
+        "num-server-rounds": 1,
+        "fraction-evaluate": 0.0,
+    }
+    rc, output, summary = launch(config, tmp_path, federation="num-supernodes=2 client-resources-num-cpus=1")
+    assert rc == 0, output[-3000:]
+    assert summary["rounds-completed"] == 1
+    trained = load_file(str(tmp_path / "results" / "run" / "model.safetensors"))["backbone.net.conv1.weight"]
+    start = state["conv1.weight"].numpy()
+    assert np.corrcoef(trained.ravel(), start.ravel())[0, 1] > 0.9  # fine-tuned from the file, not from scratch
+    assert sorted(p.name for p in (tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == ["resnet18-f37072fd.pth"]
+
+
 def test_bad_config_fails_before_anything_starts_with_a_clear_message(small_run_config, tmp_path):
     """The launcher refuses it itself: one line, exit 2, no Flower process, nothing written (the
     ServerApp's own refusal, for plain `flwr run .`, is tested in tests/test_plain_flwr_run.py)."""
