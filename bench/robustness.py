@@ -228,7 +228,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
     ]
     if result.get("partial"):
-        lines += ["**Partial**: stopped before the grid finished; a cell marked (n=k) has k seeds.", ""]
+        lines += [
+            "**Partial**: stopped before the grid finished; rows not shown were not run, (n=k) marks k seeds.",
+            "",
+        ]
     for partitioning, by_attack in result["final-video-accuracy"].items():
         rules = rules_of(by_attack)
         lines += [f"**{partitioning}**", "", "| attack | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
