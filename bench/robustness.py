@@ -55,6 +55,14 @@ RULES: dict[str, dict[str, Any]] = {
     "centered-clipping": {"strategy": "fusion", "fusion-fn": "centered-clipping"},
     "bucketing+median": {"strategy": "fusion", "fusion-fn": "median", "bucket-size": 2},
     "bucketing+centered-clipping": {"strategy": "fusion", "fusion-fn": "centered-clipping", "bucket-size": 2},
+    # Nearest neighbour mixing with f = --attackers (Allouah et al. 2023 pair it with these rules).
+    "nnm+median": {"strategy": "fusion", "fusion-fn": "median", "nnm-malicious": "f"},
+    "nnm+trimmed-mean": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.3, "nnm-malicious": "f"},
+    "nnm+centered-clipping": {"strategy": "fusion", "fusion-fn": "centered-clipping", "nnm-malicious": "f"},
+    # Worker momentum β = 0.5 on every client (Karimireddy et al. 2021; attackers too: their attack is
+    # computed on, or applied to, momenta). β = 0.9, the paper's, learnt too slowly for 20 rounds here.
+    "momentum+fedavg": {"strategy": "fedavg", "client-momentum": 0.5},
+    "momentum+nnm+median": {"strategy": "fusion", "fusion-fn": "median", "nnm-malicious": "f", "client-momentum": 0.5},
 }
 # Small enough for 2 CPU cores (~30 s a run with the clip cache) and still learning: attack-free
 # FedAvg reaches ~0.7 in 20 rounds. Measured first: 20 videos per class and one local epoch stayed

@@ -11,7 +11,8 @@ mark their reply (metric ``attacker: 1``); :class:`ColludingAttack`, called by
 replaces every marked reply's model by one malicious model computed from the other replies'
 deltas. All attackers send that same model, as in the papers.
 
-Attacks act on deltas (model − global model) over learnable parameters only (``is_parameter``);
+Attacks act on deltas (model − global model) over learnable parameters only (``is_parameter``):
+with ``client-momentum`` the honest replies carry momenta, so the attack is computed from those;
 BatchNorm statistics and counters stay the attacker's honest ones (a forged running variance
 could be negative, which validation rejects; the attacker modelled here passes validation).
 

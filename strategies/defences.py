@@ -9,6 +9,10 @@
   client moves the model by at most τ/N, however large its update.
 - :func:`bulyan` — Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018): θ = N − 2f models picked
   by repeated Krum, then per coordinate the mean of the β = θ − 2f values closest to the median.
+- :func:`nearest_neighbor_mixing` — NNM (Allouah et al., "Fixing by Mixing", AISTATS 2023): replace
+  each model by the mean of its N − f nearest models (itself included) before a robust rule. Honest
+  clients' noisy updates become near-copies of the honest mean, and an attacker far from them is
+  diluted by the honest neighbours it has to take in.
 - :func:`bound_update_norms` — norm bounding (Sun et al. 2019): scale each update to L2 norm
   ≤ M before any rule, which caps what a boosted (model-replacement) update can do.
 
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.aggregation import Weights, _cast_like, weighted_average
+from strategies.aggregation import Weights, _cast_like, average, weighted_average
 from strategies.fusion import Models, _flat64, _keys, _parameter_keys, _sq_norms, is_parameter, pairwise_sq_distances
 
 # --- bucketing -----------------------------------------------------------------------------------
@@ -176,6 +180,28 @@ def bulyan(models: Models, num_malicious: int, repeated: bool = True) -> tuple[W
         closest = np.argpartition(np.abs(stacked - median), beta - 1, axis=0)[:beta]
         out[key] = _cast_like(np.asarray(np.mean(np.take_along_axis(stacked, closest, axis=0), axis=0)), dtype)
     return out, selected
+
+
+# --- nearest neighbour mixing ------------------------------------------------------------------
+
+
+def nearest_neighbor_mixing(models: Models, num_malicious: int) -> tuple[list[Weights], list[list[int]]]:
+    """``(mixed models, neighbours)``: model i replaced by the unweighted mean of its N − f nearest
+    models in L2 over the learnable parameters (itself included, at distance 0).
+
+    Unweighted, as in the paper: sample counts are client-reported. Every tensor is averaged over
+    the same neighbours (BatchNorm statistics included; integer counters rounded). Ties in distance
+    go to the lower index. ``f`` ≥ N leaves each model its own only neighbour.
+    """
+    n = len(models)
+    if num_malicious < 0:
+        raise ValueError(f"nearest neighbour mixing needs f >= 0, got {num_malicious}")
+    dist = pairwise_sq_distances(models)
+    k = max(n - num_malicious, 1)
+    # argsort of each row, stable: the model itself (distance 0) first unless an exact copy precedes it.
+    neighbours = [[int(j) for j in np.argsort(dist[i], kind="stable")[:k]] for i in range(n)]
+    mixed = [average(models[j] for j in group) for group in neighbours]
+    return mixed, neighbours
 
 
 # --- norm bounding -------------------------------------------------------------------------------

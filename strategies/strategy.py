@@ -20,7 +20,14 @@ from flwr.serverapp.strategy import FedAvg
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.attacks import AttackInjector
 from strategies.compression import decompress, payload_bytes
-from strategies.defences import bound_update_norm, bucket_means, bulyan, bulyan_tolerance, centered_clipping
+from strategies.defences import (
+    bound_update_norm,
+    bucket_means,
+    bulyan,
+    bulyan_tolerance,
+    centered_clipping,
+    nearest_neighbor_mixing,
+)
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
@@ -351,6 +358,9 @@ class FusionStrategy(VideoFedAvg):
     summed sample counts. f attackers spoil at most f buckets, so Krum and Bulyan run with
     f_buckets = min(f, what the bucket count allows); ``selected-nodes`` then lists the nodes of
     the selected buckets.
+
+    ``nnm_malicious`` f > 0 (not with FedDF or bucketing) first replaces every client's model by
+    the mean of its N − f nearest (nearest neighbour mixing); the rule then fuses the N mixtures.
     """
 
     def __init__(
@@ -362,6 +372,7 @@ class FusionStrategy(VideoFedAvg):
         krum_selected: int = 1,
         bucket_size: int = 1,
         bucket_seed: int = 0,
+        nnm_malicious: int = 0,
         cc_radius: float = 10.0,
         cc_iterations: int = 1,
         distiller: Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]] | None = None,
@@ -376,6 +387,7 @@ class FusionStrategy(VideoFedAvg):
         self.krum_selected = krum_selected
         self.bucket_size = bucket_size
         self.bucket_seed = bucket_seed
+        self.nnm_malicious = nnm_malicious
         self.cc_radius = cc_radius
         self.cc_iterations = cc_iterations
         self.distiller = distiller
@@ -386,6 +398,12 @@ class FusionStrategy(VideoFedAvg):
         models = [r.arrays for r in accepted]
         counts = [float(r.metrics["num-examples"]) for r in accepted]
         groups = [[r.node_id] for r in accepted]  # the nodes behind each model the rule sees
+        if self.nnm_malicious > 0 and self.fusion_fn != "feddf":
+            # Each client's model stands in for the mean of its N − f nearest: the rule still sees N
+            # models (sample counts unchanged), each now mostly honest average.
+            models, neighbours = nearest_neighbor_mixing(models, self.nnm_malicious)
+            fused, info = self._fuse(models, counts, groups)
+            return fused, {"nnm-neighbours": [[accepted[j].node_id for j in g] for g in neighbours], **info}
         if self.bucket_size > 1 and self.fusion_fn != "feddf":
             # Seeded by (run seed, round): reproducible, yet fresh buckets every round, as the paper draws them.
             models, counts, buckets = bucket_means(models, self.bucket_size, [self.bucket_seed, server_round], counts)

@@ -92,6 +92,77 @@ def test_fedbn_keeps_batchnorm_local(setup):
     assert without._with_local_batchnorm(named) is named
 
 
+def test_client_momentum_sends_the_running_average_of_updates(setup):
+    run_config, model, initial = setup
+    cfg = parse_config({**run_config, "client-momentum": 0.5})
+    plain = make_client(parse_config(run_config), {"partition-id": 0, "num-partitions": 2})
+    state: dict = {}
+    client = make_client(cfg, {"partition-id": 0, "num-partitions": 2}, state)
+    learnable = {name for name, _ in model.named_parameters()}
+    keys = list(model.state_dict())
+    # Round 1: m = the update itself, so the reply is what a client without momentum sends.
+    first, _, _ = client.fit(initial, {"server-round": 1})
+    for a, b in zip(first, plain.fit(initial, {"server-round": 1})[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Round 2 from a new global model: start + 0.5·m₁ + 0.5·Δ₂ on learnable tensors, statistics as trained.
+    start2 = [a.copy() for a in first]
+    sent, _, _ = make_client(cfg, {"partition-id": 0, "num-partitions": 2}, state).fit(start2, {"server-round": 2})
+    trained2, _, _ = plain.fit(start2, {"server-round": 2})
+    changed = 0
+    for key, s0, s2, m_sent, t2 in zip(keys, initial, start2, sent, trained2):
+        if key in learnable:
+            expected = s2 + 0.5 * (s2 - s0) + 0.5 * (t2 - s2)
+            np.testing.assert_allclose(m_sent, expected, rtol=1e-4, atol=1e-5)
+            changed += int(not np.allclose(m_sent, t2, atol=1e-6))
+        else:
+            np.testing.assert_array_equal(m_sent, t2)
+    assert changed > 0  # momentum did change the reply
+    assert {k for k in state if k.startswith("client-momentum/")} == {"client-momentum/" + k for k in learnable}
+
+
+def test_client_momentum_persists_in_flower_node_state(small_run_config, tmp_path):
+    from bench.inprocess import InProcessGrid
+    from fedapp.client.app import LOCAL_STATE_KEY
+    from fedapp.server.app import run_federation
+    from fedapp.server.results import RunResults, WriterLock
+
+    run_config = {
+        **small_run_config,
+        "num-server-rounds": 2,
+        "min-train-nodes": 2,
+        "min-available-nodes": 2,
+        "fraction-evaluate": 0.0,
+        "central-eval": False,
+        "tensorboard": False,
+        "client-momentum": 0.5,
+    }
+    grid = InProcessGrid(run_config, 2)
+    with WriterLock(tmp_path / "run"):
+        run_federation(grid, parse_config(run_config), RunResults(tmp_path / "run"), checkpoint=None)
+    for context in grid.contexts.values():
+        stored = context.state.array_records[LOCAL_STATE_KEY]
+        assert stored and all(key.startswith("client-momentum/") for key in stored)
+
+
+def test_sign_flip_attacker_with_client_momentum_flips_its_momentum(setup):
+    run_config, model, initial = setup
+    honest_cfg = parse_config({**run_config, "client-momentum": 0.5})
+    evil_cfg = parse_config({**run_config, "client-momentum": 0.5, "attack": "sign-flip", "attack-fraction": 0.5})
+    learnable = {name for name, _ in model.named_parameters()}
+    honest_state: dict = {}
+    evil_state: dict = {}
+    for server_round, start in ((1, initial), (2, [a * 0.9 for a in initial])):
+        good, _, _ = make_client(honest_cfg, {"partition-id": 0, "num-partitions": 2}, honest_state).fit(
+            start, {"server-round": server_round}
+        )
+        evil, _, _ = make_client(evil_cfg, {"partition-id": 0, "num-partitions": 2}, evil_state).fit(
+            start, {"server-round": server_round}
+        )
+        for key, s, g, e in zip(model.state_dict(), start, good, evil):
+            if key in learnable:  # the attacker's reply is −10 × the honest momentum
+                np.testing.assert_allclose(e - s, -10 * (g - s), rtol=1e-3, atol=1e-4)
+
+
 def test_node_weight_is_validated_and_reported(setup):
     run_config, _, initial = setup
     assert node_weight({"weight": 2}) == 2.0 and node_weight({}) is None

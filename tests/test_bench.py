@@ -136,6 +136,20 @@ def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_every_robustness_cell_is_a_valid_run_config() -> None:
+    import argparse
+
+    from bench import robustness
+    from fedapp.task.config import parse_config
+
+    args = argparse.Namespace(attackers=3, clients=10, rounds=20, threads=1, cache_dir="")
+    for rule in robustness.RULES:
+        for attack in robustness.ATTACKS:
+            cfg = parse_config(robustness.run_config(args, "iid", attack, rule, 0), check_paths=False)
+            assert cfg.nnm_malicious == (3 if rule.startswith("nnm") or "+nnm" in rule else 0)
+            assert cfg.client_momentum == (0.5 if rule.startswith("momentum+") else 0.0)
+
+
 def test_a_stopped_robustness_grid_keeps_its_finished_runs(tmp_path: Path, monkeypatch) -> None:
     from types import SimpleNamespace
 

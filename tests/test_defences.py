@@ -17,6 +17,7 @@ from strategies.defences import (
     bulyan_select,
     bulyan_tolerance,
     centered_clipping,
+    nearest_neighbor_mixing,
 )
 from strategies.fusion import FUSION_FUNCTIONS, coordinate_median
 from strategies.strategy import FusionStrategy, VideoFedAvg
@@ -374,6 +375,53 @@ def test_norm_bound_composes_with_fusion_rules():
         np.testing.assert_allclose(report.arrays[key], coordinate_median(bounded)[key], rtol=1e-6)
 
 
+# --- nearest neighbour mixing ------------------------------------------------------------------
+
+
+def reference_nnm(models, f):
+    # Written from the paper's definition: y_i = mean of the N − f points nearest to x_i (x_i included).
+    points = [vec(m) for m in models]
+    out = []
+    for x in points:
+        order = sorted(range(len(points)), key=lambda j: (float(np.sum((points[j] - x) ** 2)), j))
+        out.append(np.mean([points[j] for j in order[: len(points) - f]], axis=0))
+    return out
+
+
+@pytest.mark.parametrize("seed,n,f", [(0, 5, 1), (1, 10, 3), (2, 7, 0), (3, 4, 3)])
+def test_nnm_equals_the_papers_definition(seed, n, f):
+    rng = np.random.default_rng(seed)
+    models = random_models(rng, n, with_bn=True)
+    mixed, neighbours = nearest_neighbor_mixing(models, f)
+    for i, (y, ref) in enumerate(zip(mixed, reference_nnm(models, f))):
+        np.testing.assert_allclose(vec(y), ref, rtol=1e-5, atol=1e-6)
+        assert len(neighbours[i]) == n - f and neighbours[i][0] == i  # itself first, at distance 0
+        # BatchNorm statistics follow the same neighbours; the counter is rounded, dtypes kept.
+        stats = np.mean([models[j]["bn.running_mean"].astype(np.float64) for j in neighbours[i]], axis=0)
+        np.testing.assert_allclose(y["bn.running_mean"], stats, rtol=1e-6)
+        assert y["bn.num_batches_tracked"].dtype == np.int64 and y["conv.weight"].dtype == np.float32
+    if f == 0:  # every model mixes all N: each mixture is the plain mean
+        assert all(sorted(group) == list(range(n)) for group in neighbours)
+
+
+def test_nnm_then_median_removes_boosted_sign_flips():
+    # Noisy honest updates around +1 and 3 of 10 clients sending them reversed ×10: the plain median
+    # is pulled well below the honest mean; after NNM each honest client is the mean of the 7
+    # honest ones, so the median of the mixtures is the honest mean.
+    rng = np.random.default_rng(0)
+    honest = [{"w": (1.0 + 3.0 * rng.normal(size=400)).astype(np.float32)} for _ in range(7)]
+    attackers = [{"w": (-10.0 * (1.0 + 3.0 * rng.normal(size=400))).astype(np.float32)} for _ in range(3)]
+    models = attackers + honest
+    honest_mean = np.mean([m["w"] for m in honest], axis=0)
+    plain = coordinate_median(models)["w"]
+    strategy = FusionStrategy(fusion_fn="median", nnm_malicious=3, min_train_nodes=1)
+    report = prepared(strategy, {"w": np.zeros(400, np.float32)}).train_round(1, replies(models))
+    np.testing.assert_allclose(report.arrays["w"], honest_mean, rtol=1e-5, atol=1e-5)
+    assert np.linalg.norm(plain - honest_mean) > 10 * np.linalg.norm(report.arrays["w"] - honest_mean) + 1.0
+    for group in report.fusion["nnm-neighbours"][3:]:  # honest nodes 4..10 mix only each other
+        assert sorted(group) == list(range(4, 11))
+
+
 # --- config --------------------------------------------------------------------------------------
 
 
@@ -391,6 +439,11 @@ def test_config_defaults_and_refusals():
         ({"strategy": "fusion", "bucket-size": 0}, "bucket-size"),
         ({**bulyan_ok, "bucket-size": 4}, "at most 3"),
         ({"norm-bound": -1.0}, "norm-bound"),
+        ({"nnm-malicious": 2}, "nnm-malicious=2 has no effect"),
+        ({"client-momentum": 1.0}, "client-momentum"),
+        ({"strategy": "fusion", "nnm-malicious": -1}, "nnm-malicious"),
+        ({"strategy": "fusion", "nnm-malicious": 2, "bucket-size": 2}, "two alternative"),
+        ({"strategy": "fusion", "fusion-fn": "feddf", "nnm-malicious": 2}, "nnm-malicious=2 has no effect"),
         ({"strategy": "fusion", "fusion-fn": "centered-clipping", "krum-malicious": 2}, "krum-malicious=2 has no"),
     ]
     for run_config, message in refused:

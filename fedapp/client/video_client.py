@@ -38,6 +38,9 @@ def model_state_keys(model_name: str, num_classes: int, pooling: str) -> tuple[s
     return tuple(build_model(model_name, num_classes, pooling=pooling).state_dict())
 
 
+MOMENTUM_PREFIX = "client-momentum/"  # node-state keys of the worker momentum, beside FedBN's layers
+
+
 class VideoClient(NamedNumPyClient):
     """Fine-tunes the global model on this node's videos (``fit``) and scores it on its test videos.
 
@@ -94,6 +97,29 @@ class VideoClient(NamedNumPyClient):
             return arrays
         return {k: self.local_state.get(k, a) for k, a in arrays.items()}
 
+    def _momentum_update(
+        self, keys: list[str], start: list[np.ndarray], trained: list[np.ndarray], learnable: set[str]
+    ) -> list[np.ndarray]:
+        """Worker momentum (Karimireddy, He, Jaggi, ICML 2021): send ``start + m`` with
+        ``m ← β·m + (1 − β)·(trained − start)`` over the learnable parameters, m kept in node state.
+
+        Averaging a client's updates over rounds shrinks their noise (by √((1−β)/(1+β)) for
+        independent rounds), which is what lets a robust rule tell honest clients from attackers.
+        The first round's m is the update itself (no shrink towards a zero start); BatchNorm
+        statistics and counters go out as trained.
+        """
+        beta, out = self.cfg.client_momentum, []
+        for key, s, t in zip(keys, start, trained):
+            if key not in learnable:
+                out.append(t)
+                continue
+            delta = t.astype(np.float32) - s.astype(np.float32)
+            previous = self.local_state.get(MOMENTUM_PREFIX + key)
+            m = delta if previous is None else beta * previous + (1 - beta) * delta
+            self.local_state[MOMENTUM_PREFIX + key] = m
+            out.append((s.astype(np.float32) + m).astype(t.dtype))
+        return out
+
     def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
         metrics: dict[str, Any] = {
@@ -136,8 +162,10 @@ class VideoClient(NamedNumPyClient):
             keys = list(model.state_dict())
             bn = set(batchnorm_state_keys(model))
             self.local_state.update({k: a for k, a in zip(keys, arrays) if k in bn})
+        learnable = {name for name, _ in model.named_parameters()}
+        if self.cfg.client_momentum > 0:
+            arrays = self._momentum_update(list(model.state_dict()), parameters, arrays, learnable)
         if self.attack in UPDATE_ATTACKS:
-            learnable = {name for name, _ in model.named_parameters()}
             arrays = poison_update(
                 parameters,
                 arrays,

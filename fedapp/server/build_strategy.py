@@ -60,6 +60,7 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
             krum_selected=cfg.krum_selected,
             bucket_size=cfg.bucket_size,
             bucket_seed=cfg.seed,
+            nnm_malicious=cfg.nnm_malicious,
             cc_radius=cfg.cc_radius,
             cc_iterations=cfg.cc_iterations,
             distiller=distiller,

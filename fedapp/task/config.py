@@ -54,6 +54,7 @@ class AppConfig:
     central_eval: bool = True
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    client_momentum: float = 0.0
     proximal_mu: float = 0.0
     norm_bound: float = 0.0
     fedbn: bool = False
@@ -64,6 +65,7 @@ class AppConfig:
     krum_malicious: int = 1
     krum_selected: int = 1
     bucket_size: int = 1
+    nnm_malicious: int = 0
     cc_radius: float = 10.0
     cc_iterations: int = 1
     feddf_steps: int = 100
@@ -252,6 +254,7 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("round-timeout", cfg.round_timeout, 0.0, low_open=True)
     _range("server-lr", cfg.server_lr, 0.0, low_open=True)
     _range("server-momentum", cfg.server_momentum, 0.0, 1.0)
+    _range("client-momentum", cfg.client_momentum, 0.0, 0.99)
     _range("proximal-mu", cfg.proximal_mu, 0.0)
     _choice("weight-source", cfg.weight_source, WEIGHT_SOURCES)
     _range("staleness-decay", cfg.staleness_decay, 0.0, 1.0, low_open=True)
@@ -260,6 +263,12 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("krum-malicious", cfg.krum_malicious, 0)
     _range("krum-selected", cfg.krum_selected, 1)
     _range("bucket-size", cfg.bucket_size, 1)
+    _range("nnm-malicious", cfg.nnm_malicious, 0)
+    if cfg.nnm_malicious > 0 and cfg.bucket_size > 1:
+        raise ConfigError(
+            f"nnm-malicious={cfg.nnm_malicious} and bucket-size={cfg.bucket_size} are two alternative "
+            "mixing steps before the rule: set one of them (nnm-malicious=0 or bucket-size=1)"
+        )
     _range("cc-radius", cfg.cc_radius, 0.0, low_open=True)
     _range("cc-iterations", cfg.cc_iterations, 1)
     _range("norm-bound", cfg.norm_bound, 0.0)
@@ -418,6 +427,8 @@ _ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str],
     (("krum-malicious",), lambda c: _krum(c) or _bulyan(c), 'strategy="fusion" and fusion-fn="krum" or "bulyan"'),
     (("krum-selected",), _krum, 'strategy="fusion" and fusion-fn="krum"'),
     (("bucket-size",), lambda c: c.strategy == "fusion" and c.fusion_fn != "feddf",
+     'strategy="fusion" and a fusion-fn other than "feddf"'),
+    (("nnm-malicious",), lambda c: c.strategy == "fusion" and c.fusion_fn != "feddf",
      'strategy="fusion" and a fusion-fn other than "feddf"'),
     (("cc-radius", "cc-iterations"), lambda c: c.strategy == "fusion" and c.fusion_fn == "centered-clipping",
      'strategy="fusion" and fusion-fn="centered-clipping"'),
