@@ -31,7 +31,7 @@ from strategies.defences import (
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.server_optimizer import server_step
-from strategies.validation import check_update, reference_spec
+from strategies.validation import check_update, is_unchanged, reference_spec
 from strategies.weighting import client_weights
 
 logger = logging.getLogger(__name__)
@@ -308,6 +308,8 @@ class VideoFedAvg(FedAvg):
             except Exception as exc:  # malformed parts raise ValueError; nothing a client sends may crash us
                 return None, f"compressed update could not be decoded: {exc}"
             reason = check_update(arrays, metrics.get("num-examples"), self._reference)
+            if reason is None and is_unchanged(arrays, self._current):
+                reason = "update identical to the global model: nothing trained (free rider)"
         else:
             n = metrics.get("num-examples")
             ok = _is_scalar(n) and np.isfinite(n) and n > 0

@@ -38,3 +38,12 @@ def check_update(
         if key.endswith("running_var") and (value < 0).any():
             return f"tensor {key!r} has negative variances"
     return None
+
+
+def is_unchanged(arrays: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> bool:
+    """Whether an update is the global model itself: every tensor equal to what was sent.
+
+    Such a reply trained nothing (an idle or free-riding client) and would only pull the aggregate
+    back towards the old model while claiming its sample count; with several of them a rank- or
+    distance-based rule sees a tight cluster of identical updates and picks it."""
+    return bool(current) and all(np.array_equal(arrays[k], v) for k, v in current.items() if k in arrays)

@@ -117,11 +117,13 @@ def test_no_injector_no_change():
     assert "attack" not in report.fusion
 
 
-def test_a_zero_update_passes_screening():
+def test_a_free_riders_zero_update_is_rejected_by_screening():
     strategy = VideoFedAvg()
     strategy.set_global(GLOBAL)
     report = strategy.screen(1, [reply(1, dict(GLOBAL), {"num-examples": 5})], with_arrays=True)
-    assert len(report.accepted) == 1 and not report.rejected
+    assert not report.accepted
+    assert [r["node-id"] for r in report.rejected] == [1]
+    assert "free rider" in report.rejected[0]["reason"]
 
 
 def test_attack_config_keys(small_run_config):

@@ -68,6 +68,12 @@ def prepared(strategy, global_model):
     return strategy
 
 
+def moved(model):
+    """A global model of the same layout that no reply equals (a reply equal to the global model is
+    rejected as a free rider before any rule sees it)."""
+    return {k: v + np.asarray(0.5, v.dtype) if v.dtype.kind == "f" else v for k, v in model.items()}
+
+
 def test_new_rules_are_fusion_functions():
     assert {"centered-clipping", "bulyan"} <= set(FUSION_FUNCTIONS)
 
@@ -111,7 +117,7 @@ def test_bucketing_then_median_through_the_strategy_equals_the_composition():
     models = random_models(rng, 9)
     counts = [int(c) for c in rng.integers(1, 20, size=9)]
     strategy = FusionStrategy(fusion_fn="median", bucket_size=2, bucket_seed=7, min_train_nodes=1)
-    report = prepared(strategy, models[0]).train_round(3, replies(models, counts))
+    report = prepared(strategy, moved(models[0])).train_round(3, replies(models, counts))
     buckets = bucket_assignment(9, 2, [7, 3])
     means = [
         {k: sum(counts[i] * models[i][k].astype(np.float64) for i in b) / sum(counts[i] for i in b) for k in PARAMS}
@@ -128,7 +134,7 @@ def test_bucketing_helps_median_against_heterogeneous_honest_clients():
     honest = [{"w": np.full(3, v, np.float32)} for v in [-1.0] * 4 + [1.0] * 6]
     plain = coordinate_median(honest)["w"][0]
     strategy = FusionStrategy(fusion_fn="median", bucket_size=5, min_train_nodes=1)
-    fused = [prepared(strategy, honest[0]).train_round(r, replies(honest)).arrays["w"][0] for r in range(1, 30)]
+    fused = [prepared(strategy, moved(honest[0])).train_round(r, replies(honest)).arrays["w"][0] for r in range(1, 30)]
     assert abs(plain - 0.2) == pytest.approx(0.8)
     assert abs(np.mean(fused) - 0.2) < 0.3
 
@@ -137,7 +143,7 @@ def test_krum_on_buckets_maps_f_to_the_bucket_count():
     rng = np.random.default_rng(5)
     models = random_models(rng, 10)
     strategy = FusionStrategy(fusion_fn="krum", krum_malicious=3, bucket_size=2, min_train_nodes=1)
-    report = prepared(strategy, models[0]).train_round(1, replies(models))
+    report = prepared(strategy, moved(models[0])).train_round(1, replies(models))
     # 5 buckets allow f = (5 − 3) // 2 = 1, not 3; the selected bucket's two nodes are named.
     assert report.fusion["krum-malicious"] == 1
     assert len(report.fusion["selected-nodes"]) == 2
@@ -319,7 +325,7 @@ def test_bulyan_through_the_strategy_names_the_selected_nodes():
     rng = np.random.default_rng(6)
     models = random_models(rng, 6, with_bn=True)  # 6 < 4·1+3: runs with f = 0
     strategy = FusionStrategy(fusion_fn="bulyan", krum_malicious=1, min_train_nodes=1)
-    report = prepared(strategy, models[0]).train_round(1, replies(models))
+    report = prepared(strategy, moved(models[0])).train_round(1, replies(models))
     assert report.fusion["bulyan-malicious"] == 0 and sorted(report.fusion["selected-nodes"]) == list(range(1, 7))
     np.testing.assert_allclose(report.arrays["fc.bias"], np.mean([m["fc.bias"] for m in models], axis=0), rtol=1e-5)
     assert report.arrays["bn.num_batches_tracked"].dtype == np.int64

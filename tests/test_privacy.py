@@ -183,11 +183,24 @@ def test_an_unchanged_model_is_rejected_not_divided_by_zero():
     base = model()
     strategy = private(noise=1.0)
     configured(strategy, base, 2)
+    # Only the integer counter moved: screening lets it through (not the global model), but the part
+    # Flower's wrapper clips has norm 0.
+    counter_only = {**base, "bn.num_batches_tracked": np.asarray(9, dtype=np.int64)}
     report = strategy.train_round(
-        1, [reply(1, dict(base), {"num-examples": 1}), reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})]
+        1, [reply(1, counter_only, {"num-examples": 1}), reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})]
     )
     assert report.arrays is not None
-    assert report.rejected[0]["reason"] == "update is the global model (norm 0)"
+    assert report.rejected == [{"node-id": 1, "reason": "update is the global model (norm 0)"}]
+
+
+def test_a_free_rider_is_rejected_by_screening_before_the_wrapper():
+    base = model()
+    strategy = private(noise=1.0)
+    configured(strategy, base, 2)
+    replies = [reply(1, dict(base), {"num-examples": 1}), reply(2, moved(base, 0.1, seed=2), {"num-examples": 1})]
+    report = strategy.train_round(1, replies)
+    assert report.arrays is not None
+    assert [r["node-id"] for r in report.rejected] == [1] and "free rider" in report.rejected[0]["reason"]
 
 
 def test_client_side_mode_sends_the_clipping_norm_and_noises_the_mean():

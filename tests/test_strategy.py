@@ -264,3 +264,26 @@ def test_error_written_by_the_superlink_is_attributed_to_the_node_that_vanished(
     ok = reply(11, global_model, {"num-examples": 3})
     report = strategy.train_round(1, [ok, vanished])
     assert [f["node-id"] for f in report.failed] == [22]
+
+
+def test_a_reply_that_is_the_global_model_is_rejected_as_a_free_rider():
+    """A zero update trained nothing: accepted, it would shrink FedAvg's step and, sent by several
+    idle or colluding nodes, form the tight cluster a median or geometric median picks."""
+    rng = np.random.default_rng(7)
+    global_model = model(rng)
+    honest = [model(rng) for _ in range(2)]
+    one_changed = {**global_model, "conv.weight": global_model["conv.weight"] + np.float32(1e-3)}
+    replies = [
+        reply(1, honest[0], {"num-examples": 10}),
+        reply(2, honest[1], {"num-examples": 30}),
+        reply(3, {k: v.copy() for k, v in global_model.items()}, {"num-examples": 50}),
+        reply(4, one_changed, {"num-examples": 10}),
+    ]
+    strategy = prepared_strategy(global_model)
+    strategy.set_global(global_model)
+    report = strategy.train_round(1, replies)
+    assert [r["node-id"] for r in report.rejected] == [3]
+    assert "identical to the global model" in report.rejected[0]["reason"]
+    assert [c.node_id for c in report.accepted] == [1, 2, 4]
+    expected = fedavg([(honest[0], 10), (honest[1], 30), (one_changed, 10)])
+    np.testing.assert_allclose(report.arrays["conv.weight"], expected["conv.weight"], rtol=1e-6)

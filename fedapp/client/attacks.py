@@ -9,7 +9,8 @@ fusion strategies can be measured against known attacks (``bench/compare_strateg
   plausible size.
 - ``label-flip``: train honestly on poisoned labels ``y → C − 1 − y`` (data poisoning).
 - ``free-rider``: skip training and send the global model back unchanged (a zero update) while
-  claiming its sample count. It passes reply screening; the DP wrapper rejects norm-0 updates.
+  claiming its sample count. Reply screening rejects it (``strategies.validation.is_unchanged``);
+  a disguised free rider adding noise would pass, which is the ``noise`` attack at a small scale.
 - ``alie``, ``ipm``, ``min-max``, ``min-sum``: omniscient colluding attacks. They need the round's
   honest updates, which no client here can see: the attacker trains honestly and marks its reply
   (metric ``attacker: 1``), and the server-side test tool (``strategies.attacks``) puts the
