@@ -85,6 +85,19 @@ def test_every_conflicting_key_is_named_at_once():
     assert "krum-malicious=2" in message and "dp-delta=0.001" in message
 
 
+def test_feddf_without_unlabeled_videos_of_the_task_is_refused(tmp_path):
+    """FedDF on a user's dataset must not distil on the synthetic generator's clips (another task)."""
+    videos = tmp_path / "videos"
+    (videos / "walk").mkdir(parents=True)
+    feddf = {"dataset": "folders", "data-dir": str(videos), "strategy": "fusion", "fusion-fn": "feddf"}
+    message = refused(feddf)
+    assert "feddf-data-dir=''" in message and "dataset='folders'" in message and "unlabeled videos" in message
+    with pytest.raises(ConfigError, match="feddf-data-dir=''"):
+        parse_config(feddf)
+    parse_config({**feddf, "feddf-data-dir": str(videos)})  # named: accepted
+    parse_config({"strategy": "fusion", "fusion-fn": "feddf"}, check_paths=False)  # synthetic: its own task
+
+
 # ------------------------------------------------------------------ 2. a misspelled key
 
 
@@ -226,6 +239,10 @@ TROUBLESHOOTING = [
         "buckets, fewer than the 3",
     ),
     ({"attack": "alie", "attack-fraction": 0.4, "dp": "server-side"}, "is not simulated with dp="),
+    (
+        {"dataset": "folders", "data-dir": "/my/videos", "strategy": "fusion", "fusion-fn": "feddf"},
+        "feddf-data-dir='' is not allowed with fusion-fn=\"feddf\"",
+    ),
 ]
 
 

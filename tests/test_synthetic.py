@@ -214,3 +214,21 @@ def test_bag_of_frames_statistics_match_across_classes() -> None:
     assert max(areas.values()) / min(areas.values()) < 1.4, areas
     brightness = {name: _rendered(name)[1].mean() for name in CLASS_NAMES}
     assert max(brightness.values()) / min(brightness.values()) < 1.2, brightness
+
+
+def test_feddf_unlabeled_videos_are_the_synthetic_task_but_none_of_the_runs_videos(small_run_config, caplog):
+    """Without feddf-data-dir (synthetic runs only) FedDF gets fresh videos of the same classes,
+    drawn with another seed: none is a train or test video of the run, none carries a label."""
+    from fedapp.task.config import parse_config
+    from fedapp.task.data import load_video_index, unlabeled_samples
+
+    cfg = parse_config({**small_run_config, "strategy": "fusion", "fusion-fn": "feddf", "feddf-videos": 6})
+    index = load_video_index(cfg)
+    with caplog.at_level("INFO", logger="fedapp.task.data"):
+        samples = unlabeled_samples(cfg)
+    assert len(samples) == 6 and all(s.label == -1 for s in samples)
+    run_videos = {Path(s.path).resolve() for s in index.train + index.test}
+    assert not run_videos & {Path(s.path).resolve() for s in samples}
+    # Same task: the generator's class folders, not another dataset's.
+    assert {Path(s.path).parent.name for s in samples} <= set(index.classes)
+    assert "FedDF distils on 6 unlabeled videos of the synthetic task" in caplog.text

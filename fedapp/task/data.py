@@ -71,8 +71,10 @@ def _splits_dir(cfg: AppConfig, video_dir: Path, marker: str) -> Path:
 
 
 def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
-    """Server-side unlabeled videos for FedDF: every video under ``feddf-data-dir``, or else
-    ``feddf-videos`` freshly generated synthetic videos (another seed: never the train/test videos)."""
+    """Server-side unlabeled videos for FedDF: up to ``feddf-videos`` of every video under
+    ``feddf-data-dir``; with it empty (allowed for ``dataset="synthetic"`` only, the config refuses
+    it otherwise) fresh videos of the run's own synthetic task drawn with another seed, so never the
+    train or test videos. Logs the source and the count."""
     if cfg.feddf_data_dir:
         root = Path(cfg.feddf_data_dir).expanduser()
         paths = list_videos(root)
@@ -80,7 +82,11 @@ def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
             raise ConfigError(
                 f"feddf-data-dir={cfg.feddf_data_dir!r} holds no video file ({', '.join(VIDEO_EXTENSIONS)})"
             )
-        return [VideoSample(str(p), -1, p.stem) for p in paths[: cfg.feddf_videos]]
+        samples = [VideoSample(str(p), -1, p.stem) for p in paths[: cfg.feddf_videos]]
+        logger.info("FedDF distils on %d unlabeled videos from feddf-data-dir=%s", len(samples), root)
+        return samples
+    if cfg.dataset != "synthetic":  # parse_config refuses this; a hand-built config must not slip past
+        raise ConfigError(f"feddf-data-dir='' is not allowed with dataset={cfg.dataset!r}: name unlabeled videos")
     spec = replace(
         cfg.synthetic_spec,
         seed=cfg.synthetic_spec.seed + 1_000_003,
@@ -88,7 +94,13 @@ def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
     )
     root = ensure_synthetic(cfg.cache_path, spec)
     index = load_ucf101(root / "UCF-101", root / "ucfTrainTestlist", 1)
-    return [VideoSample(s.path, -1, s.group) for s in (index.train + index.test)][: cfg.feddf_videos]
+    samples = [VideoSample(s.path, -1, s.group) for s in (index.train + index.test)][: cfg.feddf_videos]
+    logger.info(
+        "FedDF distils on %d unlabeled videos of the synthetic task generated with seed %d (not the run's videos)",
+        len(samples),
+        spec.seed,
+    )
+    return samples
 
 
 def node_partition(
