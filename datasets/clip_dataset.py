@@ -181,11 +181,12 @@ class TrainClipDataset(_ClipDatasetBase):
 
 
 class EvalClipDataset(_ClipDatasetBase):
-    """``clips_per_video`` uniformly spaced clips per video: item i is clip ``i % clips_per_video``
-    of video ``i // clips_per_video``, returned as ``(clip, label, video_index)``.
+    """Up to ``clips_per_video`` distinct, uniformly spaced clips per video
+    (``uniform_clip_starts``), returned as ``(clip, label, video_index)`` in video order.
 
-    Average the model's outputs over a video's clips for video-level accuracy. An unreadable file
-    gives ``(None, label, video_index)``.
+    A video with fewer valid clip starts than ``clips_per_video`` gives fewer clips (frame counts
+    are probed here, from the headers). Average the model's outputs over a video's clips for
+    video-level accuracy. An unreadable file gives one ``(None, label, video_index)``.
     """
 
     def __init__(
@@ -202,19 +203,33 @@ class EvalClipDataset(_ClipDatasetBase):
         super().__init__(samples, spec, cache_dir, warn_scope)
         self.transform = transform
         self.clips_per_video = clips_per_video
+        self._clips = [
+            (video_index, clip_number)
+            for video_index, sample in enumerate(self.samples)
+            for clip_number in range(self._clip_count(sample))
+        ]
+
+    def _clip_count(self, sample: VideoSample) -> int:
+        video = self.cache.load(sample.path) if self.cache is not None else None  # cached: no probe
+        try:
+            num_frames = len(video) if video is not None else self._frame_count(sample)
+        except VideoDecodeError:
+            return 1  # unreadable: one item, which reports the failure when decoded
+        return len(uniform_clip_starts(num_frames, self.spec.clip_len, self.spec.stride, self.clips_per_video))
 
     def __len__(self) -> int:
-        return len(self.samples) * self.clips_per_video
+        return len(self._clips)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} clips")
-        video_index, clip_number = divmod(index, self.clips_per_video)
+        video_index, clip_number = self._clips[index]
         sample = self.samples[video_index]
         try:
             num_frames, video = self._open(sample)
             starts = uniform_clip_starts(num_frames, self.spec.clip_len, self.spec.stride, self.clips_per_video)
-            frames = self._decode_clip(sample, num_frames, starts[clip_number], video)
+            # The decoded length can fall short of the header's count (a truncated file).
+            frames = self._decode_clip(sample, num_frames, starts[min(clip_number, len(starts) - 1)], video)
         except VideoDecodeError as error:
             self._warn_once(sample, error)
             return None, sample.label, video_index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -106,16 +107,21 @@ def clip_frame_indices(num_frames: int, clip_len: int, stride: int, start: int) 
 
 
 def uniform_clip_starts(num_frames: int, clip_len: int, stride: int, num_clips: int) -> list[int]:
-    """Start indices of ``num_clips`` clips spread uniformly over the video.
+    """Distinct start indices of up to ``num_clips`` clips spread uniformly over the video.
 
     The valid start range ``[0, num_frames - span]`` is cut into ``num_clips`` equal segments and
-    each clip starts at a segment's centre (one clip is centred in the video). All starts are 0
-    when the video is shorter than a clip span.
+    each clip starts at a segment's centre (one clip is centred in the video). A video with no more
+    valid starts than ``num_clips`` gets each of them once (one clip, start 0, when it is shorter
+    than a clip span): a repeated clip would weigh its frames twice in the video's average.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     max_start = _max_clip_start(num_frames, clip_len, stride)
-    return [round(max_start * (k + 0.5) / num_clips) for k in range(num_clips)]
+    if max_start + 1 <= num_clips:
+        return list(range(max_start + 1))
+    # Segments at least one frame wide: centres rounded half up are distinct (Python's round()
+    # rounds half to even and would put 0.5·3/3 and 2.5 both on 2).
+    return [math.floor(max_start * (k + 0.5) / num_clips + 0.5) for k in range(num_clips)]
 
 
 def random_clip_start(num_frames: int, clip_len: int, stride: int, rng: random.Random | np.random.Generator) -> int:

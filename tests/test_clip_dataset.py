@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -138,22 +139,25 @@ def test_train_dataset_is_reproducible_per_seed_and_epoch(samples):
     assert not all(torch.equal(a, b) for a, b in zip(reference, clips(seed=1, epoch=1)))
 
 
-def test_eval_dataset_yields_uniform_clips_per_video(samples):
+def test_eval_dataset_yields_distinct_uniform_clips_per_video(samples):
     transform = EvalClipTransform(SPEC.crop_size)
     dataset = EvalClipDataset(samples[GOOD], SPEC, transform, clips_per_video=3)
-    assert len(dataset) == 9
-    for item in range(len(dataset)):
+    # 30 and 24 frames hold 3 distinct clips of span 15; the 6-frame video only one (start 0).
+    layout = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+    assert len(dataset) == len(layout)
+    for item, (video, clip_number) in enumerate(layout):
         clip, label, video_index = dataset[item]
-        assert video_index == item // 3 and label == samples[video_index].label
+        assert video_index == video and label == samples[video_index].label
         num_frames = (30, 24, 6)[video_index]
-        start = uniform_clip_starts(num_frames, SPEC.clip_len, SPEC.stride, 3)[item % 3]
+        start = uniform_clip_starts(num_frames, SPEC.clip_len, SPEC.stride, 3)[clip_number]
         indices = clip_frame_indices(num_frames, SPEC.clip_len, SPEC.stride, start)
         expected = transform(decode_frames(samples[video_index].path, indices, SPEC.resize))
         assert torch.equal(clip, expected)
-    first_video = [dataset[i][0] for i in range(3)]
-    assert not torch.equal(first_video[0], first_video[2])  # different offsets of a 30-frame video
+    for video in (0, 1):  # no clip of a video repeats another
+        clips = [dataset[i][0] for i, (v, _) in enumerate(layout) if v == video]
+        assert not any(torch.equal(a, b) for a, b in itertools.combinations(clips, 2))
     with pytest.raises(IndexError):
-        dataset[9]
+        dataset[len(layout)]
 
 
 def test_corrupt_file_gives_none_and_one_warning(samples, caplog):
@@ -163,8 +167,10 @@ def test_corrupt_file_gives_none_and_one_warning(samples, caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         for _ in range(3):
             assert train[CORRUPT] == (None, corrupt.label, CORRUPT)
-        assert evaluation[2 * CORRUPT] == (None, corrupt.label, CORRUPT)
-        assert evaluation[2 * CORRUPT + 1] == (None, corrupt.label, CORRUPT)
+        # 2 + 2 + 1 clips (the 6-frame video holds one), then the unreadable file's single item
+        assert len(evaluation) == 6
+        assert evaluation[5] == (None, corrupt.label, CORRUPT)
+        assert evaluation[5] == (None, corrupt.label, CORRUPT)
     assert len(warnings_about(caplog, corrupt.path)) == 2  # once per dataset instance
 
 

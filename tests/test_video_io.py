@@ -140,8 +140,15 @@ def test_uniform_clip_starts():
     assert uniform_clip_starts(100, 16, 1, 1) == [42]
     starts = uniform_clip_starts(100, 8, 4, 5)  # span 29, last valid start 71
     assert starts == sorted(starts) and 0 <= starts[0] and starts[-1] <= 71 and len(set(starts)) == 5
-    assert uniform_clip_starts(10, 16, 1, 3) == [0, 0, 0]
-    assert uniform_clip_starts(16, 16, 1, 2) == [0, 0]
+    # Fewer valid starts than clips: each start once, never a repeated clip.
+    assert uniform_clip_starts(10, 16, 1, 3) == [0]
+    assert uniform_clip_starts(16, 16, 1, 2) == [0]  # the case: 16 frames, clip-len 16
+    assert uniform_clip_starts(17, 16, 1, 3) == [0, 1]
+    assert uniform_clip_starts(18, 16, 1, 3) == [0, 1, 2]
+    for num_frames in range(1, 80):
+        for num_clips in range(1, 7):
+            starts = uniform_clip_starts(num_frames, 8, 2, num_clips)
+            assert len(set(starts)) == len(starts) == min(num_clips, max(num_frames - 15, 0) + 1)
 
 
 @pytest.mark.parametrize("rng", [random.Random(0), np.random.default_rng(0)], ids=["random", "numpy"])
