@@ -88,6 +88,9 @@ def markdown_table(curves: dict[str, dict[str, list[float]]], args: argparse.Nam
     scenarios = list(curves)
     names = list(next(iter(curves.values())))
     lines = [
+        "**Superseded for robustness** by `docs/robustness.md` (3 seeds, 20 rounds): one seed of a few "
+        "rounds cannot separate methods.",
+        "",
         f"Central test video accuracy after {args.rounds} rounds ({args.clients} clients, tiny3d, synthetic "
         "default; chance 0.125). Produced by `python -m bench.compare_strategies`.",
         "",

@@ -98,8 +98,18 @@ def run_config(
         **PARTITIONINGS[partitioning],
         **ATTACKS[attack],
         **attackers,
+        "min-train-nodes": min_train_nodes(args, rule_config),
         **rule_config,
     }
+
+
+def min_train_nodes(args: argparse.Namespace, rule_config: dict[str, Any]) -> int:
+    """Rounds go on without the f replies the rules assume lost (screening rejects free riders'
+    unchanged models; needing every client, such a round would keep the old model), but never
+    below what Krum (2f + 3) or Bulyan (4f + 3) need."""
+    f = rule_config.get("krum-malicious", 0)
+    needed = {"krum": 2 * f + 3, "bulyan": 4 * f + 3}.get(rule_config.get("fusion-fn", ""), 1)
+    return max(args.clients - args.attackers, needed)
 
 
 def rules_of(by_attack: dict[str, dict[str, list[float]]]) -> list[str]:

@@ -148,6 +148,8 @@ def test_every_robustness_cell_is_a_valid_run_config() -> None:
             cfg = parse_config(robustness.run_config(args, "iid", attack, rule, 0), check_paths=False)
             assert cfg.nnm_malicious == (3 if rule.startswith("nnm") or "+nnm" in rule else 0)
             assert cfg.client_momentum == (0.5 if rule.startswith("momentum+") else 0.0)
+            # rounds go on without the f replies screening may reject (free riders), Krum's 2f + 3 aside
+            assert cfg.min_train_nodes == (9 if rule == "krum" else 7)
 
 
 def test_a_stopped_robustness_grid_keeps_its_finished_runs(tmp_path: Path, monkeypatch) -> None:
