@@ -175,6 +175,46 @@ def partition_samples(
     return partition_groups(groups, num_partitions, seed)
 
 
+def follow_partition(
+    train_labels: Sequence[int], train_parts: Sequence[Sequence[int]], labels: Sequence[int], seed: int
+) -> list[list[int]]:
+    """Split other videos (a test split) the way ``train_parts`` split the training videos.
+
+    Each client gets, of every class, its share of that class's training videos (largest
+    remainders, ties broken at random), so a site is tested on its own label distribution: a class
+    it never trains on never appears in its test videos. A class no client trains on is spread
+    evenly. A client left without any video takes one of its most-trained class from the client
+    holding most of them, when that client keeps at least one.
+    """
+    rng = np.random.default_rng(seed)
+    train = np.asarray(train_labels, dtype=np.int64)
+    num_partitions = len(train_parts)
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    held = {c: np.array([np.sum(train[list(p)] == c) for p in train_parts], float) for c in np.unique(train)}
+    for c, indices in _indices_by_class(labels).items():
+        counts = held.get(c, np.zeros(num_partitions))
+        shares = counts / counts.sum() if counts.sum() > 0 else np.full(num_partitions, 1 / num_partitions)
+        quota = shares * len(indices)
+        take = np.floor(quota).astype(int)
+        remainder = quota - take
+        order = np.lexsort((rng.random(num_partitions), -remainder))  # largest remainder first
+        take[order[: len(indices) - take.sum()]] += 1
+        for part, chunk in zip(parts, np.split(rng.permutation(indices), np.cumsum(take)[:-1])):
+            part.extend(chunk.tolist())
+    label_of = np.asarray(labels, dtype=np.int64)
+    for empty in [i for i, part in enumerate(parts) if not part]:
+        mine = np.bincount(train[list(train_parts[empty])], minlength=int(label_of.max(initial=0)) + 1)
+        for c in np.argsort(-mine, kind="stable"):
+            donors = [i for i, part in enumerate(parts) if sum(label_of[j] == c for j in part) > 0 and len(part) > 1]
+            if donors:
+                donor = max(donors, key=lambda i: sum(label_of[j] == c for j in parts[i]))
+                moved = next(j for j in parts[donor] if label_of[j] == c)
+                parts[donor].remove(moved)
+                parts[empty].append(moved)
+                break
+    return _sorted_lists(parts)
+
+
 def partition_summary(labels: Sequence[int], parts: list[list[int]], classes: Sequence[str]) -> dict:
     """JSON-serializable per-client video counts, overall and per class (keys kebab-case, as in
     every results file: this is the shape of ``partitions.json``)."""

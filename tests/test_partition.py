@@ -10,6 +10,7 @@ import pytest
 from datasets.partition import (
     METHODS,
     PartitionError,
+    follow_partition,
     format_partition_summary,
     partition_dirichlet,
     partition_groups,
@@ -149,3 +150,38 @@ def test_format_abbreviates_long_class_names() -> None:
     clashing = partition_summary([0, 1], [[0], [1]], ["BasketballShooting", "BasketballDunk"])
     text = format_partition_summary(clashing)
     assert "1=BasketballShooting" in text and "2=BasketballDunk" in text
+
+
+# ------------------------------------------------------------------ test splits that follow the training one
+
+TEST_LABELS = [c for c in range(NUM_CLASSES) for _ in range(12)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_followed_test_split_gives_each_client_its_training_share_of_every_class(method: str) -> None:
+    train_parts = partition_samples(LABELS, GROUPS, method, 5, seed=3, alpha=0.1, k=2)
+    parts = follow_partition(LABELS, train_parts, TEST_LABELS, seed=9)
+    _check_valid(parts, 5, len(TEST_LABELS))
+    assert follow_partition(LABELS, train_parts, TEST_LABELS, seed=9) == parts
+    train, test = np.asarray(LABELS), np.asarray(TEST_LABELS)
+    for train_part, test_part in zip(train_parts, parts):
+        trained = np.bincount(train[train_part], minlength=NUM_CLASSES)
+        tested = np.bincount(test[test_part], minlength=NUM_CLASSES)
+        # A site is tested on its own label distribution: its share of each class, to one video.
+        assert np.all(np.abs(tested - 12 * trained / 50) < 1 + 1e-9)
+        if method != "iid":  # skewed: a class the site never trains on is never in its test videos
+            assert set(np.flatnonzero(tested)) <= set(np.flatnonzero(trained)) or len(test_part) == 1
+
+
+def test_a_client_whose_share_rounds_to_nothing_still_gets_a_test_video() -> None:
+    labels = [0] * 10 + [1] * 10
+    train_parts = [list(range(0, 9)) + list(range(10, 20)), [9]]  # client 1: one video of class 0
+    parts = follow_partition(labels, train_parts, [0, 0, 1, 1], seed=0)
+    _check_valid(parts, 2, 4)
+    assert [[0, 0, 1, 1][i] for i in parts[1]] == [0]  # its own class, taken from the other client
+
+
+def test_a_class_nobody_trains_on_is_spread_evenly() -> None:
+    parts = follow_partition([0, 0, 0, 0], [[0, 1], [2, 3]], [1] * 6, seed=0)
+    _check_valid(parts, 2, 6)
+    assert sorted(map(len, parts)) == [3, 3]

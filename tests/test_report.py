@@ -12,7 +12,7 @@ import pytest
 
 from fedapp.server.report import HISTORY_COLUMNS, TensorBoardLog, write_final_report, write_history_csv
 from fedapp.server.results import RunResults
-from fedapp.server.summary import history_figures, summary_text
+from fedapp.server.summary import history_figures, summary_lines, summary_text
 from fedapp.tools import plots
 from tests.conftest import fedvideo_command
 
@@ -219,6 +219,13 @@ def test_summary_figures_and_text_come_from_the_history():
     assert "train replies rejected: 1, clients failed: 1" in text
     assert "rounds: 3 completed" in text
     assert "clients per round (train, accepted): mean 2.3, min 1, max 3" in text
+    # Sites from the last round with client evaluation (round 3: two sites, one without partition id).
+    sites = figures["final-sites"]
+    assert sites["round"] == 3 and [s["video-accuracy"] for s in sites["sites"]] == [0.5, 0.45]
+    assert sites["mean"] == pytest.approx(0.475) and (sites["worst"], sites["worst-site"]) == (0.45, "node 77")
+    assert "sites video-acc mean 0.4750, worst 0.4500 (node 77) over 2" in text
+    assert "(round 3: partition 0 0.5000, node 77 0.4500)" in text
+    assert "worst 0.4500 (node 77)" in " ".join(summary_lines(summary))
 
 
 def test_summary_copes_with_central_eval_off_and_empty_history():
@@ -227,6 +234,15 @@ def test_summary_copes_with_central_eval_off_and_empty_history():
     assert "best video-acc 0.5000 at round 3" in text and "final client-evaluate: video-acc 0.5000" in text
     assert "final central" not in text and "stop reason" not in text
     assert "not measured" in summary_text({"status": "completed", **history_figures([])})
+    assert history_figures([])["final-sites"] is None
+
+
+def test_site_figures_skip_rounds_without_client_evaluation():
+    rounds = fake_rounds()
+    rounds[-1]["evaluate-clients"] = None  # the last round did not evaluate on the clients
+    sites = history_figures(rounds)["final-sites"]
+    assert sites["round"] == 1 and sites["worst"] == 0.4 and sites["worst-site"] == "partition 0"
+    assert sites["mean"] == pytest.approx((0.4 + 0.45 + 0.5) / 3)
 
 
 def test_confusion_plot_rejects_a_matrix_that_does_not_match_the_classes(tmp_path):

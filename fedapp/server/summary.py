@@ -53,7 +53,42 @@ def history_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for phase in ("train", "evaluate"):
         for outcome in ("rejected", "failed"):
             figures[f"{phase}-{outcome}"] = sum(_listed(r, f"{phase}-clients", outcome) or 0 for r in trained)
+    figures["final-sites"] = site_figures(trained)
     return figures
+
+
+def site_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Per-site video accuracy of the last round with client evaluation, its unweighted mean over
+    the sites and the worst site: the weighted client mean is the central figure again (the test
+    split is spread over the sites), the worst site is what a skewed federation hides.
+    None when no round evaluated on the clients."""
+    for record in reversed(rounds):
+        clients = (record.get("evaluate-clients") or {}).get("clients") or []
+        sites = [
+            {
+                "partition-id": c.get("partition-id"),
+                "node-id": c.get("node-id"),
+                "video-accuracy": c["video-accuracy"],
+                "num-videos": c.get("num-videos"),
+            }
+            for c in clients
+            if isinstance(c.get("video-accuracy"), int | float)
+        ]
+        if sites:
+            worst = min(sites, key=lambda site: site["video-accuracy"])
+            return {
+                "round": record.get("round"),
+                "sites": sites,
+                "mean": sum(site["video-accuracy"] for site in sites) / len(sites),
+                "worst": worst["video-accuracy"],
+                "worst-site": _site_name(worst),
+            }
+    return None
+
+
+def _site_name(site: Mapping[str, Any]) -> str:
+    pid = site.get("partition-id")
+    return f"partition {pid}" if pid is not None else f"node {site.get('node-id')}"
 
 
 def _duration(seconds: float) -> str:
@@ -84,6 +119,16 @@ def _best(summary: Mapping[str, Any]) -> str | None:
     return text
 
 
+def _sites(summary: Mapping[str, Any]) -> str | None:
+    sites = summary.get("final-sites")
+    if not sites:
+        return None
+    return (
+        f"sites video-acc mean {sites['mean']:.4f}, worst {sites['worst']:.4f} ({sites['worst-site']}) "
+        f"over {len(sites['sites'])}"
+    )
+
+
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """The few lines the console ends a run with: outcome, accuracy, where the results are."""
     if summary.get("status") != "completed":
@@ -103,6 +148,7 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         elif scores := _scores(summary.get("final-evaluate") or {}):
             accuracy.append(f"final client-evaluate {scores}")
         accuracy += [best] if (best := _best(summary)) else []
+        accuracy += [sites] if (sites := _sites(summary)) else []
         lines.append(" · ".join(accuracy) or "video accuracy: not measured (central and client evaluation off)")
     if summary.get("results-dir"):
         lines.append(f"results: {summary['results-dir']}")
@@ -137,6 +183,11 @@ def summary_text(summary: Mapping[str, Any]) -> str:
                 measured = True
         if best := _best(summary):
             lines.append(best)
+        if sites := _sites(summary):
+            per_site = ", ".join(
+                f"{_site_name(site)} {site['video-accuracy']:.4f}" for site in summary["final-sites"]["sites"]
+            )
+            lines.append(f"{sites} (round {summary['final-sites']['round']}: {per_site})")
         if not measured and not best:
             lines.append("video accuracy: not measured (central and client evaluation off)")
     if clients := summary.get("clients-per-round"):

@@ -22,7 +22,7 @@ from datasets.layouts import (
     load_manifest,
     load_ucf101,
 )
-from datasets.partition import partition_samples
+from datasets.partition import follow_partition, partition_samples
 from datasets.synthetic import ensure_synthetic
 from datasets.transforms import EvalClipTransform, TrainClipTransform
 from fedapp.task.config import AppConfig, ConfigError
@@ -106,32 +106,32 @@ def unlabeled_samples(cfg: AppConfig) -> list[VideoSample]:
 def node_partition(
     cfg: AppConfig, index: VideoIndex, partition_id: int, num_partitions: int
 ) -> tuple[list[VideoSample], list[VideoSample]]:
-    """This node's train and test videos: the configured partition of each split.
+    """This node's train and test videos: the configured partition of the train split, and of the
+    test split the same share of every class (``follow_partition``), so a site's local evaluation
+    follows its own label distribution.
 
     Whole videos are assigned, so clips of one video never reach two clients. With a single
     partition (a SuperNode holding its own data folder) the node keeps everything.
     """
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"partition-id={partition_id} is out of range: allowed [0, {num_partitions - 1}]")
-    return (
-        _take(cfg, index.train, partition_id, num_partitions),
-        _take(cfg, index.test, partition_id, num_partitions),
-    )
-
-
-def _take(cfg: AppConfig, samples: Sequence[VideoSample], partition_id: int, num_partitions: int) -> list[VideoSample]:
-    if num_partitions == 1 or not samples:
-        return list(samples)
-    parts = partition_samples(
-        labels=[s.label for s in samples],
-        groups=[s.group for s in samples],
+    if num_partitions == 1:
+        return list(index.train), list(index.test)
+    if not index.train:  # nothing to split: the client reports it has no training video
+        return [], []
+    train_parts = partition_samples(
+        labels=[s.label for s in index.train],
+        groups=[s.group for s in index.train],
         method=cfg.partitioning,
         num_partitions=num_partitions,
         seed=cfg.partition_seed,
         alpha=cfg.dirichlet_alpha,
         k=cfg.classes_per_client,
     )
-    return [samples[i] for i in parts[partition_id]]
+    test_parts = follow_partition(
+        [s.label for s in index.train], train_parts, [s.label for s in index.test], cfg.partition_seed + 1
+    )
+    return [index.train[i] for i in train_parts[partition_id]], [index.test[i] for i in test_parts[partition_id]]
 
 
 def loader_workers(num_workers: int) -> int:
