@@ -101,8 +101,8 @@ def accounting_gap(inner: VideoFedAvg, noise_multiplier: float, mode: str, compr
         return "noise-multiplier is 0: clipping only, no privacy guarantee"
     if type(inner) is not AverageStrategy:
         return "the guarantee needs a uniform mean of clipped updates (strategy='average')"
-    if inner.server_lr != 1.0 or inner.server_momentum != 0.0:
-        return "server-lr/server-momentum rescale the clipped mean after noise is calibrated"
+    if inner.server_optimizer != "sgd" or inner.server_lr != 1.0 or inner.server_momentum != 0.0:
+        return "server-optimizer/server-lr/server-momentum rescale the clipped mean after noise is calibrated"
     return ""
 
 

@@ -1,4 +1,6 @@
-"""Server-side learning rate and momentum (FedAvgM, Hsu et al. 2019) as plain numpy."""
+"""Server optimizers on the pseudo-gradient (aggregate − global) as plain numpy: SGD with learning
+rate and momentum (FedAvgM, Hsu et al. 2019) and the adaptive FedAdam / FedYogi / FedAdagrad
+(Reddi et al. 2021, as Flower's ``flwr.serverapp.strategy`` implements them)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ import numpy as np
 
 Weights = dict[str, np.ndarray]
 RUNNING_STATS = ("running_mean", "running_var")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
+ADAPTIVE = ("adam", "yogi", "adagrad")
+
+
+def _is_parameter(key: str, value: np.ndarray) -> bool:
+    """A tensor a server optimizer steps: floating and not a BatchNorm running statistic."""
+    return np.issubdtype(value.dtype, np.floating) and not key.endswith(RUNNING_STATS)
 
 
 def server_step(
@@ -31,7 +40,7 @@ def server_step(
     new_velocity: Weights = {}
     for key, agg in aggregate.items():
         agg = np.asarray(agg)
-        if not np.issubdtype(agg.dtype, np.floating) or key.endswith(RUNNING_STATS):
+        if not _is_parameter(key, agg):
             new[key] = agg
             continue
         delta = np.asarray(agg, np.float64) - np.asarray(current[key], np.float64)
@@ -41,3 +50,56 @@ def server_step(
             new_velocity[key] = delta
         new[key] = (np.asarray(current[key], np.float64) + lr * delta).astype(agg.dtype)
     return new, (new_velocity if momentum > 0 else None)
+
+
+def adaptive_step(
+    current: Mapping[str, np.ndarray],
+    aggregate: Mapping[str, np.ndarray],
+    moments: Mapping[str, Mapping[str, np.ndarray]] | None,
+    server_round: int,
+    optimizer: str,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[Weights, dict[str, Weights]]:
+    """One FedAdam / FedYogi / FedAdagrad step (Reddi et al. 2021, Algorithm 2) on Δ = aggregate − current.
+
+    m ← β₁m + (1 − β₁)Δ (β₁ = 0 for Adagrad); v ← β₂v + (1 − β₂)Δ² (Adam),
+    v − (1 − β₂)Δ² sign(v − Δ²) (Yogi), v + Δ² (Adagrad); x ← x + η m / (√v + τ). Adam's η carries
+    Flower's bias correction √(1 − β₂^(t+1)) / (1 − β₁^(t+1)) with t the server round; m and v start
+    at 0, as Flower's. The same numbers as Flower's strategies on learnable tensors; BatchNorm
+    buffers (running statistics, counters) take the aggregate's value, as in :func:`server_step`,
+    where Flower would step them too. ``moments`` is the previous ``{"m": ..., "v": ...}`` (None in
+    round one); returns the new model and moments.
+    """
+    if optimizer not in ADAPTIVE:
+        raise ValueError(f"unknown adaptive server optimizer {optimizer!r}: choose one of {', '.join(ADAPTIVE)}")
+    m_old = dict((moments or {}).get("m") or {})
+    v_old = dict((moments or {}).get("v") or {})
+    b1 = 0.0 if optimizer == "adagrad" else beta1
+    eta = lr
+    if optimizer == "adam":
+        t = server_round + 1.0
+        eta = lr * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+    new: Weights = {}
+    m_new: Weights = {}
+    v_new: Weights = {}
+    for key, agg in aggregate.items():
+        agg = np.asarray(agg)
+        if not _is_parameter(key, agg):
+            new[key] = agg
+            continue
+        x = np.asarray(current[key], np.float64)
+        delta = np.asarray(agg, np.float64) - x
+        m = b1 * np.asarray(m_old.get(key, 0.0), np.float64) + (1 - b1) * delta
+        v = np.asarray(v_old.get(key, 0.0), np.float64)
+        if optimizer == "adam":
+            v = beta2 * v + (1 - beta2) * delta**2
+        elif optimizer == "yogi":
+            v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
+        else:
+            v = v + delta**2
+        m_new[key], v_new[key] = np.broadcast_to(m, x.shape).copy(), np.broadcast_to(v, x.shape).copy()
+        new[key] = (x + eta * m / (np.sqrt(v) + tau)).astype(agg.dtype)
+    return new, {"m": m_new, "v": v_new}

@@ -30,7 +30,7 @@ from strategies.defences import (
 )
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
-from strategies.server_optimizer import server_step
+from strategies.server_optimizer import SERVER_OPTIMIZERS, adaptive_step, server_step
 from strategies.validation import check_update, is_unchanged, reference_spec
 from strategies.weighting import client_weights
 
@@ -118,7 +118,9 @@ class VideoFedAvg(FedAvg):
     Every reply is checked against the global model (names, shapes, dtypes, finite values, positive
     sample count) before aggregation; a bad one is dropped, logged with its node id and reason, and
     counted, where Flower's own FedAvg would raise and end the run. Integer buffers stay integers.
-    ``server_lr``/``server_momentum`` turn the average into a FedAvgM step; ``proximal_mu`` > 0 is
+    ``server_lr``/``server_momentum`` turn the average into a FedAvgM step, ``server_optimizer``
+    "adam" / "yogi" / "adagrad" into FedAdam / FedYogi / FedAdagrad (with ``server_betas``,
+    ``server_tau``; Flower's numbers, ``strategies.server_optimizer``); ``proximal_mu`` > 0 is
     sent to clients, which then add FedProx's proximal term to their loss. ``norm_bound`` > 0 scales
     each accepted update (model − global, learnable parameters) to L2 norm ≤ ``norm_bound`` before
     any family aggregates it (Sun et al. 2019), so every family gets it.
@@ -127,8 +129,11 @@ class VideoFedAvg(FedAvg):
     def __init__(
         self,
         *,
+        server_optimizer: str = "sgd",
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_tau: float = 1e-3,
         proximal_mu: float = 0.0,
         norm_bound: float = 0.0,
         attack_injector: AttackInjector | None = None,
@@ -137,8 +142,15 @@ class VideoFedAvg(FedAvg):
         super().__init__(**kwargs)
         # TEST TOOL (strategies.attacks): simulated colluding attackers; None in any real federation.
         self.attack_injector = attack_injector
+        if server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer={server_optimizer!r}: choose one of {', '.join(SERVER_OPTIMIZERS)}")
+        self.server_optimizer = server_optimizer
         self.server_lr = server_lr
         self.server_momentum = server_momentum
+        self.server_betas = server_betas
+        self.server_tau = server_tau
+        # The adaptive optimizers' first and second moments {"m": ..., "v": ...} (None until a step).
+        self.moments: dict[str, dict[str, np.ndarray]] | None = None
         self.proximal_mu = proximal_mu
         self.norm_bound = norm_bound
         self.velocity: dict[str, np.ndarray] | None = None
@@ -212,9 +224,23 @@ class VideoFedAvg(FedAvg):
             return report
         if attack is not None:  # the round record says which nodes attacked, for benchmarks to check
             report.fusion = {**report.fusion, "attack": attack}
-        report.arrays, self.velocity = server_step(
-            self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
-        )
+        if self.server_optimizer == "sgd":
+            report.arrays, self.velocity = server_step(
+                self._current or merged, merged, self.velocity, self.server_lr, self.server_momentum
+            )
+        else:
+            beta1, beta2 = self.server_betas
+            report.arrays, self.moments = adaptive_step(
+                self._current or merged,
+                merged,
+                self.moments,
+                server_round,
+                self.server_optimizer,
+                self.server_lr,
+                beta1,
+                beta2,
+                self.server_tau,
+            )
         report.metrics = aggregate_metrics(report.accepted)
         return report
 
@@ -251,13 +277,20 @@ class VideoFedAvg(FedAvg):
         return fedavg((r.arrays, r.metrics["num-examples"]) for r in accepted), {}
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint must keep to resume this strategy (the momentum buffer)."""
-        return {"velocity": self.velocity}
+        """What a checkpoint must keep to resume this strategy (momentum buffer, adaptive moments)."""
+        moments = self.moments or {}
+        return {"velocity": self.velocity, "server-m": moments.get("m"), "server-v": moments.get("v")}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's :meth:`state`."""
         velocity = state.get("velocity")
         self.velocity = {k: np.asarray(v) for k, v in velocity.items()} if velocity else None
+        m, v = state.get("server-m"), state.get("server-v")
+        self.moments = (
+            {"m": {k: np.asarray(x) for k, x in m.items()}, "v": {k: np.asarray(x) for k, x in v.items()}}
+            if m and v
+            else None
+        )
 
     def screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
         """Sort replies into accepted, rejected (malformed) and failed (errors), logging each."""

@@ -130,6 +130,22 @@ def test_resume_after_a_killed_run_continues_without_gap_or_duplicate(small_run_
     assert best_checkpoint(run_dir) is not None
 
 
+def test_a_fedadam_run_checkpoints_its_moments_and_resumes_them(small_run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    base = {**small_run_config, "server-optimizer": "adam", "server-lr": 0.05}
+    run_rounds(base, tmp_path, 1, run_dir)
+    state = load_checkpoint(run_dir).manifest["strategy-state"]
+    assert state["server-m"] and state["server-m"].keys() == state["server-v"].keys()
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in state["server-m"])
+    summary, _ = run_rounds({**base, "resume": "latest"}, tmp_path, 2, run_dir)
+    history = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in history] == [0, 1, 2] and summary["rounds-without-update"] == 0
+    assert len(history[2]["train-clients"]["clients"]) == 2
+    resumed = load_checkpoint(run_dir).manifest["strategy-state"]
+    # Round 2's moments grew from round 1's (v only accumulates squared steps under Adam's β₂ < 1).
+    assert any(not np.allclose(resumed["server-v"][k], state["server-v"][k]) for k in state["server-v"])
+
+
 def test_a_resumed_run_in_which_no_client_trains_fails(small_run_config, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_rounds(small_run_config, tmp_path, 1, run_dir)

@@ -53,6 +53,14 @@ def refused(overrides: dict, *, federation: str = "num-supernodes=3") -> str:
         ({"attack-scale": 3.0}, "attack-scale", 'attack="sign-flip"'),
         ({"early-stop-min-delta": 0.01}, "early-stop-min-delta", "early-stop-patience > 0"),
         ({"test-fraction": 0.3}, "test-fraction", 'dataset="folders"'),
+        (
+            {"server-optimizer": "adam", "server-lr": 0.1, "server-momentum": 0.9},
+            "server-momentum",
+            'server-optimizer="sgd"',
+        ),
+        ({"server-beta1": 0.8}, "server-beta1", 'server-optimizer="adam"'),
+        ({"server-optimizer": "adagrad", "server-lr": 0.1, "server-beta2": 0.9}, "server-beta2", '"yogi"'),
+        ({"server-tau": 0.01}, "server-tau", 'server-optimizer="adam"'),
     ],
 )
 def test_a_key_set_where_it_has_no_effect_is_refused(overrides, key, needs):
@@ -76,8 +84,15 @@ def test_the_same_keys_pass_where_they_act(tmp_path):
         {"optimizer": "sgd", "momentum": 0.5},
         {"attack": "sign-flip", "attack-fraction": 0.34, "attack-scale": 3.0},
         {"early-stop-patience": 3, "early-stop-min-delta": 0.01},
+        {"server-optimizer": "yogi", "server-lr": 0.01, "server-beta1": 0.8, "server-tau": 0.01},
+        {"server-optimizer": "adagrad", "server-lr": 0.1, "server-tau": 0.01},
     ):
         parse_config(overrides)
+
+
+def test_an_adaptive_server_optimizer_refuses_a_learning_rate_of_one():
+    message = refused({"server-optimizer": "adam"})
+    assert "server-lr=1.0 is out of range with server-optimizer='adam'" in message and "adam 0.1" in message
 
 
 def test_every_conflicting_key_is_named_at_once():

@@ -20,6 +20,7 @@ from strategies.attacks import OMNISCIENT_ATTACKS
 from strategies.compression import METHODS as COMPRESSION_METHODS
 from strategies.fusion import FUSION_FUNCTIONS
 from strategies.privacy import DP_MODES
+from strategies.server_optimizer import ADAPTIVE, SERVER_OPTIMIZERS
 from strategies.weighting import WEIGHT_SOURCES
 
 STRATEGIES = ("fedavg", "average", "weighted", "fusion")
@@ -52,8 +53,12 @@ class AppConfig:
     min_available_nodes: int = 2
     round_timeout: float = 900.0
     central_eval: bool = True
+    server_optimizer: str = "sgd"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     client_momentum: float = 0.0
     proximal_mu: float = 0.0
     norm_bound: float = 0.0
@@ -254,6 +259,17 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("round-timeout", cfg.round_timeout, 0.0, low_open=True)
     _range("server-lr", cfg.server_lr, 0.0, low_open=True)
     _range("server-momentum", cfg.server_momentum, 0.0, 1.0)
+    _choice("server-optimizer", cfg.server_optimizer, SERVER_OPTIMIZERS)
+    _range("server-beta1", cfg.server_beta1, 0.0, 0.999)
+    _range("server-beta2", cfg.server_beta2, 0.0, 0.9999)
+    _range("server-tau", cfg.server_tau, 0.0, low_open=True)
+    if cfg.server_optimizer in ADAPTIVE and cfg.server_lr >= 1.0:
+        # An adaptive step moves every coordinate by about server-lr: 1 wipes the model in a round.
+        raise ConfigError(
+            f"server-lr={cfg.server_lr!r} is out of range with server-optimizer={cfg.server_optimizer!r}: allowed "
+            "(0, 1) (each coordinate moves by about server-lr per round; Flower's defaults: adam 0.1, yogi 0.01, "
+            "adagrad 0.1)"
+        )
     _range("client-momentum", cfg.client_momentum, 0.0, 0.99)
     _range("proximal-mu", cfg.proximal_mu, 0.0)
     _choice("weight-source", cfg.weight_source, WEIGHT_SOURCES)
@@ -429,6 +445,10 @@ _ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str],
     (("staleness-decay",), lambda c: c.strategy == "weighted" and c.weight_source == "staleness",
      'strategy="weighted" and weight-source="staleness"'),
     (("fusion-fn",), lambda c: c.strategy == "fusion", 'strategy="fusion"'),
+    (("server-momentum",), lambda c: c.server_optimizer == "sgd", 'server-optimizer="sgd"'),
+    (("server-beta1", "server-beta2"), lambda c: c.server_optimizer in ("adam", "yogi"),
+     'server-optimizer="adam" or "yogi"'),
+    (("server-tau",), lambda c: c.server_optimizer in ADAPTIVE, 'server-optimizer="adam", "yogi" or "adagrad"'),
     (("trim-beta",), lambda c: c.strategy == "fusion" and c.fusion_fn == "trimmed-mean",
      'strategy="fusion" and fusion-fn="trimmed-mean"'),
     (("krum-malicious",), lambda c: _krum(c) or _bulyan(c), 'strategy="fusion" and fusion-fn="krum" or "bulyan"'),
