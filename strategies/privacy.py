@@ -281,6 +281,10 @@ class PrivateStrategy(Strategy):
     def summary(self) -> None:
         self.dp.summary()
 
+    def extra_bytes_down(self) -> int:
+        """Bytes each train message carries beside the model: none (SCAFFOLD is refused with DP)."""
+        return 0
+
     def state(self) -> dict[str, Any]:
         """The inner strategy's state plus the number of private releases (the budget spent)."""
         return {**self.inner.state(), "dp-releases": self.releases}

@@ -14,7 +14,7 @@ SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 ADAPTIVE = ("adam", "yogi", "adagrad")
 
 
-def _is_parameter(key: str, value: np.ndarray) -> bool:
+def is_learnable(key: str, value: np.ndarray) -> bool:
     """A tensor a server optimizer steps: floating and not a BatchNorm running statistic."""
     return np.issubdtype(value.dtype, np.floating) and not key.endswith(RUNNING_STATS)
 
@@ -40,7 +40,7 @@ def server_step(
     new_velocity: Weights = {}
     for key, agg in aggregate.items():
         agg = np.asarray(agg)
-        if not _is_parameter(key, agg):
+        if not is_learnable(key, agg):
             new[key] = agg
             continue
         delta = np.asarray(agg, np.float64) - np.asarray(current[key], np.float64)
@@ -87,7 +87,7 @@ def adaptive_step(
     v_new: Weights = {}
     for key, agg in aggregate.items():
         agg = np.asarray(agg)
-        if not _is_parameter(key, agg):
+        if not is_learnable(key, agg):
             new[key] = agg
             continue
         x = np.asarray(current[key], np.float64)

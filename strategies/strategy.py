@@ -30,6 +30,7 @@ from strategies.defences import (
 )
 from strategies.fusion import coordinate_median, geometric_median, krum, krum_tolerance, trimmed_mean
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
+from strategies.scaffold import CONTROL, CONTROL_DELTA, server_control, zero_control
 from strategies.server_optimizer import SERVER_OPTIMIZERS, adaptive_step, server_step
 from strategies.validation import check_update, is_unchanged, reference_spec
 from strategies.weighting import client_weights
@@ -51,6 +52,7 @@ class ClientReply:
     arrays: dict[str, np.ndarray] | None = None
     message: Message | None = field(default=None, repr=False, compare=False)  # the reply it came from
     payload_bytes: int = 0  # tensor bytes as received, before decompression
+    control_delta: dict[str, np.ndarray] | None = None  # SCAFFOLD's Δcᵢ (``scaffold`` on)
 
 
 @dataclass
@@ -120,7 +122,9 @@ class VideoFedAvg(FedAvg):
     counted, where Flower's own FedAvg would raise and end the run. Integer buffers stay integers.
     ``server_lr``/``server_momentum`` turn the average into a FedAvgM step, ``server_optimizer``
     "adam" / "yogi" / "adagrad" into FedAdam / FedYogi / FedAdagrad (with ``server_betas``,
-    ``server_tau``; Flower's numbers, ``strategies.server_optimizer``); ``proximal_mu`` > 0 is
+    ``server_tau``; Flower's numbers, ``strategies.server_optimizer``); ``scaffold`` sends the
+    server control variate with the model and updates it from the clients' Δcᵢ (SCAFFOLD option
+    II, ``strategies.scaffold``); ``proximal_mu`` > 0 is
     sent to clients, which then add FedProx's proximal term to their loss. ``norm_bound`` > 0 scales
     each accepted update (model − global, learnable parameters) to L2 norm ≤ ``norm_bound`` before
     any family aggregates it (Sun et al. 2019), so every family gets it.
@@ -136,6 +140,7 @@ class VideoFedAvg(FedAvg):
         server_tau: float = 1e-3,
         proximal_mu: float = 0.0,
         norm_bound: float = 0.0,
+        scaffold: bool = False,
         attack_injector: AttackInjector | None = None,
         **kwargs: Any,
     ) -> None:
@@ -153,6 +158,9 @@ class VideoFedAvg(FedAvg):
         self.moments: dict[str, dict[str, np.ndarray]] | None = None
         self.proximal_mu = proximal_mu
         self.norm_bound = norm_bound
+        self.scaffold = scaffold
+        self.control: dict[str, np.ndarray] | None = None  # SCAFFOLD's server control variate c
+        self._num_nodes = 0  # the clients there are (SCAFFOLD's N), counted when a round is configured
         self.velocity: dict[str, np.ndarray] | None = None
         self._current: dict[str, np.ndarray] = {}
         self._sent: list[Message] = []
@@ -173,7 +181,18 @@ class VideoFedAvg(FedAvg):
         if self.proximal_mu > 0:
             config["proximal-mu"] = self.proximal_mu
         self._sent = list(super().configure_train(server_round, model.record(), config, grid))
+        if self.scaffold:
+            if self.control is None:
+                self.control = zero_control(self._current)
+            self._num_nodes = max(len(list(grid.get_node_ids())), len(self._sent))
+            record = numpy_to_arrays(self.control)
+            for message in self._sent:
+                message.content[CONTROL] = record
         return self._sent
+
+    def extra_bytes_down(self) -> int:
+        """Bytes each train message carries beside the model (SCAFFOLD's control variate)."""
+        return sum(v.nbytes for v in self.control.values()) if self.scaffold and self.control else 0
 
     def set_global(self, arrays: dict[str, np.ndarray]) -> None:
         """The global model this round's replies are checked against and stepped from.
@@ -241,6 +260,11 @@ class VideoFedAvg(FedAvg):
                 beta2,
                 self.server_tau,
             )
+        if self.scaffold:
+            deltas = [r.control_delta for r in report.accepted if r.control_delta is not None]
+            self.control = server_control(self.control or zero_control(self._current), deltas, self._num_nodes)
+            norm = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in self.control.values())))
+            report.fusion = {**report.fusion, "scaffold": {"control-norm": norm, "clients": len(deltas)}}
         report.metrics = aggregate_metrics(report.accepted)
         return report
 
@@ -279,7 +303,12 @@ class VideoFedAvg(FedAvg):
     def state(self) -> dict[str, Any]:
         """What a checkpoint must keep to resume this strategy (momentum buffer, adaptive moments)."""
         moments = self.moments or {}
-        return {"velocity": self.velocity, "server-m": moments.get("m"), "server-v": moments.get("v")}
+        return {
+            "velocity": self.velocity,
+            "server-m": moments.get("m"),
+            "server-v": moments.get("v"),
+            "scaffold-control": self.control,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's :meth:`state`."""
@@ -291,6 +320,8 @@ class VideoFedAvg(FedAvg):
             if m and v
             else None
         )
+        control = state.get("scaffold-control")
+        self.control = {k: np.asarray(x) for k, x in control.items()} if control else None
 
     def screen(self, server_round: int, replies: Iterable[Message], with_arrays: bool) -> RoundReport:
         """Sort replies into accepted, rejected (malformed) and failed (errors), logging each."""
@@ -327,15 +358,21 @@ class VideoFedAvg(FedAvg):
         metrics = dict(metric_records[0])
         arrays = None
         received = 0
+        control_delta = None
         if with_arrays:
-            array_records = list(content.array_records.values())
+            records = dict(content.array_records)
+            if self.scaffold:
+                control_delta, reason = self._parse_control_delta(records.pop(CONTROL_DELTA, None))
+                if control_delta is None:
+                    return None, reason
+            array_records = list(records.values())
             if len(array_records) != 1:
                 return None, f"expected one ArrayRecord, got {len(array_records)}"
             try:
                 payload = arrays_to_numpy(array_records[0])
             except Exception as exc:  # a reply we cannot even deserialize is just another bad reply
                 return None, f"arrays could not be read: {exc}"
-            received = payload_bytes(payload)
+            received = payload_bytes(payload) + (payload_bytes(control_delta) if control_delta else 0)
             try:  # a compressed update (run config `compression`) becomes full tensors; plain ones pass
                 arrays = decompress(payload, self._current)
             except Exception as exc:  # malformed parts raise ValueError; nothing a client sends may crash us
@@ -352,7 +389,35 @@ class VideoFedAvg(FedAvg):
             reason = f"non-finite metrics {bad}" if bad else None
         if reason is not None:
             return None, reason
-        return ClientReply(int(msg.metadata.src_node_id), metrics, arrays, message=msg, payload_bytes=received), ""
+        return (
+            ClientReply(
+                int(msg.metadata.src_node_id),
+                metrics,
+                arrays,
+                message=msg,
+                payload_bytes=received,
+                control_delta=control_delta,
+            ),
+            "",
+        )
+
+    def _parse_control_delta(self, record: ArrayRecord | None) -> tuple[dict[str, np.ndarray] | None, str]:
+        """A SCAFFOLD reply's Δcᵢ, checked against the control variate like a model against the global one."""
+        if record is None:
+            return None, f"SCAFFOLD is on but the reply carries no {CONTROL_DELTA!r} record"
+        try:
+            delta = arrays_to_numpy(record)
+        except Exception as exc:
+            return None, f"{CONTROL_DELTA} could not be read: {exc}"
+        control = self.control or zero_control(self._current)
+        if set(delta) != set(control):
+            return None, f"{CONTROL_DELTA} tensors do not match the control variate's"
+        for key, value in delta.items():
+            if value.shape != control[key].shape or not np.issubdtype(value.dtype, np.floating):
+                return None, f"{CONTROL_DELTA} tensor {key!r} has shape {value.shape} / dtype {value.dtype}"
+            if not np.isfinite(value).all():
+                return None, f"{CONTROL_DELTA} tensor {key!r} has non-finite values"
+        return delta, ""
 
 
 class AverageStrategy(VideoFedAvg):

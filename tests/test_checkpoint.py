@@ -146,6 +146,28 @@ def test_a_fedadam_run_checkpoints_its_moments_and_resumes_them(small_run_config
     assert any(not np.allclose(resumed["server-v"][k], state["server-v"][k]) for k in state["server-v"])
 
 
+def test_a_scaffold_run_moves_the_control_variate_counts_its_bytes_and_resumes_it(small_run_config, tmp_path):
+    run_dir = tmp_path / "run"
+    base = {**small_run_config, "scaffold": True, "optimizer": "sgd", "momentum": 0.0, "lr": 0.05}
+    run_rounds(base, tmp_path, 1, run_dir)
+    first = load_checkpoint(run_dir)
+    control = first.manifest["strategy-state"]["scaffold-control"]
+    assert control and any(np.abs(v).max() > 0 for v in control.values())
+    model_bytes = sum(v.nbytes for v in first.arrays.values())
+    control_bytes = sum(v.nbytes for v in control.values())
+    summary, _ = run_rounds({**base, "resume": "latest"}, tmp_path, 2, run_dir)
+    history = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert summary["rounds-without-update"] == 0
+    for record in history[1:]:
+        assert len(record["train-clients"]["clients"]) == 2 and not record["train-clients"]["rejected"]
+        assert record["fusion"]["scaffold"]["clients"] == 2
+        # Both directions carry the control variate beside the model, for each of the 2 clients.
+        assert record["bytes-down"] >= 2 * (model_bytes + control_bytes)
+        assert record["bytes-up"] >= 2 * (model_bytes + control_bytes)
+    resumed = load_checkpoint(run_dir).manifest["strategy-state"]["scaffold-control"]
+    assert any(not np.allclose(resumed[k], control[k]) for k in control)
+
+
 def test_a_resumed_run_in_which_no_client_trains_fails(small_run_config, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     run_rounds(small_run_config, tmp_path, 1, run_dir)

@@ -90,6 +90,14 @@ def test_the_same_keys_pass_where_they_act(tmp_path):
         parse_config(overrides)
 
 
+def test_scaffold_refuses_what_would_make_its_control_variates_wrong_or_silently_off():
+    message = refused({"scaffold": True, "strategy": "fusion", "compression": "fp16"})
+    assert message.startswith("scaffold=true does not work with")
+    assert 'set optimizer="sgd" momentum=0.0' in message and 'strategy="fusion"' in message
+    assert 'compression="fp16"' in message
+    parse_config({"scaffold": True, "optimizer": "sgd", "momentum": 0.0, "strategy": "weighted"})
+
+
 def test_an_adaptive_server_optimizer_refuses_a_learning_rate_of_one():
     message = refused({"server-optimizer": "adam"})
     assert "server-lr=1.0 is out of range with server-optimizer='adam'" in message and "adam 0.1" in message

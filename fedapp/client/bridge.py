@@ -28,7 +28,15 @@ EVALUATE = "evaluate"
 
 
 class NamedNumPyClient(NumPyClient):
-    """A NumPyClient that names the tensors of its ``fit`` / ``evaluate`` parameter lists."""
+    """A NumPyClient that names the tensors of its ``fit`` / ``evaluate`` parameter lists.
+
+    Named records beside the model travel too: before ``fit`` the bridge puts every other
+    ArrayRecord of the message in ``received_records`` (by record key, as numpy), and after it adds
+    what ``fit`` left in ``reply_records`` to the reply (SCAFFOLD's control variates use both).
+    """
+
+    received_records: dict[str, dict[str, np.ndarray]]
+    reply_records: dict[str, dict[str, np.ndarray]]
 
     def state_keys(self) -> list[str]:
         """The tensor names, in the order of the lists ``fit`` and ``evaluate`` take and return."""
@@ -55,12 +63,18 @@ def call_numpy_client(client: NamedNumPyClient, msg: Message, phase: str) -> Mes
         ndarrays = ordered_arrays(exchange.received(ARRAYS).numpy(), names)
         config = dict(msg.content["config"]) if "config" in msg.content else {}
         if phase == FIT:
+            client.received_records = {
+                key: exchange.received(key).numpy() for key in msg.content.array_records if key != ARRAYS
+            }
+            client.reply_records = {}
             new_arrays, num_examples, metrics = client.fit(ndarrays, config)
             if len(new_arrays) != len(names):
                 raise ValueError(f"client returned {len(new_arrays)} arrays for {len(names)} tensors")
             reply = Message(content=RecordDict({"metrics": to_metric_record(metrics, num_examples)}), reply_to=msg)
             # Pending until the reply leaves the outermost layer: a mod may still replace it.
             exchange.set_reply_arrays(reply, ARRAYS, NamedArrays(numpy=dict(zip(names, new_arrays))))
+            for key, arrays in client.reply_records.items():
+                exchange.set_reply_arrays(reply, key, NamedArrays(numpy=arrays))
         elif phase == EVALUATE:
             loss, num_examples, metrics = client.evaluate(ndarrays, config)
             content = RecordDict({"metrics": to_metric_record({**metrics, "loss": loss}, num_examples)})

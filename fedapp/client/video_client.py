@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import torch
 
 from datasets.layouts import VideoSample
 from fedapp.client.attacks import UPDATE_ATTACKS, attacker_metrics, flipped_labels, poison_update
@@ -24,6 +25,7 @@ from fedapp.task.train import (
     state_arrays,
     train_epochs,
 )
+from strategies.scaffold import CONTROL, CONTROL_DELTA, client_control
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ def model_state_keys(model_name: str, num_classes: int, pooling: str) -> tuple[s
 
 
 MOMENTUM_PREFIX = "client-momentum/"  # node-state keys of the worker momentum, beside FedBN's layers
+SCAFFOLD_PREFIX = "scaffold-control/"  # node-state keys of SCAFFOLD's client control variate cᵢ
 
 
 class VideoClient(NamedNumPyClient):
@@ -75,6 +78,8 @@ class VideoClient(NamedNumPyClient):
         self.node_weight = node_weight
         self.attack = attack
         self.warn_scope = ("run", run_id, partition_id)
+        self.received_records: dict[str, dict[str, np.ndarray]] = {}
+        self.reply_records: dict[str, dict[str, np.ndarray]] = {}
         self.device = select_device(cfg.device)
         set_torch_threads(cfg.torch_threads)
 
@@ -120,6 +125,38 @@ class VideoClient(NamedNumPyClient):
             out.append((s.astype(np.float32) + m).astype(t.dtype))
         return out
 
+    def _server_control(self) -> dict[str, np.ndarray]:
+        control = self.received_records.get(CONTROL)
+        if control is None:
+            raise ValueError(f"scaffold is on but the train message carries no {CONTROL!r} record")
+        return control
+
+    def _scaffold_correction(self, control: dict[str, np.ndarray], trainable: set[str]) -> dict[str, torch.Tensor]:
+        """SCAFFOLD's ``c − cᵢ`` per trainable parameter (cᵢ from node state, 0 in the first round)."""
+        return {
+            key: torch.from_numpy(c - self.local_state.get(SCAFFOLD_PREFIX + key, np.zeros_like(c)))
+            for key, c in control.items()
+            if key in trainable
+        }
+
+    def _scaffold_update(
+        self,
+        control: dict[str, np.ndarray],
+        trainable: set[str],
+        start: dict[str, np.ndarray],
+        trained: dict[str, np.ndarray],
+        metrics: dict[str, Any],
+    ) -> None:
+        """Option II's new cᵢ into node state and Δcᵢ into the reply; frozen tensors keep cᵢ (Δ = 0)."""
+        local = {k: self.local_state[SCAFFOLD_PREFIX + k] for k in control if SCAFFOLD_PREFIX + k in self.local_state}
+        moved = {k: c for k, c in control.items() if k in trainable}
+        new, delta = client_control(local, moved, start, trained, int(metrics["train-steps"]), self.cfg.lr)
+        for key, c in control.items():
+            if key not in moved:
+                delta[key] = np.zeros_like(c)
+        self.local_state.update({SCAFFOLD_PREFIX + k: v for k, v in new.items()})
+        self.reply_records[CONTROL_DELTA] = delta
+
     def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
         metrics: dict[str, Any] = {
@@ -141,6 +178,8 @@ class VideoClient(NamedNumPyClient):
             metrics = {"base-round": server_round, **self._data_metrics(self.train_samples)}
             return list(parameters), len(self.train_samples), metrics
         model = self._model(parameters)
+        control = self._server_control() if self.cfg.scaffold else None
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         # A different but reproducible clip order for every (run seed, round, client).
         seed = (self.cfg.seed * 1_000_003 + server_round * 1009 + self.partition_id) % 2**31
         metrics = train_epochs(
@@ -154,6 +193,7 @@ class VideoClient(NamedNumPyClient):
             log_prefix=f"[partition {self.partition_id} round {server_round}] ",
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             label_map=flipped_labels(len(self.classes)) if self.attack == "label-flip" else None,
+            gradient_correction=self._scaffold_correction(control, trainable) if control is not None else None,
         )
         if metrics["train-clips"] == 0:
             raise NoUsableVideoError(f"partition {self.partition_id}: every training clip failed to decode")
@@ -163,6 +203,9 @@ class VideoClient(NamedNumPyClient):
             bn = set(batchnorm_state_keys(model))
             self.local_state.update({k: a for k, a in zip(keys, arrays) if k in bn})
         learnable = {name for name, _ in model.named_parameters()}
+        if control is not None:
+            keys = list(model.state_dict())
+            self._scaffold_update(control, trainable, dict(zip(keys, parameters)), dict(zip(keys, arrays)), metrics)
         if self.cfg.client_momentum > 0:
             arrays = self._momentum_update(list(model.state_dict()), parameters, arrays, learnable)
         if self.attack in UPDATE_ATTACKS:

@@ -48,6 +48,7 @@ def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
         server_betas=(cfg.server_beta1, cfg.server_beta2),
         server_tau=cfg.server_tau,
         proximal_mu=cfg.proximal_mu,
+        scaffold=cfg.scaffold,
         norm_bound=cfg.norm_bound,
         attack_injector=attack_injector(cfg),
     )

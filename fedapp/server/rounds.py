@@ -52,7 +52,9 @@ def train_round(
     Returns the strategy's report and the bytes sent down."""
     messages = strategy.configure_train_round(server_round, NamedArrays(numpy=arrays), grid)
     replies = grid.send_and_receive(messages, timeout=timeout)
-    return strategy.train_round(server_round, replies), _model_bytes(arrays) * len(messages)
+    # Measured before train_round, which moves SCAFFOLD's control variate on: these bytes went down.
+    sent = (_model_bytes(arrays) + strategy.extra_bytes_down()) * len(messages)
+    return strategy.train_round(server_round, replies), sent
 
 
 def evaluate_round(

@@ -61,6 +61,7 @@ class AppConfig:
     server_tau: float = 0.001
     client_momentum: float = 0.0
     proximal_mu: float = 0.0
+    scaffold: bool = False
     norm_bound: float = 0.0
     fedbn: bool = False
     weight_source: str = "num-examples"
@@ -372,6 +373,8 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
     _range("attack-scale", cfg.attack_scale, 0.0)
     _range("attack-z", cfg.attack_z, 0.0)
     _range("attack-epsilon", cfg.attack_epsilon, 0.0, low_open=True)
+    if cfg.scaffold:
+        check_scaffold(cfg)
     if cfg.attack in OMNISCIENT_ATTACKS and cfg.dp != "none":
         # Server-side DP clips inside Flower's wrapper before the inner strategy (where the test
         # tool injects) aggregates: the forged model would skip the clipping real replies get.
@@ -482,6 +485,27 @@ _ACTS_ONLY_WITH: tuple[tuple[tuple[str, ...], Callable[[AppConfig], bool], str],
     (("attack",), lambda c: c.attack_fraction > 0, "attack-fraction > 0 (the share of clients that attack)"),
     (("early-stop-min-delta",), lambda c: c.early_stop_patience > 0, "early-stop-patience > 0"),
 )  # fmt: skip
+
+
+def check_scaffold(cfg: AppConfig) -> None:
+    """SCAFFOLD (option II) reads each client's average gradient from its plain-SGD displacement and
+    sends a second record beside the model: refuse what would make either wrong or silently off."""
+    problems = []
+    if cfg.optimizer != "sgd" or cfg.momentum != 0.0:
+        problems.append(
+            f'optimizer={_toml(cfg.optimizer)} momentum={_toml(cfg.momentum)}: set optimizer="sgd" momentum=0.0 '
+            "(option II derives the control variate from plain SGD steps)"
+        )
+    if cfg.strategy == "fusion":
+        problems.append('strategy="fusion": use "fedavg", "average" or "weighted" (the averaging family)')
+    if cfg.dp != "none":
+        problems.append(f'dp={_toml(cfg.dp)}: set dp="none" (the control variates are not clipped or noised)')
+    if cfg.compression != "none":
+        problems.append(f'compression={_toml(cfg.compression)}: set compression="none"')
+    if cfg.client_momentum > 0:
+        problems.append(f"client-momentum={cfg.client_momentum!r}: set client-momentum=0.0")
+    if problems:
+        raise ConfigError("scaffold=true does not work with " + "; ".join(problems))
 
 
 def check_no_effect(cfg: AppConfig) -> None:

@@ -44,15 +44,25 @@ def train_epochs(
     log_prefix: str = "",
     proximal_mu: float = 0.0,
     label_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gradient_correction: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train for ``epochs`` passes; returns mean loss, accuracy, clips, clips/s and failed clips.
+    """Train for ``epochs`` passes; returns mean loss, accuracy, clips, optimizer steps, clips/s
+    and failed clips.
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 · ||w - w_start||²`` (w_start: the weights the round
     began with), which keeps local models near the global one under non-IID data. ``label_map``
     rewrites labels before the loss (the label-flip attack of the test tools uses it).
+    ``gradient_correction`` (parameter name → tensor) is added to each named parameter's gradient
+    before every step: SCAFFOLD's ``c − cᵢ``.
     """
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    corrections = [
+        (p, gradient_correction[name].to(p.device, p.dtype))
+        for name, p in model.named_parameters()
+        if p.requires_grad and gradient_correction is not None and name in gradient_correction
+    ]
+    steps = 0
     anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
     seen = correct = failed = 0
     loss_sum = 0.0
@@ -77,7 +87,11 @@ def train_epochs(
                 loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p, correction in corrections:
+                if p.grad is not None:
+                    p.grad.add_(correction)
             optimizer.step()
+            steps += 1
             seen += labels.numel()
             loss_sum += ce_loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
@@ -97,6 +111,7 @@ def train_epochs(
         "train-loss": loss_sum / max(seen, 1),
         "train-accuracy": correct / max(seen, 1),
         "train-clips": float(seen),
+        "train-steps": float(steps),
         "clips-per-s": seen / seconds if seconds > 0 else 0.0,
         "failed-clips": float(failed),
     }
