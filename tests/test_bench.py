@@ -136,6 +136,38 @@ def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
+def test_heterogeneity_benchmark(tmp_path: Path, capsys) -> None:
+    """The label skew × method table: central and worst-site cells, mean ± std over the seeds."""
+    from bench import heterogeneity
+
+    args = ["--clients", "3", "--rounds", "1", "--seeds", "0", "1", "--threads", "1"]
+    args += ["--partitionings", "dirichlet-0.3", "--methods", "fedavg", "scaffold"]
+    assert heterogeneity.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    table = (tmp_path / "heterogeneity.md").read_text()
+    assert "**central**" in table and "**worst site**" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| fedavg |", "| scaffold |"))]
+    assert len(rows) == 4 and all(row.count(" ± ") == 1 for row in rows)
+    raw = json.loads((tmp_path / "heterogeneity.json").read_text())
+    for measure in ("central-video-accuracy", "worst-site-video-accuracy"):
+        assert all(len(v) == 2 for v in raw[measure]["dirichlet-0.3"].values())  # one per seed
+    central, worst = raw["central-video-accuracy"], raw["worst-site-video-accuracy"]
+    assert all(0 <= w <= 1 for w in worst["dirichlet-0.3"]["fedavg"]) and central
+    assert (tmp_path / "heterogeneity.png").stat().st_size > 0
+
+
+def test_every_heterogeneity_cell_is_a_valid_run_config() -> None:
+    import argparse
+
+    from bench import heterogeneity
+    from fedapp.task.config import parse_config
+
+    args = argparse.Namespace(clients=10, rounds=20, threads=1, cache_dir="")
+    for partitioning in heterogeneity.PARTITIONINGS:
+        for method in heterogeneity.METHODS:
+            cfg = parse_config(heterogeneity.run_config(args, partitioning, method, 0, ""), check_paths=False)
+            assert cfg.fraction_evaluate == 1.0 and cfg.scaffold == (method == "scaffold")
+
+
 def test_every_robustness_cell_is_a_valid_run_config() -> None:
     import argparse
 

@@ -1,0 +1,232 @@
+"""Label skew × method: which answer to heterogeneous sites helps, over seeds.
+
+Every cell is ``--seeds`` federated runs of the real server loop, strategies and clients (in
+process: ``bench/inprocess.py``) on the small synthetic setting of ``bench/robustness.py``, scored
+after the last round by the central test video accuracy and by the worst site's accuracy on its own
+test videos (which follow its training labels: ``datasets.partition.follow_partition``). Writes
+``heterogeneity.md``, ``heterogeneity.json`` and ``heterogeneity.png`` to ``--out`` and prints each
+cell and the wall time.
+
+    # the issue's setting: 10 clients, 20 rounds, 3 seeds, IID and Dirichlet 1.0 / 0.3 / 0.1
+    .venv/bin/python -m bench.heterogeneity --out docs
+    # a quick look
+    .venv/bin/python -m bench.heterogeneity --rounds 3 --seeds 0 --partitionings dirichlet-0.1 --methods fedavg scaffold
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.inprocess import comparison_config, run_inprocess
+from bench.robustness import SMALL, cell_text, json_key, mean_std, read_json
+from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
+from fedapp.server.summary import site_figures
+
+PARTITIONINGS: dict[str, dict[str, Any]] = {
+    "iid": {"partitioning": "iid"},
+    "dirichlet-1.0": {"partitioning": "dirichlet", "dirichlet-alpha": 1.0},
+    "dirichlet-0.3": {"partitioning": "dirichlet", "dirichlet-alpha": 0.3},
+    "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
+}
+# Clients train with the app's AdamW (lr 0.002) except where a method needs plain SGD: SCAFFOLD's
+# option II does, so "fedavg-sgd" is its like-for-like baseline (same optimizer, no control variates).
+SGD: dict[str, Any] = {"optimizer": "sgd", "momentum": 0.0, "lr": 0.05}
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg"},
+    "fedprox": {"strategy": "fedavg", "proximal-mu": 0.01},
+    # Effective step lr / (1 − β) = 1, FedAvg's, once the momentum builds up.
+    "fedavgm": {"strategy": "fedavg", "server-lr": 0.5, "server-momentum": 0.5},
+    "fedadam": {"strategy": "fedavg", "server-optimizer": "adam", "server-lr": 0.01},
+    "fedbn": {"strategy": "fedavg", "fedbn": True},
+    "fedavg-sgd": {"strategy": "fedavg", **SGD},
+    "scaffold": {"strategy": "fedavg", "scaffold": True, **SGD},
+}
+
+
+def run_config(args: argparse.Namespace, partitioning: str, method: str, seed: int, clip_cache: str) -> dict[str, Any]:
+    """The run config of one cell and seed; the seed drives the initial model, data order and split."""
+    return {
+        **comparison_config(args.rounds, args.clients, args.cache_dir),
+        **SMALL,
+        "fraction-evaluate": 1.0,  # every site scores the global model on its own test videos
+        "min-evaluate-nodes": args.clients,
+        "clip-cache-dir": clip_cache,
+        "torch-threads": args.threads,
+        "seed": seed,
+        "partition-seed": 42 + seed,
+        **PARTITIONINGS[partitioning],
+        **METHODS[method],
+    }
+
+
+def run_grid(
+    args: argparse.Namespace, command: str, save: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Every partitioning × method × seed of ``args``; ``save`` gets the result so far after every
+    run (``"partial": true`` until the last)."""
+    started = time.perf_counter()
+    setting = {k: v for k, v in vars(args).items() if k in ("rounds", "clients", "seeds")}
+    central: dict[str, dict[str, list[float]]] = {}
+    worst: dict[str, dict[str, list[float]]] = {}
+    curves: dict[str, list[float]] = {}
+
+    def result(partial: bool) -> dict[str, Any]:
+        return {
+            "setting": setting,
+            "partial": partial,
+            "commands": [{"command": command.strip(), "wall-time-s": time.perf_counter() - started}],
+            "central-video-accuracy": central,
+            "worst-site-video-accuracy": worst,
+            "video-accuracy-per-round": curves,
+        }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for partitioning in args.partitionings:
+            for method in args.methods:
+                central.setdefault(partitioning, {})[method] = []
+                worst.setdefault(partitioning, {})[method] = []
+                for seed in args.seeds:
+                    config = run_config(args, partitioning, method, seed, str(Path(tmp) / "clips"))
+                    cell = time.perf_counter()
+                    name = f"{partitioning}-{method}-{seed}"
+                    results = run_inprocess(config, args.clients, Path(tmp) / name)
+                    accuracy = [r["central"]["video-accuracy"] for r in results.rounds]
+                    sites = site_figures([r for r in results.rounds if r.get("round", 0) >= 1])
+                    if sites is None or len(sites["sites"]) < args.clients:
+                        raise SystemExit(f"{name}: not every site evaluated in the last rounds ({sites})")
+                    central[partitioning][method].append(accuracy[-1])
+                    worst[partitioning][method].append(sites["worst"])
+                    curves[name] = accuracy
+                    print(
+                        f"{partitioning:>13} | {method:<11} | seed {seed} | central {accuracy[-1]:.3f} | "
+                        f"worst site {sites['worst']:.3f} | {time.perf_counter() - cell:.0f} s",
+                        flush=True,
+                    )
+                    if save is not None:
+                        save(result(partial=True))
+    return result(partial=False)
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from parts of a grid run separately; refuses parts of different settings."""
+    if len({json_key(p["setting"]) for p in parts}) > 1:
+        raise SystemExit("cannot merge runs of different settings")
+    merged: dict[str, Any] = {
+        "setting": parts[0]["setting"],
+        "partial": any(p.get("partial", False) for p in parts),
+        "commands": [c for p in parts for c in p["commands"]],
+        "video-accuracy-per-round": {k: v for p in parts for k, v in p["video-accuracy-per-round"].items()},
+    }
+    for measure in ("central-video-accuracy", "worst-site-video-accuracy"):
+        table: dict[str, dict[str, list[float]]] = {}
+        for part in parts:
+            for partitioning, by_method in part[measure].items():
+                table.setdefault(partitioning, {}).update(by_method)
+        merged[measure] = table
+    return merged
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Methods as rows, partitionings as columns; each cell central / worst site, mean ± std."""
+    setting = result["setting"]
+    seeds = len(setting["seeds"])
+    commands = "; ".join(f"`{c['command']}` ({c['wall-time-s'] / 60:.0f} min)" for c in result["commands"])
+    central, worst = result["central-video-accuracy"], result["worst-site-video-accuracy"]
+    partitionings = list(central)
+    methods = list(dict.fromkeys(m for by_method in central.values() for m in by_method))
+    lines = [
+        f"Video accuracy after {setting['rounds']} rounds, mean ± std over seeds {setting['seeds']} "
+        f"({setting['clients']} clients, tiny3d, small synthetic setting of bench/robustness.py; chance 0.125): "
+        "the central test accuracy, then the worst site's accuracy on its own test videos. "
+        f"Run on this machine (2 cores) as {commands}.",
+        "",
+    ]
+    if result.get("partial"):
+        lines += ["**Partial**: stopped before the grid finished; (n=k) marks k seeds.", ""]
+    for title, table in (("central", central), ("worst site", worst)):
+        lines += [f"**{title}**", "", "| method | " + " | ".join(partitionings) + " |"]
+        lines.append("|---|" + "---|" * len(partitionings))
+        for method in methods:
+            cells = [cell_text(table[p].get(method), seeds) for p in partitionings]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Mean ± std bars per partitioning and method: central above, worst site below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    measures = (("central-video-accuracy", "central"), ("worst-site-video-accuracy", "worst site"))
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7), squeeze=False)
+    for ax, (key, title) in zip(axes[:, 0], measures):
+        table = result[key]
+        partitionings = list(table)
+        methods = list(dict.fromkeys(m for by_method in table.values() for m in by_method))
+        width = 0.8 / max(len(methods), 1)
+        for k, method in enumerate(methods):
+            stats = [mean_std(table[p].get(method) or [0.0]) for p in partitionings]
+            ax.bar(
+                np.arange(len(partitionings)) + k * width,
+                [m for m, _ in stats],
+                width,
+                yerr=[s for _, s in stats],
+                label=method,
+                capsize=2,
+            )
+        ax.axhline(0.125, color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(np.arange(len(partitionings)) + 0.4 - width / 2, partitionings)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"{title} video accuracy")
+    axes[0][0].legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--partitionings", nargs="+", default=list(PARTITIONINGS), choices=list(PARTITIONINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=[], metavar="DIR",
+        help="instead of running: merge the heterogeneity.json of earlier runs (e.g. parts run side by side)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    command = "python -m bench.heterogeneity " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge:
+        result = merge([read_json(d / "heterogeneity.json") for d in args.merge])
+    else:
+        result = run_grid(args, command, save=lambda so_far: _save(args.out, so_far))
+    _save(args.out, result)
+    table = markdown_table(result)
+    atomic_write_bytes(args.out / "heterogeneity.md", table.encode())
+    plot(result, args.out / "heterogeneity.png")
+    print(table)
+    return 0
+
+
+def _save(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "heterogeneity.json", result)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
