@@ -154,6 +154,9 @@ STRATEGY_RUNS = {
     "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 10, "feddf-videos": 8},
     "fedavgm-fedprox-fedbn": {"server-momentum": 0.9, "server-lr": 0.5, "proximal-mu": 0.01, "fedbn": True},
     "dp-client-side": {"strategy": "average", "dp": "client-side", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0},
+    "fedadam": {"server-optimizer": "adam", "server-lr": 0.01},
+    # Two ArrayRecords each way through Flower's own message path.
+    "scaffold": {"scaffold": True, "optimizer": "sgd", "momentum": 0.0, "lr": 0.05},
 }
 
 
@@ -174,6 +177,8 @@ def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_p
         assert record["fusion"]["steps"] >= 0 and "best-val-kl" in record["fusion"]
     if name == "weighted":
         assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9
+    if name == "scaffold":
+        assert record["fusion"]["scaffold"]["clients"] == 5 and record["fusion"]["scaffold"]["control-norm"] > 0
     if name == "dp-client-side":  # clipped on the nodes by Flower's fixedclipping_mod, noised on the server
         assert record["privacy"]["update-norm-median"] <= 2.0 + 1e-4
         assert summary["privacy"]["epsilon"] > 0 and summary["privacy"]["releases"] == 1
