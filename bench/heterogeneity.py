@@ -138,7 +138,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     seeds = len(setting["seeds"])
     commands = "; ".join(f"`{c['command']}` ({c['wall-time-s'] / 60:.0f} min)" for c in result["commands"])
     central, worst = result["central-video-accuracy"], result["worst-site-video-accuracy"]
-    partitionings = list(central)
+    partitionings = sorted(central, key=_skew_order)
     methods = list(dict.fromkeys(m for by_method in central.values() for m in by_method))
     lines = [
         f"Video accuracy after {setting['rounds']} rounds, mean ± std over seeds {setting['seeds']} "
@@ -159,6 +159,12 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _skew_order(partitioning: str) -> int:
+    """IID first, then decreasing Dirichlet α (merged parts may come in any order)."""
+    order = list(PARTITIONINGS)
+    return order.index(partitioning) if partitioning in order else len(order)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Mean ± std bars per partitioning and method: central above, worst site below."""
     import matplotlib
@@ -171,7 +177,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(11, 7), squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], measures):
         table = result[key]
-        partitionings = list(table)
+        partitionings = sorted(table, key=_skew_order)
         methods = list(dict.fromkeys(m for by_method in table.values() for m in by_method))
         width = 0.8 / max(len(methods), 1)
         for k, method in enumerate(methods):
