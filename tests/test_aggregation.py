@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from strategies.aggregation import fedavg, weighted_average
+from strategies.aggregation import BLOCK, fedavg, weighted_average
 from strategies.validation import check_update, reference_spec
 
 
@@ -76,3 +76,44 @@ def test_check_update_rejects_each_malformed_kind():
     assert "negative variances" in check_update(bn, 3, reference_spec(bn))
     assert "not a number" in check_update(good, "10", spec)
     assert "not a number" in check_update(good, True, spec)
+
+
+def reference_weighted_average(updates):
+    """The unblocked running float64 sum the blocked means replaced (the reference)."""
+    updates = list(updates)
+    total = sum(float(w) for _, w in updates)
+    out = {}
+    for key, first in updates[0][0].items():
+        acc = np.zeros(np.shape(first), np.float64)
+        for arrays, weight in updates:
+            acc = acc + float(weight) * np.asarray(arrays[key], np.float64)
+        acc = acc / total
+        dtype = np.asarray(first).dtype
+        out[key] = np.asarray(np.rint(acc).astype(dtype) if np.issubdtype(dtype, np.integer) else acc.astype(dtype))
+    return out
+
+
+def test_blocked_means_equal_the_running_float64_sum_bit_for_bit():
+    rng = np.random.default_rng(11)
+    big = BLOCK * 2 + 123  # several blocks and a ragged last one
+    models = []
+    for _ in range(5):
+        models.append(
+            {
+                "big": rng.normal(size=big).astype(np.float32),
+                "conv": rng.normal(size=(7, 3, 5)).astype(np.float32),
+                "strided": rng.normal(size=(6, 8)).astype(np.float32)[:, ::2],  # not contiguous
+                "half": rng.normal(size=9).astype(np.float16),
+                "scalar": np.asarray(rng.normal(), np.float32),
+                "counter": np.asarray(rng.integers(0, 1000), np.int64),
+                "empty": np.zeros((0, 3), np.float32),
+            }
+        )
+    weights = [float(w) for w in rng.uniform(0.1, 40, size=5)]
+    got = weighted_average(zip(models, weights))
+    want = reference_weighted_average(zip(models, weights))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert isinstance(got["scalar"], np.ndarray) and got["scalar"].ndim == 0
