@@ -205,9 +205,10 @@ def follow_partition(
     for empty in [i for i, part in enumerate(parts) if not part]:
         mine = np.bincount(train[list(train_parts[empty])], minlength=int(label_of.max(initial=0)) + 1)
         for c in np.argsort(-mine, kind="stable"):
-            donors = [i for i, part in enumerate(parts) if sum(label_of[j] == c for j in part) > 0 and len(part) > 1]
-            if donors:
-                donor = max(donors, key=lambda i: sum(label_of[j] == c for j in parts[i]))
+            # Videos of class c each client could give without being left empty itself.
+            spare = [int(np.sum(label_of[part] == c)) if len(part) > 1 else 0 for part in parts]
+            donor = int(np.argmax(spare))
+            if spare[donor]:
                 moved = next(j for j in parts[donor] if label_of[j] == c)
                 parts[donor].remove(moved)
                 parts[empty].append(moved)

@@ -32,7 +32,7 @@ from strategies.fusion import coordinate_median, geometric_median, krum, krum_to
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.scaffold import CONTROL, CONTROL_DELTA, server_control, zero_control
 from strategies.server_optimizer import SERVER_OPTIMIZERS, adaptive_step, server_step
-from strategies.validation import check_update, is_unchanged, reference_spec
+from strategies.validation import check_tensors, check_update, is_unchanged, reference_spec
 from strategies.weighting import client_weights
 
 logger = logging.getLogger(__name__)
@@ -409,15 +409,8 @@ class VideoFedAvg(FedAvg):
             delta = arrays_to_numpy(record)
         except Exception as exc:
             return None, f"{CONTROL_DELTA} could not be read: {exc}"
-        control = self.control or zero_control(self._current)
-        if set(delta) != set(control):
-            return None, f"{CONTROL_DELTA} tensors do not match the control variate's"
-        for key, value in delta.items():
-            if value.shape != control[key].shape or not np.issubdtype(value.dtype, np.floating):
-                return None, f"{CONTROL_DELTA} tensor {key!r} has shape {value.shape} / dtype {value.dtype}"
-            if not np.isfinite(value).all():
-                return None, f"{CONTROL_DELTA} tensor {key!r} has non-finite values"
-        return delta, ""
+        reason = check_tensors(delta, reference_spec(self.control or zero_control(self._current)))
+        return (None, f"{CONTROL_DELTA}: {reason}") if reason else (delta, "")
 
 
 class AverageStrategy(VideoFedAvg):

@@ -23,6 +23,12 @@ def check_update(
         return f"num-examples is {num_examples!r}, not a number"
     if not np.isfinite(num_examples) or num_examples <= 0:
         return f"num-examples is {num_examples}, must be > 0"
+    return check_tensors(arrays, spec)
+
+
+def check_tensors(arrays: Mapping[str, np.ndarray], spec: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
+    """Why named tensors do not match ``spec`` (names, shapes, dtypes, finite values, variances),
+    or ``None``: a model against the global one, SCAFFOLD's Δcᵢ against the control variate."""
     missing = spec.keys() - arrays.keys()
     extra = arrays.keys() - spec.keys()
     if missing or extra:
