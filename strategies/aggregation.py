@@ -6,25 +6,23 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from strategies.blocks import Span, block_length, flat_views, gather, run_in_blocks, spans
+
 Weights = dict[str, np.ndarray]
 
 
-# Coordinates per block of the blocked means: two float64 blocks (512 KiB each) stay in a core's
-# cache while every client's slice is added, so memory traffic is one read of each input.
-BLOCK = 1 << 16
-
-
 def weighted_average(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Weights:
-    """Weighted mean ``Σ wᵢθᵢ / Σ wᵢ`` over ``(weights, wᵢ)`` pairs, summed in float64.
+    """Weighted mean ``Σ wᵢθᵢ / Σ wᵢ`` over ``(weights, wᵢ)`` pairs, computed in float64.
 
-    Blocked over coordinates: for each block of a tensor every client's slice is scaled and added
-    into a cache-sized float64 buffer, then the block is divided and cast into the output. Extra
-    memory is the output plus two blocks; no full-size temporary. Each tensor keeps the dtype of
-    the first update; integer tensors (BatchNorm's ``num_batches_tracked``) are rounded back to
+    Blocked over coordinates (``strategies.blocks``): each block of every client's tensor is cast
+    into a cache-resident float64 buffer and the block's mean is one matrix-vector product with the
+    normalized weights; the result is cast into the output. Extra memory is the output plus one
+    block buffer per thread, whatever N; no full-size temporary. Each tensor keeps the dtype of the
+    first update; integer tensors (BatchNorm's ``num_batches_tracked``) are rounded back to
     integers rather than becoming floats.
     """
     models, weights, total = _checked(updates)
-    return {key: _blocked_mean(key, models, weights, total, np.asarray(models[0][key]).dtype) for key in models[0]}
+    return _blocked_means(models, weights, total)
 
 
 def average(updates: Iterable[Mapping[str, np.ndarray]]) -> Weights:
@@ -38,8 +36,6 @@ def _checked(
     models: list[Mapping[str, np.ndarray]] = []
     weights: list[float] = []
     for arrays, weight in updates:
-        # A Python float: numpy float64 scalars make ``weight * array`` allocate a fresh array
-        # instead of reusing the temporary (1.5x slower, docs/BENCHMARKS.md).
         weight = float(weight)
         if weight < 0 or not np.isfinite(weight):
             raise ValueError(f"aggregation weight must be finite and >= 0, got {weight}")
@@ -55,36 +51,23 @@ def _checked(
     return models, weights, total
 
 
-def _blocked_mean(
-    key: str, models: list[Mapping[str, np.ndarray]], weights: list[float], total: float, dtype: np.dtype
-) -> np.ndarray:
-    """One tensor's weighted mean, cast to ``dtype`` (float64 keeps it unrounded)."""
-    shape = np.shape(models[0][key])
-    flats = [np.asarray(m[key]).reshape(-1) for m in models]  # views of contiguous tensors, no copy
-    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
-    acc = np.empty(min(out.size, BLOCK), np.float64)
-    term = np.empty_like(acc)
-    for start in range(0, out.size, BLOCK):
-        stop = min(start + BLOCK, out.size)
-        a, t = acc[: stop - start], term[: stop - start]
-        # Same operations in the same client order as a running float64 sum: identical results.
-        np.multiply(flats[0][start:stop], weights[0], out=a, dtype=np.float64)
-        for flat, weight in zip(flats[1:], weights[1:]):
-            np.multiply(flat[start:stop], weight, out=t, dtype=np.float64)
-            a += t
-        a /= total
-        out[start:stop] = np.rint(a) if np.issubdtype(dtype, np.integer) else a
-    return out.reshape(shape)
+def _blocked_means(models: list[Mapping[str, np.ndarray]], weights: list[float], total: float) -> Weights:
+    """Every tensor's weighted mean, cast to its input dtype."""
+    coefficients = np.asarray(weights, np.float64) / total
+    flats = {key: flat_views(models, key) for key in models[0]}
+    out = {}
+    for key, first in models[0].items():
+        out[key] = np.empty(np.shape(first), np.asarray(first).dtype)
+    outs = {key: value.reshape(-1) for key, value in out.items()}  # views: blocks write into ``out``
 
+    def one_block(span: Span) -> None:
+        key, start, stop = span
+        target = outs[key][start:stop]
+        mean = coefficients @ gather(flats[key], start, stop, np.float64)
+        target[...] = np.rint(mean) if np.issubdtype(target.dtype, np.integer) else mean
 
-def _weighted_mean64(
-    updates: Iterable[tuple[Mapping[str, np.ndarray], float]],
-) -> tuple[dict[str, np.ndarray], dict[str, np.dtype]]:
-    # The float64 mean before casting back, for iterative rules (geometric median) whose iterate
-    # must not be rounded to float32 between steps.
-    models, weights, total = _checked(updates)
-    dtypes = {k: np.asarray(v).dtype for k, v in models[0].items()}
-    return {key: _blocked_mean(key, models, weights, total, np.dtype(np.float64)) for key in models[0]}, dtypes
+    run_in_blocks(one_block, spans({k: v.size for k, v in outs.items()}, block_length(len(models))))
+    return out
 
 
 def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
@@ -97,3 +80,75 @@ def _cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         return np.asarray(np.rint(value).astype(dtype))
     return np.asarray(value.astype(dtype))
+
+
+class RunningMean:
+    """``Σ wᵢθᵢ / Σ wᵢ`` over updates added one at a time, as replies arrive, none of them kept.
+
+    The sum is kept in each tensor's float dtype with Kahan's compensation term beside it, so
+    memory is two models whatever N, and the result is within a few ulps of the float64 mean
+    (:func:`weighted_average`, tested against it). Integer tensors are summed in float64 (they
+    are counters: a few bytes) and rounded back. Each update is checked as :func:`weighted_average`
+    checks its inputs: same tensor names, weight finite and >= 0.
+    """
+
+    def __init__(self) -> None:
+        self._sum: dict[str, np.ndarray] = {}
+        self._compensation: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold one update in; the caller may drop it afterwards."""
+        weight = float(weight)
+        if weight < 0 or not np.isfinite(weight):
+            raise ValueError(f"aggregation weight must be finite and >= 0, got {weight}")
+        if not self._sum:
+            for key, value in arrays.items():
+                dtype = np.asarray(value).dtype
+                work = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float64)
+                self._dtypes[key], self._shapes[key] = dtype, np.shape(value)
+                self._sum[key] = np.zeros(np.size(value), work)
+                self._compensation[key] = np.zeros(np.size(value), work)
+        elif arrays.keys() != self._sum.keys():
+            raise ValueError("updates have different tensor names")
+        for key, total in self._sum.items():
+            flat = np.asarray(arrays[key]).reshape(-1)
+            compensation = self._compensation[key]
+            for start in range(0, total.size, MEAN_BLOCK):
+                stop = min(start + MEAN_BLOCK, total.size)
+                _kahan_add(total[start:stop], compensation[start:stop], flat[start:stop], weight)
+        self.total += weight
+        self.count += 1
+
+    def result(self) -> Weights:
+        """The mean so far, in each tensor's dtype; the running sums are consumed."""
+        if not self.count:
+            raise ValueError("no updates to aggregate")
+        if self.total <= 0:
+            raise ValueError("aggregation weights sum to zero")
+        out: Weights = {}
+        for key in list(self._sum):
+            total = self._sum.pop(key)
+            del self._compensation[key]
+            total /= self.total
+            dtype = self._dtypes[key]
+            value = total if total.dtype == dtype else _cast_like(total, dtype)
+            out[key] = value.reshape(self._shapes[key])
+        return out
+
+
+# Coordinates per step of the running sums: the four block temporaries stay in cache.
+MEAN_BLOCK = 1 << 14
+
+
+def _kahan_add(total: np.ndarray, compensation: np.ndarray, values: np.ndarray, weight: float) -> None:
+    # Kahan: y = w·x − c; t = s + y; c = (t − s) − y; s = t. All in the sum's dtype.
+    y = np.multiply(values, weight, dtype=total.dtype)
+    y -= compensation
+    t = total + y
+    np.subtract(t, total, out=compensation)
+    compensation -= y
+    total[...] = t

@@ -23,7 +23,8 @@ def _run(main, argv: list[str], tmp_path: Path, capsys) -> dict:
 
 
 def test_aggregation_benchmark(tmp_path: Path, capsys) -> None:
-    result = _run(aggregation.main, ["--model", "tiny3d", "--clients", "3", "--repeats", "1"], tmp_path, capsys)
+    argv = ["--model", "tiny3d", "--clients", "3", "--repeats", "1", "--threads", "1", "2"]
+    result = _run(aggregation.main, argv, tmp_path, capsys)
     assert result["input-bytes"] == 3 * result["model-bytes"] > 0
     assert _positive(result["bound-s"])
     names = [row["function"] for row in result["rows"]]
@@ -33,11 +34,14 @@ def test_aggregation_benchmark(tmp_path: Path, capsys) -> None:
     for row in result["rows"]:
         assert _positive(row["best-s"]) and math.isfinite(row["x-bound"]) and row["x-bound"] > 0
         assert row["peak-extra-bytes"] >= 0
-    # fedavg allocates its output model and two float64 blocks, nothing that grows with the model
-    from strategies.aggregation import BLOCK
+    assert result["threads"] == [1, 2] and {r["threads"] for r in result["rows"]} == {1, 2}
+    # fedavg allocates its output model and at most a block buffer and a block result per thread,
+    # nothing that grows with the model
+    from strategies.blocks import BLOCK_BYTES
 
-    fedavg = next(r for r in result["rows"] if r["function"] == "fedavg")
-    assert result["model-bytes"] <= fedavg["peak-extra-bytes"] <= result["model-bytes"] + 2 * BLOCK * 8 + 65536
+    for fedavg in (r for r in result["rows"] if r["function"] == "fedavg"):
+        extra = fedavg["peak-extra-bytes"] - result["model-bytes"]
+        assert 0 <= extra <= fedavg["threads"] * 2 * BLOCK_BYTES + 65536
 
 
 def test_bytes_per_round_benchmark(tmp_path: Path, capsys) -> None:

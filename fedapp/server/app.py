@@ -45,6 +45,7 @@ from fedapp.task.data import load_video_index
 from fedapp.task.devices import select_device
 from fedapp.task.models import build_model
 from fedapp.task.train import set_torch_threads
+from strategies.blocks import set_threads
 from strategies.privacy import PrivateStrategy
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def run_federation(
     if cfg.resume and checkpoint is None:
         raise CheckpointError(f"resume={cfg.resume!r} but no checkpoint was given: locate the run with locate_run")
     set_torch_threads(cfg.torch_threads)
+    set_threads(cfg.aggregation_threads)
     index = load_video_index(cfg)  # generates the synthetic default before any client needs it
     logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
                 len(index.train), len(index.test))  # fmt: skip

@@ -52,6 +52,7 @@ class AppConfig:
     min_evaluate_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 900.0
+    aggregation_threads: int = 0
     central_eval: bool = True
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
@@ -258,6 +259,7 @@ def parse_config(run_config: Mapping[str, Any], check_paths: bool = True) -> App
             f"{cfg.min_train_nodes} / min-evaluate-nodes={cfg.min_evaluate_nodes}: it must be >= both"
         )
     _range("round-timeout", cfg.round_timeout, 0.0, low_open=True)
+    _range("aggregation-threads", cfg.aggregation_threads, 0)
     _range("server-lr", cfg.server_lr, 0.0, low_open=True)
     _range("server-momentum", cfg.server_momentum, 0.0, 1.0)
     _choice("server-optimizer", cfg.server_optimizer, SERVER_OPTIMIZERS)
