@@ -5,7 +5,11 @@
 disabled, a project-local ``FLWR_HOME``, logs in the run folder), runs the app, then checks both
 Flower's run status and the app's ``summary.json``, and exits non-zero unless both say it worked.
 
-    fedvideo run [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."]
+    fedvideo run [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."] [--ray-address HOST:PORT]
+
+Without ``--ray-address`` the simulation starts a Ray of its own on this machine (an inherited
+``RAY_ADDRESS`` is ignored, with a note). With it, the simulation joins the Ray cluster whose head's
+GCS listens at HOST:PORT (``ray start --head --port=PORT``), checked before anything starts.
 """
 
 from __future__ import annotations
@@ -62,6 +66,124 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("RAY_DEDUP_LOGS", "0")
     return env
+
+
+# Ray reads RAY_ADDRESS in ray.init() (Flower's Ray backend passes no address). "local" makes it
+# start a Ray of its own; without any value it would join a cluster that a `ray start --head` on
+# this machine recorded in /tmp/ray/ray_current_cluster (tested: it does, silently).
+RAY_PRIVATE = "local"
+# ray.init() refuses these when it joins a cluster ("When connecting to an existing cluster, num_cpus
+# and num_gpus must not be provided."; tested: the run fails after its folder was written).
+RAY_CLUSTER_REFUSES = ("init-args-num-cpus", "init-args-num-gpus")
+# A Ray head's GCS answers this RPC (an empty request) with the cluster's id; any other server
+# (Ray Client, raylet, dashboard, another service) does not.
+GCS_PROBE = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+
+def parse_ray_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT``) of a Ray head's GCS as ``(host, port)``; ValueError naming
+    what is wrong."""
+    usage = "give the head's GCS address as HOST:PORT, the --port of `ray start --head` (default 6379)"
+    if "://" in text:
+        raise ValueError(f"--ray-address {text!r}: {usage}, not a URL (Ray Client ray:// is not supported)")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^\s:\[\]]+):(\d+)", text.strip())
+    if m is None:
+        raise ValueError(f"--ray-address {text!r}: {usage}")
+    host, port = (m.group(1), int(m.group(2))) if m.group(1) else (m.group(3), int(m.group(4)))
+    if not 0 < port < 65536:
+        raise ValueError(f"--ray-address {text!r}: port {port} is out of range (1-65535)")
+    return host, port
+
+
+def ray_auth_token(environ: Mapping[str, str]) -> str | None:
+    """The token Ray's token authentication (``RAY_AUTH_MODE=token``) would send, where Ray looks for
+    it: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if environ.get("RAY_AUTH_TOKEN"):
+        return environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def ray_cluster_problem(address: str, environ: Mapping[str, str] = os.environ, timeout: float = 5.0) -> str | None:
+    """Why a simulation could not join the Ray cluster at ``address``, in words; None when a Ray
+    head's GCS answers there.
+
+    Checked before anything starts: given an address where nothing answers, ``ray.init`` retries
+    for minutes (tested: over 2.5 min) and the run would hang until ``--timeout``. First a TCP
+    connection, then one gRPC call that only a Ray GCS answers (with the token when
+    ``RAY_AUTH_MODE=token``), so that another port of the head (Ray Client 10001, the dashboard) or
+    another service is named as such.
+    """
+    try:
+        host, port = parse_ray_address(address)
+    except ValueError as exc:
+        return str(exc)
+    start = f"`ray start --head --port={port}` running on {host}"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"--ray-address {address}: cannot connect ({exc}): is {start}, and the port open to this host?"
+    try:
+        import grpc  # installed with ray
+    except ImportError:  # pragma: no cover - ray depends on grpcio
+        return None
+    token = ray_auth_token(environ)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(listen_address(host, port)) as channel:
+        call = channel.unary_unary(GCS_PROBE, request_serializer=lambda _: b"", response_deserializer=bytes)
+        try:
+            call(None, timeout=timeout, metadata=metadata)
+            return None
+        except grpc.RpcError as exc:
+            code, details = exc.code(), (exc.details() or "").splitlines()[0][:200]
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return (
+            f"--ray-address {address}: the Ray cluster requires token authentication and "
+            f"{'the token here is wrong' if token else 'this shell has no token'}: set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        )
+    return (
+        f"--ray-address {address}: something listens there, but it is not a Ray head's GCS port "
+        f"({code.name}: {details}); give the --port of `ray start --head` (default 6379), not the Ray "
+        "Client (10001) or dashboard port"
+    )
+
+
+def check_ray_federation(federation_config: str) -> None:
+    """Refuse (ConfigError) the ``--federation-config`` keys that Ray refuses when it joins a cluster:
+    a cluster's size is set by ``ray start --num-cpus/--num-gpus`` on each host."""
+    from fedapp.task.config import ConfigError, parse_overrides
+
+    given = [key for key in RAY_CLUSTER_REFUSES if key in parse_overrides([federation_config])]
+    if given:
+        raise ConfigError(
+            f"--federation-config {' '.join(given)} cannot be used with --ray-address: Ray refuses "
+            "num_cpus/num_gpus when it joins a cluster (the cluster's resources are what `ray start "
+            "--num-cpus/--num-gpus` gave each host); leave them out, client-resources-* still apply"
+        )
+
+
+def ray_environment(env: dict[str, str], ray_address: str | None) -> str | None:
+    """Point the simulation's Ray at ``ray_address`` (RAY_ADDRESS, which the SuperLink's simulation
+    process inherits), or at a Ray of its own (``RAY_ADDRESS=local``) when it is None. Returns a
+    note for the console when an inherited RAY_ADDRESS is set aside."""
+    inherited = env.get("RAY_ADDRESS", "")
+    if ray_address is not None:
+        host, port = parse_ray_address(ray_address)
+        env["RAY_ADDRESS"] = listen_address(host, port)
+        return None
+    env["RAY_ADDRESS"] = RAY_PRIVATE
+    if inherited and inherited != RAY_PRIVATE:
+        return (
+            f"note: RAY_ADDRESS={inherited} in your environment is ignored; this simulation starts a Ray of "
+            f"its own. To run on that cluster: fedvideo run --ray-address {inherited} ..."
+        )
+    return None
 
 
 class TlsFiles(NamedTuple):
@@ -369,15 +491,27 @@ def launch_log_dir(run_dir: Path) -> Path:
     return run_dir / "logs" / f"launch-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}"
 
 
-def launch(run_config: list[str], federation_config: str, timeout: float, cfg: Any) -> Outcome:
+def launch(
+    run_config: list[str], federation_config: str, timeout: float, cfg: Any, ray_address: str | None = None
+) -> Outcome:
     """Start a SuperLink, run the app with ``flwr run --stream``, stop everything, judge the outcome.
-    ``cfg``: the run config as :func:`check_run_config` validated it."""
+    ``cfg``: the run config as :func:`check_run_config` validated it. ``ray_address``: the Ray
+    cluster the simulation joins (checked by :func:`ray_cluster_problem`); None: a Ray of its own."""
     from fedapp.ops.watchdog import Watchdog
 
     run_dir = run_location(run_config, cfg)
     log_dir = launch_log_dir(run_dir)
     flwr_home = Path(os.environ.get("FEDVIDEO_FLWR_HOME", PROJECT_DIR / ".flwr_home")).resolve()
     env = flwr_env(flwr_home)
+    note = ray_environment(env, ray_address)
+    if note:
+        print(note, flush=True)
+    if ray_address is not None:
+        print(
+            f"simulation on the Ray cluster at {env['RAY_ADDRESS']} (its nodes: ray status --address "
+            f"{env['RAY_ADDRESS']})",
+            flush=True,
+        )
     port = free_port()
     write_connection(flwr_home, port)
     watchdog = Watchdog()  # stops what we start if this process dies without its finally blocks
@@ -514,20 +648,37 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_FEDERATION_CONFIG,
         help=f"simulation size and resources (default: {DEFAULT_FEDERATION_CONFIG!r})",
     )
+    parser.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the simulation on this Ray cluster (the head's `ray start --head --port`), "
+        "checked before anything starts; default: a Ray of its own on this machine",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     args = parser.parse_args(argv)
     from fedapp.task.config import ConfigError
 
     try:  # before anything starts or is written, in well under a second (no torch, no Flower process)
         cfg = check_run_config(args.run_config, args.federation_config)
+        if args.ray_address is not None:
+            check_ray_federation(args.federation_config)
     except ConfigError as exc:
         print(f"FAILED: config: {exc}", file=sys.stderr)
         return 2
+    if args.ray_address is not None:  # joined or refused: never a silent fallback to a Ray of its own
+        try:
+            parse_ray_address(args.ray_address)
+        except ValueError as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 2
+        if problem := ray_cluster_problem(args.ray_address):
+            print(f"FAILED: {problem}", file=sys.stderr)  # nothing started, nothing written
+            return 1
     from fedapp.server.checkpoint import CheckpointError
     from fedapp.server.results import RunFolderError
 
     try:
-        outcome = launch(args.run_config, args.federation_config, args.timeout, cfg)
+        outcome = launch(args.run_config, args.federation_config, args.timeout, cfg, args.ray_address)
     except (RunFolderError, CheckpointError) as exc:  # refused before anything started or was written
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
