@@ -1,10 +1,11 @@
 """An in-process federation for benchmarks: the real ServerApp round loop, strategies and
 ClientApp handlers, with Flower's transport replaced by direct calls.
 
-``InProcessGrid`` stands in for ``flwr.serverapp.Grid`` (the round loop only uses
-``get_node_ids`` and ``send_and_receive``): each message goes to the ClientApp itself (its mods
-included) with a per-node ``Context`` whose ``state`` persists across rounds, as in Flower's engines. A client that
-raises becomes an error reply, as in Flower. What is skipped: serialization over the wire, process
+``InProcessGrid`` stands in for ``flwr.serverapp.Grid`` (the round loop uses ``get_node_ids``,
+``push_messages`` and ``pull_messages``): each message goes to the ClientApp itself (its mods
+included, run when its reply is pulled, so replies arrive one at a time as the server asks) with
+a per-node ``Context`` whose ``state`` persists across rounds, as in Flower's engines. A client
+that raises becomes an error reply, as in Flower. What is skipped: serialization over the wire, process
 spawning and Ray; ~40 s of fixed start-up per run that benchmarks with many runs cannot afford.
 """
 
@@ -39,13 +40,27 @@ class InProcessGrid:
             )
             for node_id in range(1, num_nodes + 1)
         }
+        self._queued: dict[str, Message] = {}
+        self._pushed = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
+            self._pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"inprocess-{self._pushed}"  # as Flower's grid sets it
+            self._queued[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = []
+        for message_id in message_ids:
+            msg = self._queued.pop(message_id, None)
+            if msg is None:
+                continue
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 replies.append(client_app(msg, context))

@@ -194,7 +194,7 @@ def run_round(
     stopping rule fired."""
     round_start = time.time()
     logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
-    train, bytes_down = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout)
+    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout)
     state.train = train
     if train.arrays is None:
         state.rounds_without_update += 1
@@ -203,10 +203,13 @@ def run_round(
     record_partitions(results, state, train, server_round)
     evaluate = None
     if cfg.fraction_evaluate > 0:
-        evaluate, evaluate_bytes = evaluate_round(strategy, grid, server_round, state.arrays, cfg.round_timeout)
+        evaluate, evaluate_bytes, evaluate_waited = evaluate_round(
+            strategy, grid, server_round, state.arrays, cfg.round_timeout
+        )
         bytes_down += evaluate_bytes
+        waited += evaluate_waited
     central = evaluator(state.arrays) if evaluator else {}
-    record = round_record(server_round, train, evaluate, central, bytes_down, round_start, state.started)
+    record = round_record(server_round, train, evaluate, central, bytes_down, round_start, state.started, waited)
     return record_round(results, record, cfg, state, strategy, tensorboard)
 
 

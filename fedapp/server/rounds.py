@@ -7,12 +7,14 @@ strings them together and carries :class:`RunState` from round to round.
 from __future__ import annotations
 
 import logging
+import resource
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from datasets.partition import format_partition_summary
@@ -44,28 +46,79 @@ class RunState:
     known_partitions: dict[int, list[int]] = field(default_factory=dict)
 
 
+# Pull requests while replies are outstanding: the first poll comes soon, so a fast round is not
+# held up, and the wait doubles up to Flower's own 3 s (``Grid.send_and_receive``) for slow ones.
+FIRST_POLL_S, LAST_POLL_S = 0.1, 3.0
+# Replies asked for per pull request: the replies the server holds undecoded at once.
+PULL_BATCH = 1
+
+
+@dataclass
+class Waiting:
+    """Seconds one phase spent waiting for replies (sleeping between pulls), to tell server work
+    from client time."""
+
+    seconds: float = 0.0
+
+
+def replies_as_they_arrive(
+    grid: Grid, messages: Iterable[Message], timeout: float | None, waiting: Waiting
+) -> Iterator[Message]:
+    """Push ``messages``, then yield each reply as soon as it is pulled, until all are in or
+    ``timeout`` seconds have passed (later replies are lost, as with ``send_and_receive``).
+
+    The caller folds each reply into the aggregate before the next is pulled, so the server never
+    holds all N replies (``strategies.strategy.VideoFedAvg.streams``)."""
+    pending = [i for i in grid.push_messages(messages) if i]  # Flower gives None for one it could not push
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poll = FIRST_POLL_S
+    while pending and (deadline is None or time.monotonic() < deadline):
+        arrived = False
+        asked = list(pending)  # this sweep's requests; ``pending`` shrinks as replies come
+        for start in range(0, len(asked), PULL_BATCH):
+            for reply in grid.pull_messages(asked[start : start + PULL_BATCH]):
+                arrived = True
+                answered = reply.metadata.reply_to_message_id
+                pending = [i for i in pending if i != answered]
+                yield reply
+        if arrived:
+            poll = FIRST_POLL_S
+        elif pending:
+            pause = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+            time.sleep(pause)
+            waiting.seconds += pause
+            poll = min(poll * 2, LAST_POLL_S)
+
+
 def train_round(
     strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
-) -> tuple[RoundReport, int]:
-    """Send the global model to the sampled nodes, aggregate their updates.
+) -> tuple[RoundReport, int, float]:
+    """Send the global model to the sampled nodes, aggregate their updates as they arrive.
 
-    Returns the strategy's report and the bytes sent down."""
+    Returns the strategy's report, the bytes sent down and the seconds spent waiting for replies."""
     messages = strategy.configure_train_round(server_round, NamedArrays(numpy=arrays), grid)
-    replies = grid.send_and_receive(messages, timeout=timeout)
     # Measured before train_round, which moves SCAFFOLD's control variate on: these bytes went down.
     sent = (_model_bytes(arrays) + strategy.extra_bytes_down()) * len(messages)
-    return strategy.train_round(server_round, replies), sent
+    waiting = Waiting()
+    report = strategy.train_round(server_round, replies_as_they_arrive(grid, messages, timeout, waiting))
+    return report, sent, waiting.seconds
 
 
 def evaluate_round(
     strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
-) -> tuple[RoundReport, int]:
+) -> tuple[RoundReport, int, float]:
     """Have the sampled nodes score the global model on their own data.
 
-    Returns the strategy's report and the bytes sent down."""
+    Returns the strategy's report, the bytes sent down and the seconds spent waiting for replies."""
     messages = list(strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
-    replies = grid.send_and_receive(messages, timeout=timeout)
-    return strategy.evaluate_round(server_round, replies), _model_bytes(arrays) * len(messages)
+    waiting = Waiting()
+    report = strategy.evaluate_round(server_round, replies_as_they_arrive(grid, messages, timeout, waiting))
+    return report, _model_bytes(arrays) * len(messages), waiting.seconds
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _model_bytes(arrays: dict[str, np.ndarray]) -> int:
@@ -80,8 +133,14 @@ def round_record(
     bytes_down: int,
     round_start: float,
     run_start: float,
+    waited_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One line of ``rounds.jsonl``: the round's aggregated and per-client outcome."""
+    """One line of ``rounds.jsonl``: the round's aggregated and per-client outcome.
+
+    ``server-s`` is the round's wall time minus ``waited_s``, the time spent sleeping until
+    replies came: the server's own work (sending, pulling and decoding, screening, aggregation,
+    central evaluation), clients' training excluded as far as the server can tell."""
+    now = time.time()
     return {
         "round": server_round,
         "train": dict(train.metrics),
@@ -93,8 +152,10 @@ def round_record(
         **({"privacy": train.privacy} if train.privacy is not None else {}),
         "bytes-down": bytes_down,
         "bytes-up": train.bytes_received,  # as received: compressed when compression is on
-        "round-time-s": time.time() - round_start,
-        "wall-time-s": time.time() - run_start,
+        "round-time-s": now - round_start,
+        "server-s": now - round_start - waited_s,
+        "server-peak-rss-mb": peak_rss_mb(),
+        "wall-time-s": now - run_start,
     }
 
 
