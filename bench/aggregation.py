@@ -28,9 +28,15 @@ by the update size; it belongs with the training throughput figures.
 
 from __future__ import annotations
 
+import os
+
+# Before numpy loads OpenBLAS: the means' per-block matrix-vector products would otherwise start
+# BLAS threads of their own, and the "1 thread" rows would not be one core. The aggregation
+# threads (strategies.blocks) are then the only parallelism measured.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import gc
-import os
 import platform
 import statistics
 import time
@@ -241,7 +247,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}"
+    blas = os.environ.get("OPENBLAS_NUM_THREADS")
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPUs, numpy {np.__version__}, OPENBLAS_NUM_THREADS={blas}"
 
 
 def format_table(result: dict[str, Any]) -> str:

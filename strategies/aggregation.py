@@ -17,9 +17,9 @@ def weighted_average(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) 
     Blocked over coordinates (``strategies.blocks``): each block of every client's tensor is cast
     into a cache-resident float64 buffer and the block's mean is one matrix-vector product with the
     normalized weights; the result is cast into the output. Extra memory is the output plus one
-    block buffer per thread, whatever N; no full-size temporary. Each tensor keeps the dtype of the
-    first update; integer tensors (BatchNorm's ``num_batches_tracked``) are rounded back to
-    integers rather than becoming floats.
+    block buffer, whatever N; no full-size temporary; one thread (see ``_blocked_means``). Each
+    tensor keeps the dtype of the first update; integer tensors (BatchNorm's
+    ``num_batches_tracked``) are rounded back to integers rather than becoming floats.
     """
     models, weights, total = _checked(updates)
     return _blocked_means(models, weights, total)
@@ -66,7 +66,10 @@ def _blocked_means(models: list[Mapping[str, np.ndarray]], weights: list[float],
         mean = coefficients @ gather(flats[key], start, stop, np.float64)
         target[...] = np.rint(mean) if np.issubdtype(target.dtype, np.integer) else mean
 
-    run_in_blocks(one_block, spans({k: v.size for k, v in outs.items()}, block_length(len(models))))
+    # One thread: a block's mean is ~12 short numpy calls, and on two threads their hand-offs of
+    # the GIL made the means 1.5x slower (0.29 -> 0.46 s for 10 r3d_18 clients, docs/BENCHMARKS.md),
+    # while one thread already runs at 2.3x a single read pass.
+    run_in_blocks(one_block, spans({k: v.size for k, v in outs.items()}, block_length(len(models))), threaded=False)
     return out
 
 

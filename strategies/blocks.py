@@ -65,10 +65,11 @@ def get_threads() -> int:
     return _threads
 
 
-def run_in_blocks(fn: Callable[[T], object], items: Sequence[T]) -> list:
-    """``[fn(item) for item in items]``, on the configured threads; results in ``items`` order."""
+def run_in_blocks(fn: Callable[[T], object], items: Sequence[T], threaded: bool = True) -> list:
+    """``[fn(item) for item in items]``, on the configured threads (``threaded``); results in
+    ``items`` order."""
     global _pool
-    if _threads <= 1 or len(items) <= 1:
+    if not threaded or _threads <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
     with _lock:
         if _pool is None:
