@@ -253,3 +253,84 @@ def test_compare_strategies_benchmark(tmp_path: Path) -> None:
     args = ["--rounds", "1", "--clients", "7", "--scenarios", "30%-sign-flip", "--strategies", "fedavg", "krum"]
     assert compare_strategies.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "| krum |" in (tmp_path / "strategies.md").read_text()
+
+
+def test_scale_growth_exponent_is_the_power_law_slope() -> None:
+    from bench.scale import growth_exponent
+
+    sizes = [10, 50, 100, 200]
+    assert growth_exponent(sizes, [3.0 * n**1.5 for n in sizes]) == pytest.approx(1.5)
+    assert growth_exponent(sizes, [0.7] * 4) == pytest.approx(0.0)
+    assert growth_exponent(sizes, [2.0 * n for n in sizes]) == pytest.approx(1.0)
+    assert math.isnan(growth_exponent([10], [1.0])) and math.isnan(growth_exponent([10, 20], [0.0, 1.0]))
+
+
+def _round(number: int, clients: int, round_s: float = 1.0) -> dict:
+    trained = [{"train-clips": 4.0, "clips-per-s": 20.0} for _ in range(clients)]
+    return {
+        "round": number,
+        "train-clients": {"clients": trained},
+        "round-time-s": round_s,
+        "server-s": 0.1,
+        "server-peak-rss-mb": 900.0 + number,
+    }
+
+
+def test_scale_round_costs_refuse_a_run_that_did_not_train_every_sampled_client() -> None:
+    from bench.scale import round_costs
+
+    rounds = [{"round": 0, "wall-time-s": 1.0}, _round(1, 3, 9.0), _round(2, 3, 2.0), _round(3, 3, 4.0)]
+    costs = round_costs(rounds, num_rounds=3, sampled=3)
+    assert costs["first-round-s"] == 9.0 and costs["round-s"] == pytest.approx(3.0)  # round 1 on its own
+    assert costs["client-train-s"] == pytest.approx(0.2) and costs["server-peak-rss-mb"] == 903.0
+    with pytest.raises(ValueError, match="3 trained clients"):
+        round_costs([*rounds[:3], _round(3, 2)], num_rounds=3, sampled=3)
+    with pytest.raises(ValueError, match="expected 3 rounds"):
+        round_costs(rounds[:3], num_rounds=3, sampled=3)
+
+
+def test_scale_report_flags_a_super_linear_cost() -> None:
+    from bench.scale import COSTS, report
+
+    runs = [{"clients": n, **{k: 1.0 for k in COSTS}} for n in (10, 100)]
+    result = {"settings": {"sampled": 10, "rounds": 3, "videos-per-client": 3}, "runs": runs}
+    result["exponents"] = {k: 0.0 for k in COSTS}
+    assert "SUPER-LINEAR" not in report(result)
+    result["exponents"]["round-s"] = 1.6
+    assert "SUPER-LINEAR in N: round s (exp 1.60)" in report(result)
+
+
+@pytest.mark.parametrize("n", [10, 200])
+def test_scale_run_config_samples_the_same_sites_from_every_federation(n: int, tmp_path: Path) -> None:
+    """The benchmark's run config is valid, needs all N sites and trains exactly --sampled of them."""
+    import argparse
+
+    from bench.scale import run_config
+    from datasets.synthetic import _test_groups, _video_groups
+    from fedapp.ops.launch import check_run_config
+
+    args = argparse.Namespace(rounds=3, sampled=10, videos_per_client=3, classes=8, seed=0)
+    cfg = check_run_config([run_config(n, args, tmp_path / "results", tmp_path / "cache")], f"num-supernodes={n}")
+    assert cfg.min_available_nodes == n and not cfg.central_eval
+    assert max(int(n * cfg.fraction_train), cfg.min_train_nodes) == 10  # Flower's sample size
+    spec = cfg.synthetic_spec
+    train_groups = [g for g, _ in _video_groups(spec.videos_per_class) if g not in _test_groups(cfg.fold)]
+    assert 3 <= len(train_groups) * spec.num_classes / n < 3.5  # ~3 training videos per site
+
+
+def test_scale_memory_sampler_counts_child_processes() -> None:
+    """The simulation's memory is mostly in processes the launcher does not run itself (Ray)."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.scale import tree_pss_mb
+
+    before = tree_pss_mb(os.getpid())
+    touch = "x = bytearray(200 << 20)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint(flush=True)\ninput()"
+    child = subprocess.Popen([sys.executable, "-c", touch], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()  # its 200 MiB are written
+        assert tree_pss_mb(os.getpid()) - before > 180
+    finally:
+        child.communicate("")

@@ -37,6 +37,25 @@ def test_partitions_are_disjoint_and_cover_the_train_split(cfg):
     assert sorted(test_paths) == sorted(s.path for s in index.test)
 
 
+def test_the_partition_computed_once_per_process_is_each_settings_own(cfg):
+    """Virtual clients share one partition per process; another seed, size or index gets its own."""
+    from datasets.partition import follow_partition, partition_samples
+
+    index = load_video_index(cfg)
+    labels, test_labels = [s.label for s in index.train], [s.label for s in index.test]
+    for seed, size in ((cfg.partition_seed, 3), (cfg.partition_seed + 1, 3), (cfg.partition_seed, 4)):
+        settings = replace(cfg, partition_seed=seed)
+        train_parts = partition_samples(labels, [], "iid", size, seed=seed)
+        test_parts = follow_partition(labels, train_parts, test_labels, seed + 1)
+        for pid in range(size):
+            train, test = node_partition(settings, index, pid, size)
+            assert [s.path for s in train] == [index.train[i].path for i in train_parts[pid]]
+            assert [s.path for s in test] == [index.test[i].path for i in test_parts[pid]]
+    # An equal index that is another object (a re-read dataset) is partitioned afresh, not looked up.
+    reread = replace(index, train=index.train[:-1])
+    assert sum(len(node_partition(cfg, reread, pid, 3)[0]) for pid in range(3)) == len(index.train) - 1
+
+
 def test_local_test_splits_follow_the_training_labels(small_run_config):
     """Under label skew a site is tested on its own classes, not on an independent draw."""
     skewed = parse_config({**small_run_config, "partitioning": "dirichlet", "dirichlet-alpha": 0.1})

@@ -185,3 +185,94 @@ def test_a_class_nobody_trains_on_is_spread_evenly() -> None:
     parts = follow_partition([0, 0, 0, 0], [[0, 1], [2, 3]], [1] * 6, seed=0)
     _check_valid(parts, 2, 6)
     assert sorted(map(len, parts)) == [3, 3]
+
+
+# ------------------------------------------------------------------ against the former per-client loops
+# Reference copies of the implementations that looped over all clients once per class, per empty
+# client or per group (O(N^2) with hundreds of sites); today's vectorized ones must give the same splits.
+
+
+def _reference_follow_partition(train_labels, train_parts, labels, seed):
+    rng = np.random.default_rng(seed)
+    train = np.asarray(train_labels, dtype=np.int64)
+    num_partitions = len(train_parts)
+    parts = [[] for _ in range(num_partitions)]
+    held = {c: np.array([np.sum(train[list(p)] == c) for p in train_parts], float) for c in np.unique(train)}
+    label_of = np.asarray(labels, dtype=np.int64)
+    for c in np.unique(label_of):
+        indices = np.flatnonzero(label_of == c)
+        counts = held.get(c, np.zeros(num_partitions))
+        shares = counts / counts.sum() if counts.sum() > 0 else np.full(num_partitions, 1 / num_partitions)
+        quota = shares * len(indices)
+        take = np.floor(quota).astype(int)
+        remainder = quota - take
+        order = np.lexsort((rng.random(num_partitions), -remainder))
+        take[order[: len(indices) - take.sum()]] += 1
+        for part, chunk in zip(parts, np.split(rng.permutation(indices), np.cumsum(take)[:-1])):
+            part.extend(chunk.tolist())
+    for empty in [i for i, part in enumerate(parts) if not part]:
+        mine = np.bincount(train[list(train_parts[empty])], minlength=int(label_of.max(initial=0)) + 1)
+        for c in np.argsort(-mine, kind="stable"):
+            spare = [int(np.sum(label_of[part] == c)) if len(part) > 1 else 0 for part in parts]
+            donor = int(np.argmax(spare))
+            if spare[donor]:
+                moved = next(j for j in parts[donor] if label_of[j] == c)
+                parts[donor].remove(moved)
+                parts[empty].append(moved)
+                break
+    return [sorted(int(i) for i in part) for part in parts]
+
+
+def _reference_groups(groups, num_partitions, seed):
+    members = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    names = sorted(members)
+    names = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    names.sort(key=lambda name: len(members[name]), reverse=True)
+    parts = [[] for _ in range(num_partitions)]
+    for name in names:
+        min(parts, key=len).extend(members[name])
+    return [sorted(part) for part in parts]
+
+
+def _reference_dirichlet_refill(parts, min_per_partition):
+    parts = [sorted(part) for part in parts]
+    for part in parts:
+        while len(part) < min_per_partition:
+            largest = max(parts, key=len)
+            part.append(largest.pop())
+    return [sorted(part) for part in parts]
+
+
+@pytest.mark.parametrize("trial", range(60))
+def test_splits_equal_the_former_per_client_loops(trial: int, monkeypatch) -> None:
+    rng = np.random.default_rng(trial)
+    num_classes, clients = int(rng.integers(1, 12)), int(rng.integers(2, 80))
+    labels = rng.integers(0, num_classes, int(rng.integers(clients, 5 * clients + 1))).tolist()
+    # Fewer test videos than clients, and classes nobody trains on: the refill and the even spread.
+    test_labels = rng.integers(0, num_classes + 1, int(rng.integers(0, 3 * clients))).tolist()
+    method = ("iid", "dirichlet", "k-classes")[trial % 3]
+    try:
+        train_parts = partition_samples(labels, [], method, clients, seed=trial, alpha=0.3, k=min(2, num_classes))
+    except PartitionError:  # k-classes with too few videos per class for this many clients
+        train_parts = partition_samples(labels, [], "iid", clients, seed=trial)
+    if trial % 4 == 0:  # parts that leave videos out or are empty: follow_partition takes any
+        train_parts = [part[: len(part) // 2] for part in train_parts]
+    expected = _reference_follow_partition(labels, train_parts, test_labels, trial)
+    assert follow_partition(labels, train_parts, test_labels, trial) == expected
+
+    groups = [f"g{g}" for g in rng.integers(0, max(clients, len(labels) // 2), len(labels))]
+    if len(set(groups)) >= clients:
+        assert partition_groups(groups, clients, trial) == _reference_groups(groups, clients, trial)
+
+    # Dirichlet's refill after failed draws: its last draw moved video by video to the short parts.
+    import datasets.partition as partition
+
+    draws = []
+    real_draw = partition._dirichlet_draw
+    monkeypatch.setattr(partition, "_DIRICHLET_TRIES", 1)
+    monkeypatch.setattr(partition, "_dirichlet_draw", lambda *a: draws.append(real_draw(*a)) or draws[-1])
+    minimum = 2 if len(labels) >= 2 * clients else 1
+    parts = partition_dirichlet(labels, clients, alpha=0.05, seed=trial, min_per_partition=minimum)
+    assert parts == _reference_dirichlet_refill(draws[-1], minimum)

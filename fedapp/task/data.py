@@ -119,6 +119,32 @@ def node_partition(
         return list(index.train), list(index.test)
     if not index.train:  # nothing to split: the client reports it has no training video
         return [], []
+    train_parts, test_parts = _federation_partition(cfg, index, num_partitions)
+    return [index.train[i] for i in train_parts[partition_id]], [index.test[i] for i in test_parts[partition_id]]
+
+
+# One simulation process serves many virtual clients, each asking for its own part of the same
+# partition: computed once per process (an O(videos + sites) pass), not once per client and round.
+_PARTITION_CACHE: dict[tuple, tuple[VideoIndex, list[list[int]], list[list[int]]]] = {}
+_PARTITION_CACHE_SIZE = 4
+
+
+def _federation_partition(
+    cfg: AppConfig, index: VideoIndex, num_partitions: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Every site's train and test indices under ``cfg``'s partitioning, cached per process."""
+    key = (
+        id(index),
+        cfg.partitioning,
+        cfg.partition_seed,
+        cfg.dirichlet_alpha,
+        cfg.classes_per_client,
+        num_partitions,
+    )
+    cached = _PARTITION_CACHE.get(key)
+    # The entry holds the index, so while it is cached no other object can reuse its id.
+    if cached is not None and cached[0] is index:
+        return cached[1], cached[2]
     train_parts = partition_samples(
         labels=[s.label for s in index.train],
         groups=[s.group for s in index.train],
@@ -131,7 +157,10 @@ def node_partition(
     test_parts = follow_partition(
         [s.label for s in index.train], train_parts, [s.label for s in index.test], cfg.partition_seed + 1
     )
-    return [index.train[i] for i in train_parts[partition_id]], [index.test[i] for i in test_parts[partition_id]]
+    if len(_PARTITION_CACHE) >= _PARTITION_CACHE_SIZE:
+        _PARTITION_CACHE.pop(next(iter(_PARTITION_CACHE)))  # the oldest
+    _PARTITION_CACHE[key] = (index, train_parts, test_parts)
+    return train_parts, test_parts
 
 
 def loader_workers(num_workers: int) -> int:
