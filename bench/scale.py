@@ -20,8 +20,9 @@ Each cost gets a growth exponent: the least-squares slope of log(cost) against l
 fixed number of sampled sites a well-behaved server's per-round cost is flat (exponent ≈ 0) and
 anything held per known site grows at most linearly (≤ 1); a slope above 1.2 is flagged SUPER-LINEAR.
 
-    .venv/bin/python -m bench.scale --json docs/scale.json          # 10, 50, 100, 200 (~6 min)
-    .venv/bin/python -m bench.scale --clients 4 8 --sampled 2 --rounds 2   # a quick look
+    .venv/bin/python -m bench.scale         # 10, 50, 100, 200: ~2.5 min, plus writing the datasets once
+    .venv/bin/python -m bench.scale --clients 10 50 100 200 500 1000 --json docs/scale.json   # ~9 min
+    .venv/bin/python -m bench.scale --clients 4 8 --sampled 2 --rounds 2   # a quick look (~1 min)
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ class PeakSampler:
         return self.peak_mb
 
 
-def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: Path) -> str:
-    """The ``--run-config`` of the run with ``n`` sites."""
+def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: Path | None) -> str:
+    """The ``--run-config`` of the run with ``n`` sites (datasets in ``cache_dir``, or the app's cache)."""
     sampled = min(args.sampled, n)
     from datasets.synthetic import GROUPS_PER_FOLD, NUM_GROUPS
 
@@ -137,9 +138,9 @@ def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: P
             "checkpoint-keep=1",
             f"seed={args.seed}",
             "torch-threads=1",
-            f'cache-dir="{cache_dir}"',
             f'results-dir="{results_dir}"',
             f'run-name="n{n}"',
+            *([f'cache-dir="{cache_dir}"'] if cache_dir else []),
         ]
     )
 
@@ -157,7 +158,7 @@ def prepare_data(config: str) -> None:
     ensure_synthetic(cfg.cache_path, cfg.synthetic_spec)
 
 
-def measure_run(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: Path) -> dict[str, Any]:
+def measure_run(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: Path | None) -> dict[str, Any]:
     """One ``fedvideo run`` with ``n`` sites: its per-round costs and peak memory."""
     config = run_config(n, args, results_dir, cache_dir)
     prepare_data(config)
@@ -219,7 +220,7 @@ COSTS = {
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedvideo-scale-") as tmp:
-        results_dir, cache_dir = Path(tmp) / "results", Path(args.cache_dir or Path(tmp) / "cache")
+        results_dir, cache_dir = Path(tmp) / "results", args.cache_dir
         results_dir.mkdir()
         runs = []
         for n in args.clients:
@@ -272,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-s", type=float, default=0.5, help="seconds between memory samples")
-    parser.add_argument("--cache-dir", help="where the synthetic datasets are generated (default: a temporary folder)")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="where the synthetic datasets are kept (default: the app's, ~/.cache/fedvideo)"
+    )
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     args = parser.parse_args(argv)
     if min(args.clients) < 1 or args.sampled < 1 or args.rounds < 1:
