@@ -19,7 +19,7 @@ from fedapp.client.exchange import message_exchange
 from fedapp.client.video_client import VideoClient
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.task.config import AppConfig, ConfigError
-from fedapp.task.data import load_video_index, node_partition
+from fedapp.task.data import load_video_index, node_partition, partition_key
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
@@ -69,16 +69,7 @@ def make_client(
     (warned about once per ``run_id`` and partition in this process)."""
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
-    # Indexes are cached for the process's lifetime, so id(index) identifies the dataset.
-    key = (
-        id(index),
-        cfg.partitioning,
-        cfg.partition_seed,
-        cfg.dirichlet_alpha,
-        cfg.classes_per_client,
-        partition_id,
-        num_partitions,
-    )
+    key = (*partition_key(cfg, index, num_partitions), partition_id)
     if key not in _SCAN_CACHE:
         train, test = node_partition(cfg, index, partition_id, num_partitions)
         usable_train, skipped_train = scan_videos(train, warn=False)

@@ -129,11 +129,10 @@ _PARTITION_CACHE: dict[tuple, tuple[VideoIndex, list[list[int]], list[list[int]]
 _PARTITION_CACHE_SIZE = 4
 
 
-def _federation_partition(
-    cfg: AppConfig, index: VideoIndex, num_partitions: int
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Every site's train and test indices under ``cfg``'s partitioning, cached per process."""
-    key = (
+def partition_key(cfg: AppConfig, index: VideoIndex, num_partitions: int) -> tuple:
+    """What determines a federation's partition of ``index`` (an index cached for the process's
+    lifetime, so its id identifies the dataset)."""
+    return (
         id(index),
         cfg.partitioning,
         cfg.partition_seed,
@@ -141,6 +140,13 @@ def _federation_partition(
         cfg.classes_per_client,
         num_partitions,
     )
+
+
+def _federation_partition(
+    cfg: AppConfig, index: VideoIndex, num_partitions: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Every site's train and test indices under ``cfg``'s partitioning, cached per process."""
+    key = partition_key(cfg, index, num_partitions)
     cached = _PARTITION_CACHE.get(key)
     # The entry holds the index, so while it is cached no other object can reuse its id.
     if cached is not None and cached[0] is index:
