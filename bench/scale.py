@@ -114,9 +114,9 @@ class PeakSampler:
 
 def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: Path | None) -> str:
     """The ``--run-config`` of the run with ``n`` sites (datasets in ``cache_dir``, or the app's cache)."""
-    sampled = min(args.sampled, n)
     from datasets.synthetic import GROUPS_PER_FOLD, NUM_GROUPS
 
+    sampled = min(args.sampled, n)
     # The synthetic split tests on one fold's groups (UCF-101's layout): the rest are for training.
     train_share = 1 - GROUPS_PER_FOLD / NUM_GROUPS
     per_class = max(2, math.ceil(args.videos_per_client * n / train_share / args.classes))
@@ -147,14 +147,10 @@ def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: P
 
 def prepare_data(config: str) -> None:
     """Generate the run's synthetic dataset before it is timed (the first run of a spec writes it)."""
-    import tomllib
-
     from datasets.synthetic import ensure_synthetic
-    from fedapp.ops.launch import PROJECT_DIR
-    from fedapp.task.config import parse_config, parse_overrides
+    from fedapp.ops.launch import check_run_config
 
-    declared = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = parse_config({**declared, **parse_overrides([config])})
+    cfg = check_run_config([config], None)  # the config exactly as the run will validate it
     ensure_synthetic(cfg.cache_path, cfg.synthetic_spec)
 
 
