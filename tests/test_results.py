@@ -3,7 +3,6 @@ import json
 import numpy as np
 from safetensors import safe_open
 
-from fedapp.ops.launch import judge
 from fedapp.server.results import RunResults, load_weights
 
 # The atomic writes themselves (a crash keeps the old file, no temp file is left) are tested in
@@ -33,17 +32,3 @@ def test_run_results_layout(tmp_path):
         "summary.json",
         "summary.txt",  # rendered from the same dict
     ]
-
-
-def test_judge_requires_flower_status_and_app_summary(tmp_path):
-    ok = {"status": "completed"}
-    assert judge("finished:completed", ok, tmp_path).ok
-    assert not judge("finished:completed", None, tmp_path).ok  # every client failed, no summary
-    failed = judge("finished:failed", {"status": "failed", "error": "ConfigError: model='x'"}, tmp_path)
-    assert not failed.ok and "model='x'" in failed.message
-    assert not judge("finished:failed", ok, tmp_path).ok
-    # A resume refused at start leaves the earlier run's completed summary: not this run's verdict.
-    earlier = {"status": "completed", "run-id": 11}
-    assert judge("finished:completed", earlier, tmp_path, run_id=11).ok
-    refused = judge("finished:failed", earlier, tmp_path, run_id=12)
-    assert not refused.ok and "no summary for run 12" in refused.message

@@ -20,9 +20,10 @@ registers the SuperNodes' public keys (``--secure``: TLS and SuperNode authentic
 starts the SuperNodes (node K gets ``partition-id=K num-partitions=N``, or the K-th
 ``--node-data-dir`` as ``data-dir``) and waits until all are online. Every process runs in its own
 process group, logs to DIR/logs/ and has its PID in DIR/state.json. ``run`` submits the app and
-judges it like ``fedvideo run`` (exit 0 only when Flower's run status and the app's
-``summary.json`` both say completed). ``down`` stops every process by its recorded PID (SIGTERM
-to the group, SIGKILL after a grace period); it is safe to repeat.
+judges it like ``fedvideo run`` (fedapp/ops/verdict.py: exit 0 only when the app's
+``summary.json`` of this run says completed and Flower's run status does not say it failed).
+``down`` stops every process by its recorded PID (SIGTERM to the group, SIGKILL after a grace
+period); it is safe to repeat.
 
 Without ``--secure`` the SuperLink's one port serves every API with no authentication: for local
 trials on loopback only.
@@ -46,7 +47,6 @@ from fedapp.files import atomic_write_json
 from fedapp.ops import certs
 from fedapp.ops.launch import (
     PROJECT_DIR,
-    Outcome,
     TlsFiles,
     _exit_on_sigterm,
     check_run_config,
@@ -62,6 +62,7 @@ from fedapp.ops.launch import (
 )
 from fedapp.ops.processes import group_alive, pid_reused, start_time, stop_group
 from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
+from fedapp.ops.verdict import Outcome
 from fedapp.task.config import ConfigError
 
 CONNECTION = "fedvideo-deploy"
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED: {outcome.message}", file=sys.stderr)
                 print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)
                 return 1
+            if outcome.warning:
+                print(outcome.warning, file=sys.stderr)
             print(
                 f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; "
                 f"results: {outcome.run_dir}"

@@ -2,8 +2,9 @@
 
 ``flwr run`` exits 0 even when a run failed, and a run where every client failed still reads
 "completed". This launcher therefore starts its own SuperLink (runtime dependency installation
-disabled, a project-local ``FLWR_HOME``, logs in the run folder), runs the app, then checks both
-Flower's run status and the app's ``summary.json``, and exits non-zero unless both say it worked.
+disabled, a project-local ``FLWR_HOME``, logs in the run folder), runs the app, then judges it by
+Flower's run status (asked until it is final) and the app's ``summary.json``: exit 0 only when the
+app's summary of this run says completed and Flower does not say it failed (fedapp/ops/verdict.py).
 
     fedvideo run [--run-config "k=v ..."] [--federation-config "num-supernodes=3 ..."] [--ray-address HOST:PORT]
 
@@ -26,28 +27,18 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from fedapp.files import atomic_write_text
 from fedapp.ops.processes import stop_process_group
+from fedapp.ops.verdict import ANSI_CODE, FlowerStatus, Outcome, judge, read_summary, wait_final_status
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_FEDERATION_CONFIG = "num-supernodes=3 client-resources-num-cpus=2 client-resources-num-gpus=0.0"
 CONNECTION = "fedvideo-sim"
 FLOWER_DEFAULT_SUPERNODES = 2  # what Flower simulates without num-supernodes (since flwr 1.32)
-
-
-@dataclass
-class Outcome:
-    """What the launcher found after the run."""
-
-    ok: bool
-    message: str
-    run_dir: Path
-    summary: dict | None
 
 
 def free_port() -> int:
@@ -343,43 +334,6 @@ def tls_problem(host: str, port: int, ca_cert: Path, timeout: float = 10.0) -> s
         return f"cannot reach {host}:{port}: {exc}"
 
 
-def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> str:
-    """Flower's own verdict on the run, e.g. ``finished:completed`` or ``finished:failed``."""
-    out = subprocess.run(
-        ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
-        cwd=PROJECT_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    try:
-        runs = json.loads(out.stdout).get("runs", [])
-        return str(runs[0].get("status", "unknown")) if runs else "unknown"
-    except (json.JSONDecodeError, AttributeError, IndexError):
-        return "unknown"
-
-
-def judge(status: str, summary: dict | None, run_dir: Path, run_id: int | None = None) -> Outcome:
-    """A run succeeded only if Flower says completed AND the app wrote a completed summary for
-    this run (``run_id``: a resume refused at start leaves the earlier run's summary in place)."""
-    if summary is None or (run_id is not None and summary.get("run-id") != run_id):
-        return Outcome(
-            False,
-            f"the app wrote no summary for run {run_id} in {run_dir} (Flower status: {status}; "
-            "the reason is in the log above)",
-            run_dir,
-            None,
-        )
-    if summary.get("status") != "completed":
-        return Outcome(
-            False, f"run failed: {summary.get('error', 'unknown error')} (Flower status: {status})", run_dir, summary
-        )
-    if status != "finished:completed":
-        return Outcome(False, f"Flower reports status {status!r}", run_dir, summary)
-    return Outcome(True, "run completed", run_dir, summary)
-
-
 def config_overrides(run_config: Sequence[str]) -> dict[str, Any]:
     """``--run-config`` texts merged into one dict (later texts win); ConfigError on a malformed one."""
     from fedapp.task.config import parse_overrides
@@ -480,10 +434,11 @@ def run_and_judge(
         cmd += ["--run-config", text]
     print(f"$ {' '.join(cmd)}", flush=True)
     run_id = stream_run(cmd, env, log_dir / "flwr-run.log", timeout, watchdog)
-    status = run_status(run_id, env, connection) if run_id is not None else "not started"
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return judge(status, summary, run_dir, run_id)
+    if run_id is None:
+        return judge(FlowerStatus(None, "flwr run printed no run id", 0), None, run_dir, None)
+    ls_log = log_dir / "flwr-ls.log"
+    flower = wait_final_status(run_id, env, connection, ls_log)
+    return judge(flower, read_summary(run_dir), run_dir, run_id, ls_log)
 
 
 def launch_log_dir(run_dir: Path) -> Path:
@@ -521,7 +476,7 @@ def launch(
             return run_and_judge(
                 run_config,
                 run_dir,
-                env,
+                cli_env,
                 timeout,
                 log_dir=log_dir,
                 watchdog=watchdog,
@@ -534,7 +489,6 @@ def launch(
         watchdog.close()
 
 
-ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
 # Lines of ``flwr run --stream`` that tell a user of this launcher nothing. They are not echoed to
 # the console; the log file keeps every line. Matched on the line without its ANSI colours.
 CONSOLE_NOISE: tuple[re.Pattern[str], ...] = (
@@ -684,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print()
     if outcome.ok and outcome.summary:
+        if outcome.warning:
+            print(outcome.warning, file=sys.stderr)
         print(ok_line(outcome.summary))
         print(f"results: {outcome.run_dir}")
         return 0
