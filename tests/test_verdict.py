@@ -201,3 +201,37 @@ def test_judge_without_flowers_final_word_follows_the_summary_with_a_warning(tmp
         failed = judge(flower, {**SUMMARY, "status": "failed", "error": "RuntimeError: boom"}, tmp_path, RUN_ID, log)
         assert not failed.ok and "boom" in failed.message and flower.describe() in failed.message
         assert not judge(flower, None, tmp_path, RUN_ID, log).ok
+
+
+def test_each_launch_points_its_cli_at_its_own_superlink(small_run_config, tmp_path, monkeypatch):
+    """Two launches in one project: each one's `flwr run` / `flwr ls` read a connection of their own
+    (FLWR_HOME in the launch's log folder), so one started meanwhile never redirects the other."""
+    import subprocess as sp
+
+    from fedapp.ops import launch as launcher
+    from fedapp.ops.launch import check_run_config, config_text
+
+    seen = []
+
+    def fake_superlink(flwr_home, log_dir, port, env, **_):
+        seen.append({"port": port, "superlink-home": env["FLWR_HOME"]})
+        return sp.Popen(["sleep", "30"], start_new_session=True)
+
+    def fake_run(run_config, run_dir, env, timeout, **kwargs):
+        config = Path(env["FLWR_HOME"], "config.toml").read_text()
+        seen[-1].update(cli_home=env["FLWR_HOME"], config=config, log_dir=kwargs["log_dir"])
+        return judge(FlowerStatus(COMPLETED), SUMMARY, run_dir, RUN_ID)
+
+    monkeypatch.setenv("FEDVIDEO_FLWR_HOME", str(tmp_path / "shared"))
+    monkeypatch.setattr(launcher, "start_superlink", fake_superlink)
+    monkeypatch.setattr(launcher, "run_and_judge", fake_run)
+    for name in ("a", "b"):
+        texts = [config_text({**small_run_config, "results-dir": str(tmp_path / "results"), "run-name": name})]
+        assert launcher.launch(texts, "num-supernodes=2", 60, check_run_config(texts, "num-supernodes=2")).ok
+    assert seen[0]["port"] != seen[1]["port"]
+    for launch in seen:
+        assert launch["superlink-home"] == str((tmp_path / "shared").resolve())  # apps unpacked once
+        assert Path(launch["cli_home"]) == launch["log_dir"] / "flwr-cli"
+        assert f'address = "127.0.0.1:{launch["port"]}"' in launch["config"]
+    # The first launch's connection still names its own SuperLink after the second one started.
+    assert f'127.0.0.1:{seen[0]["port"]}"' in Path(seen[0]["cli_home"], "config.toml").read_text()

@@ -468,7 +468,12 @@ def launch(
             flush=True,
         )
     port = free_port()
-    write_connection(flwr_home, port)
+    # The CLI's connection is this launch's own (FLWR_HOME of `flwr run` and `flwr ls` in its log
+    # folder): with one shared config.toml, a launch started meanwhile would point this launch's
+    # CLI at its own SuperLink. The SuperLink keeps the shared home (unpacked apps are reused).
+    cli_home = log_dir / "flwr-cli"
+    write_connection(cli_home, port)
+    cli_env = {**env, "FLWR_HOME": str(cli_home)}
     watchdog = Watchdog()  # stops what we start if this process dies without its finally blocks
     try:
         superlink = start_superlink(flwr_home, log_dir, port, env, on_start=watchdog.guard)
