@@ -5,8 +5,11 @@ ClientApp handlers, with Flower's transport replaced by direct calls.
 ``push_messages`` and ``pull_messages``): each message goes to the ClientApp itself (its mods
 included, run when its reply is pulled, so replies arrive one at a time as the server asks) with
 a per-node ``Context`` whose ``state`` persists across rounds, as in Flower's engines. A client
-that raises becomes an error reply, as in Flower. What is skipped: serialization over the wire, process
-spawning and Ray; ~40 s of fixed start-up per run that benchmarks with many runs cannot afford.
+that raises becomes an error reply, as in Flower. With ``wire=True`` every message and reply crosses
+Flower's own wire encoding (each nested object deflated to bytes and inflated back, as Flower's grid
+pushes and pulls them), so what a strategy or client puts in a message must survive it. What is
+skipped: the transport itself, process spawning and Ray; ~40 s of fixed start-up per run that
+benchmarks with many runs, and tests of every strategy, cannot afford.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.client.app import app as client_app
@@ -25,10 +30,22 @@ from fedapp.server.results import RunResults, WriterLock
 from fedapp.task.config import parse_config
 
 
-class InProcessGrid:
-    """Delivers messages to ClientApp handlers in this process, one simulated node per partition."""
+def over_the_wire(msg: Message) -> Message:
+    """``msg`` as the other end receives it: every nested object (the message, its records, arrays
+    and chunks) deflated to bytes and inflated back, as Flower's grid sends and receives them."""
+    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(msg).items()}
+    received = inflate_object_from_contents(msg.object_id, contents)
+    assert isinstance(received, Message)
+    received.metadata.__dict__["_message_id"] = msg.metadata.message_id  # not part of the encoding
+    return received
 
-    def __init__(self, run_config: Mapping[str, Any], num_nodes: int) -> None:
+
+class InProcessGrid:
+    """Delivers messages to ClientApp handlers in this process, one simulated node per partition;
+    with ``wire`` through Flower's wire encoding each way (:func:`over_the_wire`)."""
+
+    def __init__(self, run_config: Mapping[str, Any], num_nodes: int, wire: bool = False) -> None:
+        self.wire = wire
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.contexts = {
             node_id: Context(
@@ -62,20 +79,23 @@ class InProcessGrid:
             if msg is None:
                 continue
             context = self.contexts[msg.metadata.dst_node_id]
+            received = over_the_wire(msg) if self.wire else msg
             try:
-                replies.append(client_app(msg, context))
+                reply = client_app(received, context)
             except Exception as exc:  # a client that raises fails only its own reply, as in Flower
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-                replies.append(Message(Error(code=2, reason=reason), reply_to=msg))
+                reply = Message(Error(code=2, reason=reason), reply_to=received)
+            replies.append(over_the_wire(reply) if self.wire else reply)
         return replies
 
 
-def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | Path) -> RunResults:
-    """One fresh federated run with the real server loop; returns its results (``rounds`` in memory)."""
+def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | Path, wire: bool = False) -> RunResults:
+    """One fresh federated run with the real server loop; returns its results (``rounds`` in memory).
+    ``wire``: every message through Flower's wire encoding (see :class:`InProcessGrid`)."""
     cfg = parse_config(run_config)
     with WriterLock(run_dir):
         results = RunResults(run_dir)
-        summary = run_federation(InProcessGrid(run_config, num_nodes), cfg, results, checkpoint=None)
+        summary = run_federation(InProcessGrid(run_config, num_nodes, wire), cfg, results, checkpoint=None)
         results.write_summary({"status": "completed", **summary})
     return results
 

@@ -3,15 +3,15 @@ simulation engine, and judges the outcome. Slow (tens of seconds each): marked e
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
+import os
 import subprocess
 
 import pytest
 
 from fedapp.ops.launch import config_text
 from tests.conftest import PROJECT_DIR, fedvideo_command
+from tests.test_server_loop import STRATEGY_NODES, check_strategy_round, strategy_config
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +21,9 @@ def launch(
 ) -> tuple[int, str, dict]:
     results = tmp_path / "results"
     config = {**config, "results-dir": str(results), "run-name": "run"}
+    # A Flower home of the test's own: launches in parallel test workers never unpack the app into
+    # one folder at the same time (Flower's install skips a folder that exists, even half-written).
+    env = {**os.environ, "FEDVIDEO_FLWR_HOME": str(tmp_path / "flwr_home")}
     proc = subprocess.run(
         [
             fedvideo_command(),
@@ -36,6 +39,7 @@ def launch(
         capture_output=True,
         text=True,
         timeout=900,
+        env=env,
     )
     summary_path = results / "run" / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -101,87 +105,20 @@ def test_bad_config_fails_before_anything_starts_with_a_clear_message(small_run_
     assert summary == {} and not (tmp_path / "results").exists()
 
 
-def test_client_without_usable_video_fails_alone(small_run_config, cache_dir, tmp_path):
-    """Partition by group; one group holds only corrupt files: that client fails, the others train."""
-    from fedapp.task.config import parse_config
-    from fedapp.task.data import load_video_index
+# Every strategy runs in process through Flower's wire encoding (tests/test_server_loop.py); these
+# two also through the real launcher, as they use Flower's machinery beyond one model each way:
+# SCAFFOLD's second record each way and the node state it keeps, client-side DP's clipping mod.
+REAL_STRATEGY_RUNS = ["scaffold", "dp-client-side"]
 
-    index = load_video_index(parse_config(small_run_config))
-    rows = []
-    for split, samples in (("train", index.train), ("test", index.test)):
-        for i, sample in enumerate(samples):
-            group = ["site-a", "site-b", "site-c"][i % 3]
-            path = tmp_path / "videos" / split / sample.path.split("/")[-1]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if group == "site-c":
-                path.write_bytes(b"\x00" * 100)  # corrupt
-            else:
-                shutil.copy(sample.path, path)
-            rows.append({"path": str(path), "label": index.classes[sample.label], "split": split, "group": group})
-    manifest = tmp_path / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
-    config = {
-        **{k: v for k, v in small_run_config.items() if not k.startswith("synthetic-")},  # synthetic-only keys
-        "dataset": "manifest",
-        "data-dir": str(manifest),
-        "partitioning": "groups",
-        "num-server-rounds": 1,
-    }
-    rc, output, summary = launch(config, tmp_path)
+
+@pytest.mark.parametrize("name", REAL_STRATEGY_RUNS)
+def test_strategy_selected_by_run_config_through_flower(name, small_run_config, tmp_path):
+    config = strategy_config(name, small_run_config)
+    rc, output, summary = launch(
+        config, tmp_path, federation=f"num-supernodes={STRATEGY_NODES} client-resources-num-cpus=1"
+    )
     assert rc == 0, output[-3000:]
-    record = json.loads((tmp_path / "results" / "run" / "rounds.jsonl").read_text().splitlines()[1])
-    assert len(record["train-clients"]["clients"]) == 2
-    assert len(record["train-clients"]["failed"]) == 1
-    assert "no usable training video" in record["train-clients"]["failed"][0]["reason"]
-
-
-STRATEGY_RUNS = {
-    "average": {"strategy": "average"},
-    "weighted": {"strategy": "weighted", "weight-source": "inverse-loss"},
-    "median": {"strategy": "fusion", "fusion-fn": "median"},
-    "trimmed-mean": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.2},
-    "geometric-median": {"strategy": "fusion", "fusion-fn": "geometric-median"},
-    "krum": {
-        "strategy": "fusion",
-        "fusion-fn": "krum",
-        "krum-malicious": 1,
-        "min-train-nodes": 5,
-        "min-available-nodes": 5,
-    },
-    "feddf": {"strategy": "fusion", "fusion-fn": "feddf", "feddf-steps": 10, "feddf-videos": 8},
-    "fedavgm-fedprox-fedbn": {"server-momentum": 0.9, "server-lr": 0.5, "proximal-mu": 0.01, "fedbn": True},
-    "dp-client-side": {"strategy": "average", "dp": "client-side", "dp-noise-multiplier": 0.5, "dp-clipping-norm": 2.0},
-    "fedadam": {"server-optimizer": "adam", "server-lr": 0.01},
-    # Two ArrayRecords each way through Flower's own message path.
-    "scaffold": {"scaffold": True, "optimizer": "sgd", "momentum": 0.0, "lr": 0.05},
-}
-
-
-@pytest.mark.parametrize("name", list(STRATEGY_RUNS))
-def test_each_strategy_runs_selected_by_run_config(name, small_run_config, tmp_path):
-    config = {**small_run_config, **STRATEGY_RUNS[name], "num-server-rounds": 1, "fraction-evaluate": 0.0}
-    rc, output, summary = launch(config, tmp_path, federation="num-supernodes=5 client-resources-num-cpus=1")
-    assert rc == 0, output[-3000:]
-    run_dir = tmp_path / "results" / "run"
-    saved = json.loads((run_dir / "run_config.json").read_text())
-    for key, value in STRATEGY_RUNS[name].items():
-        assert saved[key] == value
-    record = json.loads((run_dir / "rounds.jsonl").read_text().splitlines()[1])
-    assert len(record["train-clients"]["clients"]) == 5
-    if name == "krum":
-        assert len(record["fusion"]["selected-nodes"]) == 1
-    if name == "feddf":
-        assert record["fusion"]["steps"] >= 0 and "best-val-kl" in record["fusion"]
-    if name == "weighted":
-        assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9
-    if name == "scaffold":
-        assert record["fusion"]["scaffold"]["clients"] == 5 and record["fusion"]["scaffold"]["control-norm"] > 0
-    if name == "dp-client-side":  # clipped on the nodes by Flower's fixedclipping_mod, noised on the server
-        assert record["privacy"]["update-norm-median"] <= 2.0 + 1e-4
-        assert summary["privacy"]["epsilon"] > 0 and summary["privacy"]["releases"] == 1
+    check_strategy_round(name, tmp_path / "results" / "run", summary)
 
 
 def descendants(pid: int) -> set[int]:
@@ -215,7 +152,6 @@ def alive(pids: set[int]) -> set[int]:
 def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trains(small_run_config, tmp_path):
     """kill -9 the launcher during round 3: its SuperLink, SuperExec and ServerApp go with it (no
     orphan writes on), then resume="latest" trains every resumed round and moves the model."""
-    import os
     import signal
     import time
 
@@ -229,7 +165,8 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
         "--federation-config",
         "num-supernodes=2 client-resources-num-cpus=1",
     ]
-    proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "FEDVIDEO_FLWR_HOME": str(tmp_path / "flwr_home")}
+    proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     checkpoints = results / "run" / "checkpoints"
     deadline = time.monotonic() + 300
     while not (checkpoints / "round-0002").exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -261,9 +198,13 @@ def test_launcher_killed_mid_round_takes_its_processes_along_and_the_resume_trai
 
 
 def test_a_run_name_in_use_is_refused_before_anything_starts(small_run_config, tmp_path):
-    rc, _, _ = launch({**small_run_config, "num-server-rounds": 1}, tmp_path)
-    assert rc == 0
+    """The earlier run is made in process (the real round loop writes the same files); the refusal
+    is the real launcher's, before it starts anything."""
+    from bench.inprocess import run_inprocess
+
     folder = tmp_path / "results" / "run"
+    run_inprocess({**small_run_config, "num-server-rounds": 1}, 2, folder)
+    assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     rc, output, _ = launch({**small_run_config, "num-server-rounds": 1}, tmp_path)
     assert rc == 1 and "already holds a run" in output
