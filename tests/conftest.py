@@ -53,3 +53,9 @@ def small_run_config(cache_dir: Path) -> dict:
         "local-epochs": 1,
         "torch-threads": 1,
     }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end tests first: the longest start while the test workers are fresh, and the suite
+    ends on short tests that share the cores evenly (a long one last leaves a core idle)."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)

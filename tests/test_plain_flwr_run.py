@@ -16,7 +16,9 @@ import pytest
 
 from tests.conftest import PROJECT_DIR, SMALL_SYNTHETIC
 
-pytestmark = pytest.mark.e2e
+# One worker runs this and tests/test_ray_cluster.py one after the other: without RAY_ADDRESS, the
+# simulation of a plain `flwr run .` joins a Ray head that `ray start --head` runs on this machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray-head")]
 
 
 def small(results: Path, name: str) -> str:

@@ -37,6 +37,9 @@ from fedapp.ops.launch import (
 from fedapp.ops.processes import stop_group
 from tests.conftest import PROJECT_DIR, fedvideo_command
 
+# One worker runs these and tests/test_plain_flwr_run.py one after the other (see there).
+pytestmark = pytest.mark.xdist_group("ray-head")
+
 RAY = Path(sys.executable).parent / "ray"
 
 
