@@ -20,6 +20,7 @@ from bench.inprocess import comparison_config, run_inprocess
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 ATTACK_FRACTION = 0.3
+DEFAULT_VIDEOS_PER_CLASS = 35  # the synthetic default's (pyproject.toml)
 SCENARIOS = {
     "iid": {"partitioning": "iid"},
     "dirichlet-0.1": {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
@@ -49,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
+    parser.add_argument(
+        "--videos-per-class", type=int, default=DEFAULT_VIDEOS_PER_CLASS, help="synthetic videos per class"
+    )
     args = parser.parse_args(argv)
 
     base = comparison_config(args.rounds, args.clients, args.cache_dir)
+    if args.videos_per_class != DEFAULT_VIDEOS_PER_CLASS:
+        base["synthetic-videos-per-class"] = args.videos_per_class
     # Krum assumes f attackers: as many as the attack scenario has (round(0.3 × clients)). Only Krum
     # gets the key: elsewhere it has no effect, which the config refuses.
     f = max(1, round(ATTACK_FRACTION * args.clients))
@@ -87,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
 def markdown_table(curves: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
     scenarios = list(curves)
     names = list(next(iter(curves.values())))
+    videos = args.videos_per_class
+    data = "" if videos == DEFAULT_VIDEOS_PER_CLASS else f" with {videos} videos per class"
     lines = [
         "**Superseded for robustness** by `docs/robustness.md` (3 seeds, 20 rounds): one seed of a few "
         "rounds cannot separate methods.",
         "",
         f"Central test video accuracy after {args.rounds} rounds ({args.clients} clients, tiny3d, synthetic "
-        "default; chance 0.125). Produced by `python -m bench.compare_strategies`.",
+        f"default{data}; chance 0.125). Produced by `python -m bench.compare_strategies`.",
         "",
         "| strategy | " + " | ".join(scenarios) + " |",
         "|---|" + "---|" * len(scenarios),

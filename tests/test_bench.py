@@ -127,13 +127,13 @@ def test_client_throughput_benchmark(tmp_path: Path, capsys) -> None:
     assert all(_positive(v) for v in result["decode-only-clips-per-s"].values())
 
 
-def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
+def test_robustness_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
     """The attack × rule table: every cell a mean ± std over the seeds, raw numbers in the JSON."""
     from bench import robustness
 
     args = ["--clients", "5", "--attackers", "1", "--rounds", "1", "--seeds", "0", "1", "--threads", "1"]
     args += ["--partitionings", "iid", "--attacks", "none", "alie", "--rules", "fedavg", "krum"]
-    assert robustness.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert robustness.main([*args, "--out", str(tmp_path), "--cache-dir", str(cache_dir)]) == 0
     table = (tmp_path / "robustness.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| none |", "| alie |"))]
     assert "| attack | fedavg | krum |" in table and [row.count(" ± ") for row in rows] == [2, 2]
@@ -142,13 +142,13 @@ def test_robustness_benchmark(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "robustness.png").stat().st_size > 0
 
 
-def test_heterogeneity_benchmark(tmp_path: Path, capsys) -> None:
+def test_heterogeneity_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
     """The label skew × method table: central and worst-site cells, mean ± std over the seeds."""
     from bench import heterogeneity
 
     args = ["--clients", "3", "--rounds", "1", "--seeds", "0", "1", "--threads", "1"]
     args += ["--partitionings", "dirichlet-0.3", "--methods", "fedavg", "scaffold"]
-    assert heterogeneity.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert heterogeneity.main([*args, "--out", str(tmp_path), "--cache-dir", str(cache_dir)]) == 0
     table = (tmp_path / "heterogeneity.md").read_text()
     assert "**central**" in table and "**worst site**" in table
     rows = [line for line in table.splitlines() if line.startswith(("| fedavg |", "| scaffold |"))]
@@ -247,12 +247,21 @@ def test_robustness_parts_merge(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
-def test_compare_strategies_benchmark(tmp_path: Path) -> None:
+def test_compare_strategies_benchmark(tmp_path: Path, cache_dir: Path) -> None:
     from bench import compare_strategies
 
-    args = ["--rounds", "1", "--clients", "7", "--scenarios", "30%-sign-flip", "--strategies", "fedavg", "krum"]
-    assert compare_strategies.main([*args, "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert "| krum |" in (tmp_path / "strategies.md").read_text()
+    # One strategy on 10 videos per class: the script's table, JSON and plot are under test, not the
+    # learning (two strategies on the default's 35 took 50 s).
+    args = ["--rounds", "1", "--clients", "7", "--scenarios", "30%-sign-flip", "--strategies", "krum"]
+    args += ["--videos-per-class", "10"]
+    assert compare_strategies.main([*args, "--out", str(tmp_path), "--cache-dir", str(cache_dir)]) == 0
+    table = (tmp_path / "strategies.md").read_text()
+    assert "| krum |" in table and "synthetic default with 10 videos per class" in table
+    saved = json.loads((tmp_path / "strategies.json").read_text())
+    assert (
+        saved["config"]["synthetic-videos-per-class"] == 10
+        and len(saved["video-accuracy"]["30%-sign-flip"]["krum"]) == 2
+    )
 
 
 def test_scale_growth_exponent_is_the_power_law_slope() -> None:
