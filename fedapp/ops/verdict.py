@@ -193,8 +193,10 @@ def judge(
 
 def read_summary(run_dir: Path) -> dict | None:
     """``run_dir/summary.json``, or None where there is none (or it is unreadable)."""
+    from fedapp.server.results import SUMMARY_FILE  # numpy and safetensors: not before a run is checked
+
     try:
-        summary: Any = json.loads((run_dir / "summary.json").read_text())
+        summary: Any = json.loads((run_dir / SUMMARY_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return summary if isinstance(summary, dict) else None
