@@ -5,11 +5,10 @@ computed from the *honest clients' updates of the round*: their threat model gra
 full knowledge of them and lets all attackers collude. A client of this system never sees another
 client's update, so no real attacker here could mount them. To measure robust rules against them
 anyway, the test tool simulates that knowledge on the server: attacker clients train honestly and
-mark their reply (metric ``attacker: 1``); :class:`ColludingAttack`, called by
-``VideoFedAvg.train_round`` on the screened replies right before aggregation (only when
-``fedapp.server.build_strategy`` builds the strategy from a run config with such an ``attack``),
-replaces every marked reply's model by one malicious model computed from the other replies'
-deltas. All attackers send that same model, as in the papers.
+mark their reply (metric ``attacker: 1``); :class:`ColludingAttack`, a transform outside the
+registry (``fedapp.server.build_strategy.colluding_attack`` adds it only for the test tool's
+``attack`` keys), runs first on the screened updates and replaces every marked reply's model by
+one malicious model computed from the other replies' deltas. All attackers send that same model, as in the papers.
 
 Attacks act on deltas (model − global model) over learnable parameters only (``is_parameter``):
 with ``client-momentum`` the honest replies carry momenta, so the attack is computed from those;
@@ -23,16 +22,14 @@ Standard deviations are per coordinate and unbiased (ddof=1), as in the authors'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from strategies.fusion import is_parameter
-
-if TYPE_CHECKING:  # strategies.strategy calls this module: a runtime import would be circular
-    from strategies.strategy import ClientReply
+from strategies.stage import RoundContext, Transform, Update
 
 OMNISCIENT_ATTACKS = ("alie", "ipm", "min-max", "min-sum")
 ATTACKER_METRIC = "attacker"  # the reply metric that marks a simulated attacker (test tool only)
@@ -118,29 +115,42 @@ def _flat(model: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray], keys
     return np.concatenate([(np.asarray(model[k], np.float64) - start[k]).ravel() for k in keys])
 
 
-class ColludingAttack:
-    """The server-side step of the test tool: replaces marked replies' models by the attack.
+class ColludingAttack(Transform):
+    """The server-side step of the test tool: replaces marked updates' models by the attack, first
+    among the transforms (a defence such as norm bounding then bounds what the attackers sent)."""
 
-    Call it with the round's accepted replies and the global model they were trained from; it
-    edits the marked replies' ``arrays`` in place and returns what it did (for the round record)."""
+    name = "colluding-attack"
+    order = 0
 
     def __init__(self, attack: str, z: float = 0.0, epsilon: float = 0.1) -> None:
         if attack not in OMNISCIENT_ATTACKS:
             raise ValueError(f"ColludingAttack: {attack!r} is not one of {OMNISCIENT_ATTACKS}")
         self.attack, self.z, self.epsilon = attack, z, epsilon
+        self.info: dict[str, Any] = {}
 
-    def __call__(self, accepted: list[ClientReply], start: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        attackers = [r for r in accepted if r.metrics.get(ATTACKER_METRIC)]
-        honest = [r for r in accepted if not r.metrics.get(ATTACKER_METRIC)]
-        info: dict[str, Any] = {"name": self.attack, "attacker-nodes": [r.node_id for r in attackers]}
+    def start(self) -> None:
+        self.info = {}
+
+    def apply(self, updates: list[Update], ctx: RoundContext) -> list[Update]:
+        self.info = self.forge(updates, ctx.global_model)
+        return updates
+
+    def record(self) -> dict[str, Any]:
+        return {"attack": self.info}  # which nodes attacked, for benchmarks to check
+
+    def forge(self, updates: list[Update], start: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Edit the marked updates' models in place; what it did."""
+        attackers = [u for u in updates if u.metrics.get(ATTACKER_METRIC)]
+        honest = [u for u in updates if not u.metrics.get(ATTACKER_METRIC)]
+        info: dict[str, Any] = {"name": self.attack, "attacker-nodes": [u.nodes[0] for u in attackers]}
         if not attackers:
             return info
         if not honest:  # nothing to know: the colluders' honest models go through unchanged
             info["skipped"] = "no honest update this round"
             return info
         keys = [k for k, v in start.items() if is_parameter(k, v)]
-        rows = np.stack([_flat(r.arrays, start, keys) for r in honest])
-        update, used = malicious_update(self.attack, rows, len(accepted), len(attackers), self.z, self.epsilon)
+        rows = np.stack([_flat(u.model, start, keys) for u in honest])
+        update, used = malicious_update(self.attack, rows, len(updates), len(attackers), self.z, self.epsilon)
         info.update(used)
         malicious, offset = {}, 0
         for k in keys:
@@ -148,9 +158,6 @@ class ColludingAttack:
             value = np.asarray(start[k], np.float64) + update[offset : offset + size].reshape(np.shape(start[k]))
             malicious[k] = value.astype(np.asarray(start[k]).dtype)
             offset += size
-        for r in attackers:  # statistics and counters stay the attacker's own (module docstring)
-            r.arrays = {**r.arrays, **{k: v.copy() for k, v in malicious.items()}}
+        for u in attackers:  # statistics and counters stay the attacker's own (module docstring)
+            u.model = {**u.model, **{k: v.copy() for k, v in malicious.items()}}
         return info
-
-
-AttackInjector = Callable[[list["ClientReply"], Mapping[str, np.ndarray]], dict[str, Any]]

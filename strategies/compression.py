@@ -23,7 +23,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedapp.config.keys import Key, Owner
+
 METHODS = ("none", "fp16", "int8", "topk")
+# Clients encode with these keys (fedapp.client.compression), the server decodes what it gets.
+KEYS = Owner(
+    "update compression",
+    keys=(
+        Key("compression", "none", "how clients encode their update", choices=METHODS),
+        Key(
+            "topk-fraction",
+            0.01,
+            "share of coordinates a topk update keeps",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+            when=lambda c: c.compression == "topk",
+            needs='compression="topk"',
+        ),
+    ),
+)
 SEP = "::"
 # The parts each encoding is made of (by key suffix; "" = the plain tensor).
 _ENCODINGS = {

@@ -22,7 +22,7 @@ not privatised, as in Flower's accountant.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,76 +34,35 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from fedapp.config.keys import Key, Owner
 from strategies.aggregation import average
+from strategies.privacy_budget import accounting_gap, clamp_variances, epsilon_spent, split_private, update_norm
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
-from strategies.strategy import AverageStrategy, RoundReport, VideoFedAvg
+from strategies.replies import RoundReport
+from strategies.strategy import VideoStrategy
 
 logger = logging.getLogger(__name__)
 
 DP_MODES = ("none", "server-side", "client-side")
+_DP_ON = 'dp="server-side" or dp="client-side"'
 
 
-def is_private(array: np.ndarray) -> bool:
-    """Whether a tensor goes through clipping and noise: floating-point ones do, counters don't."""
-    return np.issubdtype(np.asarray(array).dtype, np.floating)
+def _on(cfg: Any) -> bool:
+    return cfg.dp != "none"
 
 
-def split_private(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(floating-point tensors, integer tensors)``, each in the model's order."""
-    private = {k: v for k, v in arrays.items() if is_private(v)}
-    return private, {k: v for k, v in arrays.items() if k not in private}
-
-
-def update_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of ``update - reference`` over all tensors (the norm Flower's clipping bounds)."""
-    total = 0.0
-    for key, value in update.items():
-        delta = np.asarray(value, np.float64) - np.asarray(reference[key], np.float64)
-        total += float(np.dot(delta.ravel(), delta.ravel()))
-    return float(np.sqrt(total))
-
-
-def clamp_variances(arrays: dict[str, np.ndarray]) -> int:
-    """Set negative BatchNorm running variances to zero in place; return how many were negative."""
-    clamped = 0
-    for key, value in arrays.items():
-        if key.endswith("running_var"):
-            negative = value < 0
-            clamped += int(negative.sum())
-            value[negative] = 0
-    return clamped
-
-
-def epsilon_spent(noise_multiplier: float, releases: int, delta: float) -> float:
-    """ε after ``releases`` Gaussian releases of sensitivity-1/noise ``noise_multiplier`` at ``delta``."""
-    from flwr.serverapp import (  # lazy: the accountant needs the optional dp-accounting package
-        GaussianPrivacyEvent,
-        NeighboringRelation,
-        PrivacyConfig,
-        RdpAccountant,
-        SamplingMethod,
-    )
-
-    if releases == 0:
-        return 0.0
-    accountant = RdpAccountant(
-        PrivacyConfig(delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
-    )
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier, 1, 1), count=releases)
-    return accountant.get_privacy_spent().epsilon
-
-
-def accounting_gap(inner: VideoFedAvg, noise_multiplier: float, mode: str, compression: str = "none") -> str:
-    """Why ε cannot be accounted for this setup, or ``""`` when it can."""
-    if mode == "client-side" and compression != "none":
-        return f"compression={compression!r} re-encodes the clipped update after clipping, which can exceed the norm"
-    if noise_multiplier <= 0:
-        return "noise-multiplier is 0: clipping only, no privacy guarantee"
-    if type(inner) is not AverageStrategy:
-        return "the guarantee needs a uniform mean of clipped updates (strategy='average')"
-    if inner.server_optimizer != "sgd" or inner.server_lr != 1.0 or inner.server_momentum != 0.0:
-        return "server-optimizer/server-lr/server-momentum rescale the clipped mean after noise is calibrated"
-    return ""
+# The mechanism's keys; `dp` is its own switch.
+KEYS = Owner(
+    "differential privacy",
+    keys=(
+        Key("dp", "none", "differential privacy: clip and noise on the server or on the clients", choices=DP_MODES),
+        Key("dp-noise-multiplier", 1.0, "σ; the noise stdv is σ × clipping norm / clients", low=0.0, when=_on,
+            needs=_DP_ON),
+        Key("dp-clipping-norm", 1.0, "L2 bound on each client's update", low=0.0, low_open=True, when=_on,
+            needs=_DP_ON),
+        Key("dp-delta", 1e-5, "δ of the (ε, δ) guarantee", low=0.0, high=0.1, low_open=True, when=_on, needs=_DP_ON),
+    ),
+)  # fmt: skip
 
 
 class _InnerAggregate:
@@ -115,7 +74,7 @@ class _InnerAggregate:
     wrapper asks for goes to the inner strategy.
     """
 
-    def __init__(self, inner: VideoFedAvg) -> None:
+    def __init__(self, inner: VideoStrategy) -> None:
         self.inner = inner
         self.model: NamedArrays | None = None  # the global model of the round being configured
         self._report: RoundReport | None = None
@@ -153,7 +112,7 @@ class PrivateStrategy(Strategy):
 
     def __init__(
         self,
-        inner: VideoFedAvg,
+        inner: VideoStrategy,
         mode: str,
         noise_multiplier: float,
         clipping_norm: float,

@@ -21,10 +21,11 @@ fusion strategies can be measured against known attacks (``bench/compare_strateg
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedapp.config.keys import Key, Owner
 from strategies.attacks import ATTACKER_METRIC, OMNISCIENT_ATTACKS
 
 if TYPE_CHECKING:  # the run config imports ATTACKS: validating it must not wait for torch
@@ -32,6 +33,37 @@ if TYPE_CHECKING:  # the run config imports ATTACKS: validating it must not wait
 
 ATTACKS = ("none", "sign-flip", "noise", "label-flip", "free-rider", *OMNISCIENT_ATTACKS)
 UPDATE_ATTACKS = ("sign-flip", "noise")  # the ones poison_update computes on the client
+
+
+def _attacking(cfg: Any) -> bool:
+    return cfg.attack != "none"
+
+
+def _not_with_dp(cfg: Any) -> list[str]:
+    if cfg.attack in OMNISCIENT_ATTACKS and cfg.dp != "none":
+        # Server-side DP clips inside Flower's wrapper before the inner strategy (where the test
+        # tool injects) aggregates: the forged model would skip the clipping real replies get.
+        return [f'attack={cfg.attack!r} is not simulated with dp={cfg.dp!r}: set dp="none"']
+    return []
+
+
+# TEST TOOL keys (robustness experiments only).
+KEYS = Owner(
+    "the attack test tool",
+    keys=(
+        Key("attack", "none", "TEST TOOL: the attack simulated clients mount", choices=ATTACKS,
+            when=lambda c: c.attack_fraction > 0, needs="attack-fraction > 0 (the share of clients that attack)"),
+        Key("attack-fraction", 0.0, "TEST TOOL: share of clients that attack", low=0.0, high=1.0, when=_attacking,
+            needs='attack != "none"'),
+        Key("attack-scale", 10.0, "TEST TOOL: sign-flip / noise magnitude", low=0.0,
+            when=lambda c: c.attack in UPDATE_ATTACKS, needs='attack="sign-flip" or "noise"'),
+        Key("attack-z", 0.0, "TEST TOOL: ALIE's z (0: the paper's z_max)", low=0.0,
+            when=lambda c: c.attack == "alie", needs='attack="alie"'),
+        Key("attack-epsilon", 0.1, "TEST TOOL: IPM's epsilon", low=0.0, low_open=True,
+            when=lambda c: c.attack == "ipm", needs='attack="ipm"'),
+    ),
+    checks=(_not_with_dp,),
+)  # fmt: skip
 
 
 def attacker_metrics(attack: str) -> dict[str, int]:

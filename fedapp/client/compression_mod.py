@@ -4,7 +4,7 @@ Registered first in the ClientApp's mods, so it is the outermost layer and encod
 (after any clipping by the mods inside it). The top-k residual (error feedback) lives in the node's
 ``context.state`` next to, and separate from, FedBN's ``local-state``. The encoder is
 ``fedapp.client.compression``; the server decodes the payload (``strategies.compression``) in
-``VideoFedAvg`` before checking the update. The sent model, the update and the run config come from
+``VideoStrategy`` before checking the update. The sent model, the update and the run config come from
 the message's exchange (``fedapp.client.exchange``), so nothing here converts or parses them again.
 """
 

@@ -21,7 +21,7 @@ from flwr.supercore.differential_privacy import (
 )
 
 from fedapp.client.exchange import ARRAYS, message_exchange
-from strategies.privacy import split_private, update_norm
+from strategies.privacy_budget import split_private, update_norm
 from strategies.records import NamedArrays
 
 

@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedapp.logs import route_app_logs_to_flower
-from fedapp.server.build_strategy import build_strategy, make_distiller
+from fedapp.server.build_strategy import build_strategy, colluding_attack, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
 from fedapp.server.checkpoint import (
     CheckpointError,
@@ -118,7 +118,8 @@ def run_federation(
     device = select_device(cfg.device)
     evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
-    strategy = build_strategy(cfg, make_distiller(cfg, len(index.classes), device) if feddf else None)
+    distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
+    strategy = build_strategy(cfg, distiller, colluding_attack(cfg))
     state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
 

@@ -1,33 +1,46 @@
-"""The strategy a run config names: its family's class and keys, FedDF's distiller, the DP wrapper."""
+"""The strategy a run config names: its stages from the registry (or the user's own rule), FedDF's
+distiller, and Flower's DP wrapper when ``dp`` is on."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from datasets.clip_dataset import scan_videos
+from fedapp.plugins import check_signature, is_plugin, load_plugin
 from fedapp.task.config import AppConfig
-from fedapp.task.data import eval_loader, unlabeled_samples
-from fedapp.task.devices import autocast_context, input_to_device
-from fedapp.task.models import build_model
-from strategies.attacks import OMNISCIENT_ATTACKS, ColludingAttack
-from strategies.distillation import DistillConfig, Placement, distill_arrays
+from strategies.plugin_rule import PluginRule
 from strategies.privacy import PrivateStrategy
-from strategies.strategy import AverageStrategy, FusionStrategy, VideoFedAvg, WeightedStrategy
+from strategies.scaffold import Scaffold
+from strategies.stage import Aggregator, Transform, aggregator_name, registered
+from strategies.strategy import VideoStrategy
 
 logger = logging.getLogger(__name__)
 
 Distiller = Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
-def build_strategy(cfg: AppConfig, distiller: Distiller | None = None) -> VideoFedAvg | PrivateStrategy:
-    """The strategy named by ``strategy`` (and its family's keys), inside Flower's DP wrapper when
-    ``dp`` is on."""
-    strategy = _base_strategy(cfg, distiller)
+def build_strategy(
+    cfg: AppConfig, distiller: Distiller | None = None, extra_transforms: Sequence[Transform] = ()
+) -> VideoStrategy | PrivateStrategy:
+    """The strategy ``cfg`` composes, inside Flower's DP wrapper when ``dp`` is on.
+    ``extra_transforms``: stages no run config selects (the attack test tool of benchmarks)."""
+    resources = {"distiller": distiller}
+    transforms = [cls.from_config(cfg, resources) for cls in registered("transform").values() if cls.active(cfg)]
+    strategy = VideoStrategy(
+        aggregator=build_aggregator(cfg, resources),
+        server_step=registered("server-step")[cfg.server_optimizer].from_config(cfg, resources),
+        transforms=[*transforms, *extra_transforms],
+        scaffold=Scaffold() if cfg.scaffold else None,
+        proximal_mu=cfg.proximal_mu,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_evaluate_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
     if cfg.dp == "none":
         return strategy
     return PrivateStrategy(
@@ -35,53 +48,42 @@ def build_strategy(cfg: AppConfig, distiller: Distiller | None = None) -> VideoF
     )
 
 
-def _base_strategy(cfg: AppConfig, distiller: Distiller | None) -> VideoFedAvg:
-    common = dict(
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_train_nodes=cfg.min_train_nodes,
-        min_evaluate_nodes=cfg.min_evaluate_nodes,
-        min_available_nodes=cfg.min_available_nodes,
-        server_optimizer=cfg.server_optimizer,
-        server_lr=cfg.server_lr,
-        server_momentum=cfg.server_momentum,
-        server_betas=(cfg.server_beta1, cfg.server_beta2),
-        server_tau=cfg.server_tau,
-        proximal_mu=cfg.proximal_mu,
-        scaffold=cfg.scaffold,
-        norm_bound=cfg.norm_bound,
-        attack_injector=attack_injector(cfg),
-    )
-    if cfg.strategy == "average":
-        return AverageStrategy(**common)
-    if cfg.strategy == "weighted":
-        return WeightedStrategy(weight_source=cfg.weight_source, staleness_decay=cfg.staleness_decay, **common)
-    if cfg.strategy == "fusion":
-        return FusionStrategy(
-            fusion_fn=cfg.fusion_fn,
-            trim_beta=cfg.trim_beta,
-            krum_malicious=cfg.krum_malicious,
-            krum_selected=cfg.krum_selected,
-            bucket_size=cfg.bucket_size,
-            bucket_seed=cfg.seed,
-            nnm_malicious=cfg.nnm_malicious,
-            cc_radius=cfg.cc_radius,
-            cc_iterations=cfg.cc_iterations,
-            distiller=distiller,
-            **common,
-        )
-    return VideoFedAvg(**common)
+def build_aggregator(cfg: AppConfig, resources: dict[str, Any]) -> Aggregator:
+    """The registered aggregator ``cfg`` selects, or the user's rule for ``fusion-fn="module:attr"``."""
+    name = aggregator_name(cfg)
+    if is_plugin(name):
+        return PluginRule(name, load_rule(name))
+    return registered("aggregator")[name].from_config(cfg, resources)
 
 
-def attack_injector(cfg: AppConfig) -> ColludingAttack | None:
-    """TEST TOOL: the server-side step of an omniscient ``attack`` (``strategies.attacks``), else None."""
+def load_rule(spec: str) -> Callable[..., Any]:
+    """A user's rule from ``fusion-fn``: a function ``(models, weights)``, or a class instantiated once
+    (no arguments) whose instances are called so; a :class:`fedapp.plugins.PluginError` otherwise."""
+    obj = load_plugin("fusion-fn", spec)
+    if isinstance(obj, type):
+        obj = check_signature("fusion-fn", spec, obj, ())()
+    return check_signature("fusion-fn", spec, obj, ("models", "weights"))
+
+
+def colluding_attack(cfg: AppConfig) -> list[Transform]:
+    """TEST TOOL: the server-side step of an omniscient ``attack`` (``strategies.attacks``), else none."""
+    from strategies.attacks import OMNISCIENT_ATTACKS, ColludingAttack
+
     if cfg.attack not in OMNISCIENT_ATTACKS or cfg.attack_fraction <= 0:
-        return None
-    return ColludingAttack(cfg.attack, z=cfg.attack_z, epsilon=cfg.attack_epsilon)
+        return []
+    return [ColludingAttack(cfg.attack, z=cfg.attack_z, epsilon=cfg.attack_epsilon)]
 
 
-def make_distiller(cfg: AppConfig, num_classes: int, device: torch.device) -> Distiller:
+def make_distiller(cfg: AppConfig, num_classes: int, device: Any) -> Distiller:
     """FedDF's server side: distil the clients' ensemble on unlabeled clips held by the server."""
+    import torch
+
+    from datasets.clip_dataset import scan_videos
+    from fedapp.task.data import eval_loader, unlabeled_samples
+    from fedapp.task.devices import autocast_context, input_to_device
+    from fedapp.task.models import build_model
+    from strategies.distillation import DistillConfig, Placement, distill_arrays
+
     samples = unlabeled_samples(cfg)
     usable, _ = scan_videos(samples)
     loader = eval_loader(cfg, usable)

@@ -26,11 +26,11 @@ from fedapp.server.summary import strategy_label
 from fedapp.task.config import AppConfig
 from strategies.privacy import PrivateStrategy
 from strategies.records import NamedArrays, numpy_to_arrays
-from strategies.strategy import RoundReport, VideoFedAvg
+from strategies.strategy import RoundReport, VideoStrategy
 
 logger = logging.getLogger(__name__)
 
-Strategy = VideoFedAvg | PrivateStrategy
+Strategy = VideoStrategy | PrivateStrategy
 
 
 @dataclass
@@ -68,7 +68,7 @@ def replies_as_they_arrive(
     ``timeout`` seconds have passed (later replies are lost, as with ``send_and_receive``).
 
     The caller folds each reply into the aggregate before the next is pulled, so the server never
-    holds all N replies (``strategies.strategy.VideoFedAvg.streams``)."""
+    holds all N replies (``strategies.strategy.VideoStrategy.streams``)."""
     pending = [i for i in grid.push_messages(messages) if i]  # Flower gives None for one it could not push
     deadline = None if timeout is None else time.monotonic() + timeout
     poll = FIRST_POLL_S

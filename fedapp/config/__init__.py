@@ -1,0 +1,1 @@
+"""The run configuration: keys declared by the stages and modules that read them, validated once."""

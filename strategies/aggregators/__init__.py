@@ -1,0 +1,1 @@
+"""Aggregation rules, one per file; each registers itself (``strategies.stage.register``)."""

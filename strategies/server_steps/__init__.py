@@ -1,0 +1,1 @@
+"""Server optimizers (``server-optimizer``), one per file; each registers itself."""

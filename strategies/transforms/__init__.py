@@ -1,0 +1,1 @@
+"""Transforms of the round's updates before aggregation, one per file; each registers itself."""
