@@ -18,10 +18,12 @@ from fedapp.task.models import (
     TinyC3D,
     VideoClassifier,
     build_model,
+    check_model,
     count_parameters,
     freeze_backbone,
     load_pretrained_backbone,
 )
+from fedapp.task.pretrained import MIN_INPUT
 
 torch.set_num_threads(2)
 
@@ -34,11 +36,11 @@ def _clip(seed: int = 0) -> torch.Tensor:
 
 
 def _backbone_equal(model: VideoClassifier, reference: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Every tensor of ``reference`` (minus fc.*) equals the model's ``prefix + key`` tensor."""
+    """Every tensor of ``reference`` (minus torchvision's classifier) equals the model's ``prefix + key`` tensor."""
     state = model.state_dict()
     checked = 0
     for key, value in reference.items():
-        if key.startswith("fc."):
+        if key.startswith(("fc.", "classifier.")):
             continue
         assert torch.equal(state[prefix + key], value), key
         checked += 1
@@ -103,6 +105,11 @@ def test_unknown_model_and_pooling() -> None:
     with pytest.raises(ModelError, match="unknown model 'resnet3d'") as err:
         build_model("resnet3d", num_classes=3)
     assert all(name in str(err.value) for name in MODEL_NAMES)
+    assert '"module:builder"' in str(err.value)  # the way to a model of one's own
+    with pytest.raises(ModelError, match="unknown model 'resnet3d'"):
+        check_model("resnet3d")
+    for name in MODEL_NAMES:
+        check_model(name)  # built-ins: only looked up
     with pytest.raises(ModelError, match="unknown pooling 'max'") as err:
         build_model("framepool_resnet18", num_classes=3, pooling="max")
     assert "mean" in str(err.value) and "attention" in str(err.value)
@@ -124,6 +131,53 @@ def test_load_torchvision_video_weights(tmp_path) -> None:
     again = build_model("mc3_18", num_classes=2)
     load_pretrained_backbone(again, "mc3_18", str(nested))
     _backbone_equal(again, source, prefix="backbone.")
+
+
+def test_s3d_loads_torchvision_weights_and_matches_torchvision(tmp_path) -> None:
+    torch.manual_seed(0)
+    reference = torchvision.models.video.s3d(weights=None).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eps and the pooling both matter
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    source = reference.state_dict()
+    path = tmp_path / "s3d.pth"
+    torch.save(source, path)
+    model = build_model("s3d", num_classes=7, pretrained_path=str(path)).eval()
+    _backbone_equal(model, source, prefix="backbone.")
+    assert set(model.backbone.state_dict()) == {k for k in source if not k.startswith("classifier.")}
+    assert model.feature_dim == 1024 and isinstance(model.head, torch.nn.Linear) and model.head.out_features == 7
+
+    # at torchvision's own input size, the global mean is its 2×7×7 pooling: same logits as its 1×1×1 conv
+    conv = reference.classifier[1]
+    with torch.no_grad():
+        model.head = torch.nn.Linear(1024, 400)
+        model.head.weight.copy_(conv.weight.flatten(1))
+        model.head.bias.copy_(conv.bias)
+        x = torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+    bn = model.backbone.features[0][0][1]
+    assert (bn.eps, bn.momentum) == (1e-3, 0.1)  # torchvision's eps, PyTorch's momentum (see models._s3d)
+    wrong = tmp_path / "mc3.pth"
+    torch.save(torchvision.models.video.mc3_18(weights=None).state_dict(), wrong)
+    with pytest.raises(ModelError, match="does not fit the backbone of 's3d'.*seems to be for mc3_18"):
+        build_model("s3d", num_classes=2, pretrained_path=str(wrong))
+    with pytest.raises(ModelError, match="does not fit the backbone of 'r3d_18'.*seems to be for s3d"):
+        build_model("r3d_18", num_classes=2, pretrained_path=str(path))
+
+
+@pytest.mark.parametrize("name", sorted(MIN_INPUT))
+def test_the_smallest_input_each_model_takes(name: str) -> None:
+    """``MIN_INPUT`` (clip-len, crop-size) is exact: the model runs there and not one below."""
+    clip_len, crop = MIN_INPUT[name]
+    model = build_model(name, num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, clip_len, crop, crop)).shape == (1, 3)
+        for t, h in ((clip_len - 1, crop), (clip_len, crop - 1)):
+            with pytest.raises(RuntimeError):
+                model(torch.randn(1, 3, t, h, h))
 
 
 def test_load_torchvision_resnet_into_framepool(tmp_path) -> None:
@@ -227,6 +281,17 @@ def test_freeze_backbone_updates_only_head() -> None:
         free.state_dict()["backbone.blocks.0.1.running_mean"], ref["backbone.blocks.0.1.running_mean"]
     )
     assert not torch.equal(free.state_dict()["backbone.blocks.0.0.weight"], ref["backbone.blocks.0.0.weight"])
+
+
+def test_freeze_s3d_updates_only_head() -> None:
+    model = build_model("s3d", num_classes=2, freeze_backbone=True)
+    assert count_parameters(model, trainable_only=True) == count_parameters(model.head) == 1024 * 2 + 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model)
+    assert model.training and not model.backbone.training
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("backbone."))
+    assert not torch.equal(after["head.weight"], before["head.weight"])
 
 
 def test_freeze_framepool_keeps_attention_trainable() -> None:

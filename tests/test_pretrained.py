@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from fedapp.server.app import initial_model
 from fedapp.task import models
 from fedapp.task.config import ConfigError, parse_config, parse_resize
 from fedapp.task.models import ModelError, build_model
-from fedapp.task.pretrained import PRETRAINED, torch_hub_dir, weights_path
+from fedapp.task.pretrained import MODEL_NAMES, PRETRAINED, torch_hub_dir, weights_for, weights_path
 from fedapp.tools import weights as weights_tool
 from tests.conftest import fedvideo_command
 
@@ -67,6 +68,19 @@ def test_every_weights_entry_matches_torchvision(model):
         assert ours.accuracy.endswith(f"top-1 {top1}")
 
 
+def test_the_table_names_every_built_in_model_without_importing_torch():
+    assert MODEL_NAMES == tuple(PRETRAINED) and "s3d" in MODEL_NAMES
+    assert models.MODEL_NAMES is MODEL_NAMES  # one list: what the config checks is what build_model builds
+    code = "import sys, fedapp.task.pretrained; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_model_of_ones_own_has_no_table_entry():
+    with pytest.raises(KeyError, match="model='my:build' has no pretrained weights 'DEFAULT': only built-in models"):
+        weights_for("my:build", "DEFAULT")
+
+
 @pytest.mark.parametrize(
     "env",
     [{"TORCH_HOME": "/x/torch"}, {"XDG_CACHE_HOME": "/y/cache"}, {}, {"TORCH_HOME": "~/t", "XDG_CACHE_HOME": "/z"}],
@@ -92,6 +106,17 @@ def test_kinetics_weights_load_from_the_cache_with_a_new_head(torch_home):
     assert model.head.out_features == 5 and model.head.in_features == state["fc.weight"].shape[1]
     fresh = build_model("r3d_18", 5)
     assert not torch.equal(fresh.backbone.stem[0].weight, model.backbone.stem[0].weight)
+
+
+def test_s3d_weights_load_from_the_cache_with_a_new_head(torch_home):
+    state = place_random_weights("s3d", "KINETICS400_V1")
+    model = build_model("s3d", 5, pretrained="DEFAULT")  # DEFAULT: the same file
+    loaded = model.backbone.state_dict()
+    assert set(loaded) == set(state) - {"classifier.1.weight", "classifier.1.bias"}
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+    assert isinstance(model.head, torch.nn.Linear) and model.head.out_features == 5
+    assert model.head.in_features == state["classifier.1.weight"].shape[1] == 1024
 
 
 def test_imagenet_weights_fill_the_frame_pooled_resnet(torch_home):

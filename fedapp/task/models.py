@@ -1,14 +1,17 @@
 """Video classifiers (backbone + linear head) and offline transfer learning.
 
-Every model is a :class:`VideoClassifier` whose ``backbone`` maps a ``B×C×T×H×W`` float clip to
-``B×F`` features and whose ``head`` is ``nn.Linear(F, num_classes)``, so state_dict keys are
-always ``backbone.*`` and ``head.*`` whatever the architecture.
+Every built-in model is a :class:`VideoClassifier` whose ``backbone`` maps a ``B×C×T×H×W`` float
+clip to ``B×F`` features and whose ``head`` is ``nn.Linear(F, num_classes)``, so state_dict keys are
+always ``backbone.*`` and ``head.*`` whatever the architecture. A model of the user's own, named
+``"module:builder"``, is the module ``builder(num_classes)`` returns, unwrapped (its keys are its
+own); :func:`check_model` vets it once at start.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,8 +19,9 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from fedapp.task.config import MODEL_NAMES, POOLINGS
-from fedapp.task.pretrained import weights_path
+from fedapp.plugins import check_signature, is_plugin, load_plugin
+from fedapp.config.model import POOLINGS
+from fedapp.task.pretrained import MODEL_NAMES, weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +35,9 @@ _RESNETS_2D: dict[str, Callable[..., nn.Module]] = {
     "resnet18": torchvision.models.resnet18,
     "resnet50": torchvision.models.resnet50,
 }
+_TORCHVISION_HEADS = ("fc.", "classifier.")  # classifier keys of torchvision files, replaced by our head
 _SHOW_KEYS = 4  # offending keys quoted per category in error messages
+_CHECK_CLIP = (3, 8, 32, 32)  # C×T×H×W of check_model's dummy clip
 
 
 class ModelError(ValueError):
@@ -48,6 +54,23 @@ def _drop_fc(net: nn.Module) -> int:
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return feature_dim
+
+
+def _s3d() -> tuple[nn.Module, int]:
+    """torchvision's S3D without its classifier: a ``B×1024`` global average of its last feature map.
+
+    torchvision averages a fixed 2×7×7 window, which is the whole map of its 16×224×224 input, so the
+    global mean is the same there and also takes small clips (down to 5 frames of 17×17, see
+    ``MIN_INPUT``). BatchNorm keeps torchvision's eps, which the pretrained statistics go with, but
+    PyTorch's default momentum 0.1 rather than 0.001 (TensorFlow's decay 0.999): at 0.001 the running
+    statistics of a model trained from scratch stay near their initial values for thousands of
+    steps, so evaluation would be off for many rounds.
+    """
+    net = torchvision.models.video.s3d(weights=None, norm_layer=partial(nn.BatchNorm3d, eps=1e-3))
+    feature_dim = net.classifier[1].in_channels
+    net.avgpool = nn.AdaptiveAvgPool3d(1)
+    net.classifier = nn.Identity()  # S3D.forward then averages the 1×1×1 map away
+    return net, feature_dim
 
 
 def _conv_block(
@@ -165,6 +188,8 @@ def _build_backbone(name: str, pooling: str) -> tuple[nn.Module, int]:
     if name.startswith("framepool_"):
         net = FramePooledResNet(name.removeprefix("framepool_"), pooling)
         return net, net.feature_dim
+    if name == "s3d":
+        return _s3d()
     net = _VIDEO_RESNETS[name](weights=None)
     return net, _drop_fc(net)
 
@@ -176,17 +201,43 @@ def build_model(
     freeze_backbone: bool = False,
     pooling: str = "mean",
     pretrained: str = "none",
-) -> VideoClassifier:
+) -> nn.Module:
     """Build a classifier by name; optionally load a pretrained backbone and freeze it.
 
     ``pretrained`` names torchvision weights (``"KINETICS400_V1"``...), read from torch.hub's cache
     and never downloaded; ``pretrained_path`` is a local file. ``pooling`` only matters for
-    ``framepool_*`` models.
+    ``framepool_*`` models. A ``"module:builder"`` name returns ``builder(num_classes)`` as is; the
+    other options are refused for it (its builder owns its weights and what it trains).
     """
-    _check_choice("model", name, MODEL_NAMES)
-    _check_choice("pooling", pooling, POOLINGS)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if is_plugin(name):
+        _refuse_builtin_options(name, pretrained_path, freeze_backbone, pooling, pretrained)
+        model = _build_plugin(name, num_classes)
+    else:
+        model = _build_builtin(name, num_classes, pooling, pretrained, pretrained_path, freeze_backbone)
+    logger.debug(
+        "built %s: %.2f M params (%.2f M trainable), %d classes",
+        name,
+        count_parameters(model) / 1e6,
+        count_parameters(model, trainable_only=True) / 1e6,
+        num_classes,
+    )
+    return model
+
+
+def _check_model_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ModelError(
+            f'unknown model {name!r}; allowed: {", ".join(MODEL_NAMES)}, or a model of your own as "module:builder"'
+        )
+
+
+def _build_builtin(
+    name: str, num_classes: int, pooling: str, pretrained: str, pretrained_path: str, freeze_backbone: bool
+) -> VideoClassifier:
+    _check_model_name(name)
+    _check_choice("pooling", pooling, POOLINGS)
     if pooling != "mean" and not name.startswith("framepool_"):
         logger.info("pooling=%r ignored: it only applies to framepool_* models, not %s", pooling, name)
     backbone, feature_dim = _build_backbone(name, pooling)
@@ -206,14 +257,75 @@ def build_model(
         load_pretrained_backbone(model, name, pretrained_path)
     if freeze_backbone:
         model.freeze_backbone()
-    logger.debug(
-        "built %s: %.2f M params (%.2f M trainable), %d classes",
-        name,
-        count_parameters(model) / 1e6,
-        count_parameters(model, trainable_only=True) / 1e6,
-        num_classes,
-    )
     return model
+
+
+def _refuse_builtin_options(
+    name: str, pretrained_path: str, freeze_backbone: bool, pooling: str, pretrained: str
+) -> None:
+    """A plug-in model takes none of the built-in models' options: say which were set."""
+    options = (
+        ("pretrained", pretrained, "none"),
+        ("pretrained-path", pretrained_path, ""),
+        ("freeze-backbone", freeze_backbone, False),
+        ("pooling", pooling, "mean"),
+    )
+    set_options = [f"{key}={value!r}" for key, value, default in options if value != default]
+    if set_options:
+        raise ModelError(
+            f'model="{name}" is a model of your own: {", ".join(set_options)} only apply to built-in models; '
+            "load weights or freeze layers in your builder instead"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _build_plugin(name: str, num_classes: int) -> nn.Module:
+    """``builder(num_classes)`` of a ``"module:builder"`` name, checked to be a torch module."""
+    builder = check_signature("model", name, load_plugin("model", name), ("num_classes",))
+    try:
+        model = builder(num_classes)
+    except Exception as exc:  # the user's code may raise anything: name where it came from
+        raise ModelError(f'model="{name}": building with num_classes={num_classes} raised {_first_line(exc)}') from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f'model="{name}" returned a {type(model).__name__}, not a torch.nn.Module')
+    return model
+
+
+def check_model(name: str, num_classes: int = 2, input_shape: tuple[int, int, int, int] = _CHECK_CLIP) -> None:
+    """Refuse, before Flower starts, a model name that cannot train. Built-in names are only looked up.
+
+    A ``"module:builder"`` model is imported, built once as ``builder(num_classes)`` and run (eval,
+    no grad) on a random ``1×C×T×H×W`` clip of ``input_shape``; pass the run's
+    ``(3, clip-len, crop-size, crop-size)`` to try what training will feed. It must have trainable
+    parameters and return float logits of shape ``(1, num_classes)``. Failures raise PluginError or
+    ModelError naming the key, the value and the problem.
+    """
+    if not is_plugin(name):
+        _check_model_name(name)
+        return
+    with torch.random.fork_rng(devices=[]):  # building draws random weights: leave the caller's seed stream alone
+        model = _build_plugin(name, num_classes)
+        clip = torch.randn(1, *input_shape)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f'model="{name}" has no trainable parameters: there would be nothing to train or aggregate')
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(clip)
+    except Exception as exc:  # the user's forward may raise anything
+        raise ModelError(
+            f'model="{name}" failed on a dummy clip of shape {tuple(clip.shape)} (B×C×T×H×W): {_first_line(exc)}'
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.shape != (1, num_classes) or not out.is_floating_point():
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ModelError(
+            f'model="{name}" maps a clip of shape {tuple(clip.shape)} to {got}; it must return float logits '
+            f"of shape (1, {num_classes}), batch × num_classes"
+        )
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -272,6 +384,8 @@ def _guess_architecture(state: Mapping[str, torch.Tensor]) -> str:
         return known.get((bottleneck, blocks), f"a 2D ResNet with {blocks} blocks (unsupported)")
     if "blocks.0.0.weight" in keys:
         return "tiny3d"
+    if "features.0.0.0.weight" in keys:
+        return "s3d"
     return "an unknown architecture"
 
 
@@ -279,10 +393,11 @@ def load_pretrained_backbone(model: VideoClassifier, name: str, path: str) -> No
     """Load backbone weights from a local file strictly; the head keeps its fresh initialization.
 
     Accepts the torchvision state dict of the underlying network (``stem.*``/``layer*``/``fc.*`` for
-    video ResNets, ``conv1.*``... for the 2D ResNet of ``framepool_*``, TinyC3D keys for ``tiny3d``;
-    ``fc.*`` is dropped) or a VideoClassifier state dict (``backbone.*``/``head.*``; ``head.*`` is
-    dropped), optionally nested under ``state_dict`` or ``model``. ``.safetensors`` files are read
-    with safetensors, anything else with ``torch.load(weights_only=True)``.
+    video ResNets, ``features.*``/``classifier.*`` for S3D, ``conv1.*``... for the 2D ResNet of
+    ``framepool_*``, TinyC3D keys for ``tiny3d``; ``fc.*`` and ``classifier.*`` are dropped) or a
+    VideoClassifier state dict (``backbone.*``/``head.*``; ``head.*`` is dropped), optionally nested
+    under ``state_dict`` or ``model``. ``.safetensors`` files are read with safetensors, anything
+    else with ``torch.load(weights_only=True)``.
     """
     state = _read_state_dict(path)
     if any(k.startswith(("backbone.", "head.")) for k in state):
@@ -290,7 +405,7 @@ def load_pretrained_backbone(model: VideoClassifier, name: str, path: str) -> No
         part = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
     else:
         target = _transferable_part(model)
-        part = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        part = {k: v for k, v in state.items() if not k.startswith(_TORCHVISION_HEADS)}
     expected = target.state_dict()
     missing = expected.keys() - part.keys()
     unexpected = part.keys() - expected.keys()

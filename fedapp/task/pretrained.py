@@ -3,7 +3,8 @@ the input preset it was trained with.
 
 Kept free of torch so the run config is checked before Flower starts (``fedvideo run`` refuses a
 missing file in well under a second); ``tests/test_pretrained.py`` checks every entry against
-torchvision's own weight enums (file names, ``transforms()``), so the table cannot drift.
+torchvision's own weight enums (file names, ``transforms()``), so the table cannot drift. Its keys
+are the built-in model names (``MODEL_NAMES``), the one list of them.
 Nothing here downloads: ``fedvideo weights --download`` fetches a file once, through torchvision.
 """
 
@@ -24,7 +25,8 @@ class Preset:
     std: tuple[float, float, float]
 
 
-# Video weights: torchvision resizes every frame to exactly 128×171, then centre-crops 112.
+# Video ResNet weights: torchvision resizes every frame to exactly 128×171, then centre-crops 112
+# (S3D's: 256×256, then 224, same statistics).
 KINETICS400 = Preset("128x171", 112, (0.43216, 0.394666, 0.37645), (0.22803, 0.22145, 0.216989))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -42,6 +44,8 @@ class Weights:
 _R3D = Weights("r3d_18", "r3d_18-b3b3357e.pth", KINETICS400, "Kinetics-400 top-1 63.2")
 _MC3 = Weights("mc3_18", "mc3_18-a90a0ba3.pth", KINETICS400, "Kinetics-400 top-1 63.96")
 _R21D = Weights("r2plus1d_18", "r2plus1d_18-91a641e6.pth", KINETICS400, "Kinetics-400 top-1 67.463")
+_S3D = Weights("s3d", "s3d-d76dad2f.pth", Preset("256x256", 224, KINETICS400.mean, KINETICS400.std),
+                "Kinetics-400 top-1 68.368")  # fmt: skip
 _RN18 = Weights("resnet18", "resnet18-f37072fd.pth", Preset("short:256", 224, IMAGENET_MEAN, IMAGENET_STD),
                 "ImageNet-1K top-1 69.758")  # fmt: skip
 _RN50_V1 = Weights("resnet50", "resnet50-0676ba61.pth", Preset("short:256", 224, IMAGENET_MEAN, IMAGENET_STD),
@@ -55,13 +59,26 @@ PRETRAINED: dict[str, dict[str, Weights]] = {
     "r3d_18": {"KINETICS400_V1": _R3D, "DEFAULT": _R3D},
     "mc3_18": {"KINETICS400_V1": _MC3, "DEFAULT": _MC3},
     "r2plus1d_18": {"KINETICS400_V1": _R21D, "DEFAULT": _R21D},
+    "s3d": {"KINETICS400_V1": _S3D, "DEFAULT": _S3D},
     "framepool_resnet18": {"IMAGENET1K_V1": _RN18, "DEFAULT": _RN18},
     "framepool_resnet50": {"IMAGENET1K_V1": _RN50_V1, "IMAGENET1K_V2": _RN50_V2, "DEFAULT": _RN50_V2},
 }
 
+# The built-in model names (fedapp.task.models builds them), here so that checking a run config never imports torch.
+MODEL_NAMES: tuple[str, ...] = tuple(PRETRAINED)
+
+# The smallest (clip-len, crop-size) each model accepts, where there is one: strided convs and unpadded
+# pools shrink the feature map to nothing below it (measured; tests/test_models.py checks both edges).
+MIN_INPUT: dict[str, tuple[int, int]] = {"tiny3d": (2, 15), "s3d": (5, 17)}
+
 
 def weights_for(model: str, name: str) -> Weights:
     """The weights ``name`` of ``model``; raises KeyError naming what the model has."""
+    if model not in PRETRAINED:  # a plug-in ("module:builder") or a typo: no table entry
+        raise KeyError(
+            f"model={model!r} has no pretrained weights {name!r}: only built-in models do "
+            f"({', '.join(MODEL_NAMES)}); a model of your own loads its weights in its builder"
+        )
     available = PRETRAINED[model]
     if name not in available:
         choices = ", ".join(available) if available else "none (train it from scratch)"
