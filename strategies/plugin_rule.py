@@ -11,6 +11,7 @@ each tensor is cast to the global model's dtype) before it is used.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -40,4 +41,14 @@ class PluginRule(Aggregator):
             array = np.asarray(value)
             reference = ctx.global_model.get(key)
             model[key] = array.astype(reference.dtype, copy=False) if reference is not None else array
+        try:  # the round record is JSON: numpy scalars and arrays become numbers and lists
+            info = json.loads(json.dumps(info, default=_plain))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self.name} returned info that is not JSON: {exc}") from None
         return model, {"rule": self.name, **info}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")

@@ -72,7 +72,7 @@ KEYS = Owner(
     checks=(_enough_nodes,),
 )  # fmt: skip
 FUSION = Owner(
-    'the fusion family (strategy="fusion")',
+    "the fusion family",
     keys=(Key("fusion-fn", "median", "the fusion rule", choices=fusion_rules, plugin=True),),
     when=lambda cfg: cfg.strategy == "fusion",
     needs='strategy="fusion"',

@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from fedapp.plugins import check_signature, is_plugin, load_plugin
+from fedapp.plugins import PluginError, check_signature, is_plugin, load_plugin
 from fedapp.task.config import AppConfig
 from strategies.plugin_rule import PluginRule
 from strategies.privacy import PrivateStrategy
 from strategies.scaffold import Scaffold
-from strategies.stage import Aggregator, Transform, aggregator_name, registered
+from strategies.stage import Aggregator, RoundContext, Transform, Update, aggregator_name, registered
 from strategies.strategy import VideoStrategy
+from strategies.validation import check_tensors, reference_spec
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,35 @@ def colluding_attack(cfg: AppConfig) -> list[Transform]:
     if cfg.attack not in OMNISCIENT_ATTACKS or cfg.attack_fraction <= 0:
         return []
     return [ColludingAttack(cfg.attack, z=cfg.attack_z, epsilon=cfg.attack_epsilon)]
+
+
+def check_plugins(cfg: AppConfig, num_classes: int = 2) -> None:
+    """Load the user's own rule and model that ``cfg`` names and try each once on toy input, so that
+    a mistake stops the run at start: a :class:`fedapp.plugins.PluginError` (or the model's
+    ``ModelError``) naming the key, the value and what is wrong."""
+    if cfg.strategy == "fusion" and is_plugin(cfg.fusion_fn):
+        try_rule(cfg.fusion_fn)
+    if is_plugin(cfg.model):
+        from fedapp.task.models import check_model
+
+        check_model(cfg.model, num_classes, input_shape=(3, cfg.clip_len, cfg.crop_size, cfg.crop_size))
+
+
+def try_rule(spec: str) -> None:
+    """Run the rule ``spec`` once on three toy models (a float layer and an integer counter)."""
+    models = [
+        {"layer.weight": np.full((2, 3), float(i), np.float32), "bn.num_batches_tracked": np.array(i, np.int64)}
+        for i in range(3)
+    ]
+    updates = [Update(m, 1.0, [i + 1], {"num-examples": 1}) for i, m in enumerate(models)]
+    rule = PluginRule(spec, load_rule(spec))
+    try:
+        merged, _ = rule.aggregate(updates, RoundContext(1, models[0]))
+    except Exception as exc:  # whatever the user's code raises, said with the key
+        raise PluginError(f'fusion-fn="{spec}" failed on three toy models: {type(exc).__name__}: {exc}') from exc
+    reason = check_tensors(merged, reference_spec(models[0]))
+    if reason:
+        raise PluginError(f'fusion-fn="{spec}" returned a model unlike its inputs on three toy models: {reason}')
 
 
 def make_distiller(cfg: AppConfig, num_classes: int, device: Any) -> Distiller:

@@ -12,7 +12,6 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, field, make_dataclass, replace
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["AppConfig", "ConfigError", "parse_config", "parse_resize", "parse_size", "toml"]
 
 
-@cache
 def owners() -> tuple[Owner, ...]:
     """Every owner of run-config keys, in the order the key reference lists them."""
     return (
@@ -100,15 +98,20 @@ class ConfigViews:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
 
-# The typed view of the run config: one frozen field per declared key (``-`` → ``_``).
-AppConfig = make_dataclass(
-    "AppConfig",
-    [(k.attr, k.kind, field(default=k.default)) for k in all_keys().values()],
-    bases=(ConfigViews,),
-    frozen=True,
-)
-AppConfig.__module__ = __name__  # pickled by name (data loader workers): found here
-AppConfig.__doc__ = "Typed view of the run config. Field names are the TOML keys with ``-`` replaced by ``_``."
+def app_config_class() -> type:
+    """The typed view of the run config: one frozen field per declared key (``-`` → ``_``)."""
+    cls = make_dataclass(
+        "AppConfig",
+        [(k.attr, k.kind, field(default=k.default)) for k in all_keys().values()],
+        bases=(ConfigViews,),
+        frozen=True,
+    )
+    cls.__module__ = __name__  # pickled by name (data loader workers): found here
+    cls.__doc__ = "Typed view of the run config. Field names are the TOML keys with ``-`` replaced by ``_``."
+    return cls
+
+
+AppConfig = app_config_class()
 
 
 def parse_config(
