@@ -6,7 +6,9 @@ strategies/aggregators/ is found with nothing else edited."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,19 @@ from strategies.stage import RoundContext, Update
 
 RULE = "docs.examples.my_rule:clipped_mean"
 MODEL = "docs.examples.my_model:build"
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+
+
+def doc_blocks() -> list[str]:
+    """The Python code blocks of docs/extending.md."""
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def test_the_docs_show_the_example_rule_as_it_is():
+    example = (DOC.parent / "examples" / "my_rule.py").read_text()
+    assert doc_blocks()[0].strip() in example
 
 
 def updates(*values: float) -> list[Update]:
@@ -83,34 +98,7 @@ def test_a_new_rule_file_is_found_with_nothing_else_edited(small_run_config, tmp
     keys validated like the built-ins' (here the file lies in a folder added to the package path)."""
     import strategies.aggregators
 
-    (tmp_path / "coordinate_max.py").write_text(
-        textwrap.dedent(
-            """
-            import numpy as np
-
-            from fedapp.config.keys import Key
-            from strategies.stage import Aggregator, register
-
-
-            @register
-            class CoordinateMax(Aggregator):
-                name = "coordinate-max"
-                needs = 'strategy="fusion" and fusion-fn="coordinate-max"'
-                keys = (Key("max-shrink", 1.0, "scale of the maximum", low=0.0, high=1.0),)
-
-                def __init__(self, shrink=1.0):
-                    self.shrink = shrink
-
-                @classmethod
-                def from_config(cls, cfg, resources):
-                    return cls(cfg.max_shrink)
-
-                def aggregate(self, updates, ctx):
-                    merged = {k: np.max([u.model[k] for u in updates], axis=0) for k in updates[0].model}
-                    return {k: (v * self.shrink).astype(v.dtype) for k, v in merged.items()}, {"shrink": self.shrink}
-            """
-        )
-    )
+    (tmp_path / "coordinate_max.py").write_text(doc_blocks()[-1])  # the file docs/extending.md shows
     monkeypatch.setattr(strategies.aggregators, "__path__", [*strategies.aggregators.__path__, str(tmp_path)])
     monkeypatch.setattr(stage, "_REGISTRY", {kind: dict(found) for kind, found in stage._REGISTRY.items()})
     from fedapp.task import config as config_module
