@@ -7,42 +7,21 @@ within a step budget, with early stopping on a held-out share of those clips.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from strategies.ensemble import PLAIN, Placement, ensemble_logits, kl_to_teacher, mean_kl
+
+__all__ = ["PLAIN", "DistillConfig", "Placement", "distill", "distill_arrays", "ensemble_logits"]
+
 logger = logging.getLogger(__name__)
-
-
-def _plain_copy(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device)
-
-
-def _no_autocast(device: torch.device) -> AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class Placement:
-    """How clips reach the models: ``to_device(batch, device)`` copies a batch, ``autocast(device)``
-    wraps each forward pass. Passed in, so this module needs nothing of the app: the server gives
-    its own device helpers (``fedapp.task.devices``: channels-last, bf16); the default is a plain
-    fp32 copy."""
-
-    to_device: Callable[[torch.Tensor, torch.device], torch.Tensor] = _plain_copy
-    autocast: Callable[[torch.device], AbstractContextManager] = _no_autocast
-
-
-PLAIN = Placement()
 
 
 @dataclass(frozen=True)
@@ -73,52 +52,6 @@ class DistillConfig:
         ]
         if problems:
             raise ValueError("bad DistillConfig: " + "; ".join(problems))
-
-
-def _normalized_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    if weights is None:
-        return [1.0 / count] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise ValueError(f"got {len(weights)} weights for {count} teachers")
-    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"teacher weights must be finite, >= 0 and not all zero, got {weights}")
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-@torch.no_grad()
-def ensemble_logits(
-    teachers: Sequence[nn.Module],
-    clips: torch.Tensor,
-    weights: Sequence[float] | None = None,
-    placement: Placement = PLAIN,
-) -> torch.Tensor:
-    """(Weighted) mean of the teachers' logits on ``clips``, as float32.
-
-    Teachers are switched to eval mode (and left there): the ensemble is the client models as they
-    would predict, with their own BatchNorm statistics. ``clips`` must be on the teachers' device.
-    """
-    if not teachers:
-        raise ValueError("ensemble_logits needs at least one teacher")
-    total: torch.Tensor | None = None
-    for teacher, weight in zip(teachers, _normalized_weights(weights, len(teachers))):
-        teacher.eval()
-        with placement.autocast(clips.device):
-            logits = teacher(clips).float()
-        total = weight * logits if total is None else total + weight * logits
-    return total
-
-
-def _kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, reduction: str):
-    """KL(softmax(teacher/T) || softmax(student/T)) · T², so gradients keep their scale across T (Hinton et al.)."""
-    kl = F.kl_div(
-        F.log_softmax(student_logits.float() / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction=reduction,
-        log_target=True,
-    )
-    return kl * temperature**2
 
 
 def _usable_clips(batches: Iterable) -> list[torch.Tensor]:
@@ -154,29 +87,54 @@ def _split_indices(count: int, val_fraction: float) -> tuple[list[int], list[int
     return [i for i in range(count) if i not in val_set], val
 
 
-@torch.no_grad()
-def _mean_kl(
-    student: nn.Module,
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    temperature: float,
-    device: torch.device,
-    placement: Placement,
-) -> float:
-    """Per-clip mean KL of the student (eval mode) to the precomputed ensemble logits."""
-    student.eval()
-    total = 0.0
-    count = 0
-    for clips, target in pairs:
-        with placement.autocast(device):
-            logits = student(placement.to_device(clips, device))
-        total += _kl_to_teacher(logits, target, temperature, "sum").item()
-        count += len(clips)
-    return total / count
-
-
 def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     # buffers too: train-mode BatchNorm moves running statistics even when no step helps
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _train(
+    student: nn.Module,
+    train_pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    val_kl: Callable[[], float],
+    initial: float,
+    config: DistillConfig,
+    device: torch.device,
+    placement: Placement,
+) -> tuple[int, float, int, dict[str, torch.Tensor], bool]:
+    """Adam steps on the student towards the ensemble with early stopping on the validation KL;
+    ``(steps, best val KL, its step, the best state, stopped early)``."""
+    best = progress_ref = initial
+    best_state = _snapshot(student)
+    best_step = step = stale = 0
+    stopped_early = False
+    params = [p for p in student.parameters() if p.requires_grad]
+    if config.steps and not params:
+        raise ValueError("the student has no trainable parameters to distil into")
+    optimizer = torch.optim.Adam(params, lr=config.lr) if config.steps else None
+    for clips, target in itertools.islice(itertools.cycle(train_pairs), config.steps):
+        student.train()
+        with placement.autocast(device):
+            logits = student(placement.to_device(clips, device))
+        loss = kl_to_teacher(logits, target, config.temperature, "batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % config.eval_every and step != config.steps:
+            continue
+        current = val_kl()
+        logger.debug("distill step %d/%d: train KL %.5f, val KL %.5f", step, config.steps, loss.item(), current)
+        # the best state is any strict improvement; patience only resets on a min_delta one
+        if current < best:
+            best, best_step, best_state = current, step, _snapshot(student)
+        if current < progress_ref - config.min_delta:
+            progress_ref, stale = current, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                stopped_early = step < config.steps
+                break
+    return step, best, best_step, best_state, stopped_early
 
 
 def distill(
@@ -220,53 +178,18 @@ def distill(
     val_pairs = [pairs[i] for i in val_idx]
 
     def val_kl() -> float:
-        return _mean_kl(student, val_pairs, config.temperature, device, placement)
+        return mean_kl(student, val_pairs, config.temperature, device, placement)
 
-    initial = best = progress_ref = val_kl()
-    best_state = _snapshot(student)
-    best_step = step = stale = 0
-    stopped_early = False
-    params = [p for p in student.parameters() if p.requires_grad]
-    if config.steps and not params:
-        raise ValueError("the student has no trainable parameters to distil into")
-    optimizer = torch.optim.Adam(params, lr=config.lr) if config.steps else None
-    for clips, target in itertools.islice(itertools.cycle(train_pairs), config.steps):
-        student.train()
-        with placement.autocast(device):
-            logits = student(placement.to_device(clips, device))
-        loss = _kl_to_teacher(logits, target, config.temperature, "batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % config.eval_every and step != config.steps:
-            continue
-        current = val_kl()
-        logger.debug("distill step %d/%d: train KL %.5f, val KL %.5f", step, config.steps, loss.item(), current)
-        # the best state is any strict improvement; patience only resets on a min_delta one
-        if current < best:
-            best, best_step, best_state = current, step, _snapshot(student)
-        if current < progress_ref - config.min_delta:
-            progress_ref, stale = current, 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                stopped_early = step < config.steps
-                break
+    initial = val_kl()
+    step, best, best_step, best_state, stopped_early = _train(student, train_pairs, val_kl, initial, config,
+                                                              device, placement)  # fmt: skip
     student.load_state_dict(best_state)
-    final_train = _mean_kl(student, train_pairs, config.temperature, device, placement)
+    final_train = mean_kl(student, train_pairs, config.temperature, device, placement)
     logger.info(
         "distillation: %d/%d steps%s, val KL %.5f -> %.5f (best at step %d), train KL %.5f, %d train / %d val batches",
-        step,
-        config.steps,
-        " (stopped early)" if stopped_early else "",
-        initial,
-        best,
-        best_step,
-        final_train,
-        len(train_pairs),
-        len(val_pairs),
-    )
+        step, config.steps, " (stopped early)" if stopped_early else "", initial, best, best_step, final_train,
+        len(train_pairs), len(val_pairs),
+    )  # fmt: skip
     return {
         "steps": step,
         "stopped-early": stopped_early,
