@@ -51,7 +51,8 @@ from bench.run import run_benchmark
 from fedapp.task.models import MODEL_NAMES
 from strategies.aggregation import average, fedavg, weighted_average
 from strategies.blocks import available_cpus, run_in_blocks, set_threads, spans
-from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
+from strategies.coordinatewise import coordinate_median, trimmed_mean
+from strategies.fusion import geometric_median, krum
 from strategies.records import arrays_to_numpy, numpy_to_arrays
 from strategies.validation import check_update, reference_spec
 from strategies.weighting import normalize_weights

@@ -78,7 +78,7 @@ def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
     return weighted_average((arrays, float(num_examples)) for arrays, num_examples in updates)
 
 
-def _cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     # np.asarray: numpy reductions turn 0-d results into scalars, which Flower's Array rejects.
     if np.issubdtype(dtype, np.integer):
         return np.asarray(np.rint(value).astype(dtype))
@@ -138,7 +138,7 @@ class RunningMean:
             del self._compensation[key]
             total /= self.total
             dtype = self._dtypes[key]
-            value = total if total.dtype == dtype else _cast_like(total, dtype)
+            value = total if total.dtype == dtype else cast_like(total, dtype)
             out[key] = value.reshape(self._shapes[key])
         return out
 

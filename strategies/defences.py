@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from strategies.aggregation import Weights, _cast_like, average, weighted_average
-from strategies.fusion import Models, _flat64, _keys, _parameter_keys, _sq_norms, is_parameter, pairwise_sq_distances
+from strategies.aggregation import Weights, average, cast_like, weighted_average
+from strategies.fusion import Models, flat64, is_parameter, model_keys, pairwise_sq_distances, parameter_keys, sq_norms
 
 # --- bucketing -----------------------------------------------------------------------------------
 
@@ -56,7 +56,7 @@ def bucket_means(
     Every tensor is averaged the same way (BatchNorm statistics included: a bucket stands for its
     clients as one model); dtypes are kept, integer counters rounded.
     """
-    _keys(models)
+    model_keys(models)
     w = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (len(models),):
         raise ValueError(f"got {w.size} weights for {len(models)} models")
@@ -88,11 +88,11 @@ def centered_clipping(
         raise ValueError(f"centered clipping needs a radius > 0, got {radius}")
     if iterations < 1:
         raise ValueError(f"centered clipping needs >= 1 iteration, got {iterations}")
-    keys = _keys(models)
+    keys = model_keys(models)
     missing = [k for k in keys if k not in center]
     if missing:
         raise ValueError(f"centered clipping: the center has no tensor {missing[0]!r}")
-    params = _parameter_keys(models)
+    params = parameter_keys(models)
     v = {k: np.asarray(center[k], dtype=np.float64).copy() for k in keys}
     n = len(models)
     clipped: list[int] = []
@@ -100,7 +100,7 @@ def centered_clipping(
     for _ in range(iterations):
         sq = np.zeros(n)
         for key in params:
-            sq += _sq_norms(_flat64(models, key) - v[key].reshape(-1))
+            sq += sq_norms(flat64(models, key) - v[key].reshape(-1))
         norms = np.sqrt(sq)
         # min(1, τ/‖z‖), with a zero update left as it is (no division by zero).
         factors = np.where(norms > radius, radius / np.maximum(norms, 1e-300), 1.0)
@@ -108,10 +108,10 @@ def centered_clipping(
             first_norms = [float(x) for x in norms]
         clipped.append(int(np.sum(norms > radius)))
         for key in keys:
-            diffs = _flat64(models, key) - v[key].reshape(-1)
+            diffs = flat64(models, key) - v[key].reshape(-1)
             v[key] = v[key] + (factors @ diffs / n).reshape(v[key].shape)
     dtypes = {k: np.asarray(models[0][k]).dtype for k in keys}
-    model = {k: _cast_like(v[k], dtypes[k]) for k in keys}
+    model = {k: cast_like(v[k], dtypes[k]) for k in keys}
     return model, {"clipped": clipped, "update-norms": first_norms}
 
 
@@ -172,13 +172,13 @@ def bulyan(models: Models, num_malicious: int, repeated: bool = True) -> tuple[W
     selected = bulyan_select(models, num_malicious, repeated)
     beta = len(selected) - 2 * num_malicious
     out = {}
-    for key in _keys(models):
+    for key in model_keys(models):
         dtype = np.asarray(models[0][key]).dtype
         work = dtype if np.issubdtype(dtype, np.floating) else np.float64
         stacked = np.stack([np.asarray(models[i][key], dtype=work) for i in selected])
         median = np.median(stacked, axis=0)
         closest = np.argpartition(np.abs(stacked - median), beta - 1, axis=0)[:beta]
-        out[key] = _cast_like(np.asarray(np.mean(np.take_along_axis(stacked, closest, axis=0), axis=0)), dtype)
+        out[key] = cast_like(np.asarray(np.mean(np.take_along_axis(stacked, closest, axis=0), axis=0)), dtype)
     return out, selected
 
 
@@ -239,5 +239,5 @@ def bound_update_norm(
         if key in center and is_parameter(key, value):
             base = np.asarray(center[key], dtype=np.float64)
             bounded = base + scale * (np.asarray(value, dtype=np.float64) - base)
-            out[key] = _cast_like(bounded, np.asarray(value).dtype)
+            out[key] = cast_like(bounded, np.asarray(value).dtype)
     return out, norm

@@ -1,4 +1,5 @@
-"""Robust fusion rules f(θ₁..θ_N) over client models as plain numpy (no Flower import).
+"""Distance-based fusion rules over client models as plain numpy (no Flower import): Krum and the
+geometric median (the coordinate-wise rules are in ``strategies.coordinatewise``).
 
 Every rule walks the models in cache-sized coordinate blocks (``strategies.blocks``), on the
 configured threads: the coordinate-wise rules (median, trimmed mean) sort each block's N values
@@ -16,8 +17,7 @@ rounded).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,114 +26,7 @@ from strategies.aggregation import Weights, weighted_average
 from strategies.blocks import WIDE_BLOCK_BYTES, Span, block_length, flat_views, gather, run_in_blocks, spans
 from strategies.weighting import normalize_weights
 
-# "feddf" (ensemble distillation) needs torch and lives elsewhere; listed for config validation.
-# "centered-clipping" and "bulyan" live in strategies/defences.py.
-FUSION_FUNCTIONS = ("median", "trimmed-mean", "geometric-median", "krum", "centered-clipping", "bulyan", "feddf")
-
 Models = Sequence[Mapping[str, np.ndarray]]
-
-
-def coordinate_median(models: Models) -> Weights:
-    """Coordinate-wise median; equals Flower's FedMedian (``np.median`` over the stacked clients)."""
-    _keys(models)  # empty or mismatched models fail here, with the offending model named
-    n = len(models)
-    middle = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
-    return _coordinatewise(models, middle, lambda rows: _midpoint(rows))
-
-
-def trimmed_mean(models: Models, beta: float) -> Weights:
-    """Coordinate-wise mean after dropping the ``int(beta * N)`` lowest and highest values.
-
-    Equals Flower's FedTrimmedAvg(beta) (scipy's ``trim_mean``) to float rounding: the kept values
-    are summed in float64 here. The cut is ``int(beta * N)`` computed in floating point, so e.g.
-    beta=0.29, N=100 cuts 28 per side, not 29.
-    """
-    if not 0.0 <= beta < 0.5:
-        raise ValueError(f"trimmed-mean beta must be in [0, 0.5), got {beta}")
-    _keys(models)
-    n = len(models)
-    cut = int(beta * n)
-    # beta < 0.5 guarantees 2 * cut < n, so at least one value per coordinate survives.
-    return _coordinatewise(models, tuple(range(cut, n - cut)), _mean_of_rows)
-
-
-def _midpoint(rows: list[np.ndarray]) -> np.ndarray:
-    # np.median's arithmetic: the middle value, or the two middle ones summed and halved in their dtype.
-    return rows[0] if len(rows) == 1 else (rows[0] + rows[1]) * 0.5
-
-
-def _mean_of_rows(rows: list[np.ndarray]) -> np.ndarray:
-    total = rows[0].astype(np.float64)
-    for row in rows[1:]:
-        total += row
-    return total / len(rows)
-
-
-@functools.lru_cache(maxsize=64)
-def sorting_network(n: int, wanted: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """Comparators ``(i, j)``, i < j, that put the values at positions ``wanted`` where a full sort of
-    ``n`` values would: Batcher's odd-even merge sort on the next power of two, minus comparators
-    that touch the padding (which holds +inf and never moves) or feed no wanted position."""
-    size = 1 << max(n - 1, 0).bit_length()
-    pairs: list[tuple[int, int]] = []
-
-    def merge(lo: int, hi: int, r: int) -> None:  # merges the sorted halves of [lo, hi) at stride r
-        step = r * 2
-        if step < hi - lo:
-            merge(lo, hi, step)
-            merge(lo + r, hi, step)
-            pairs.extend((i, i + r) for i in range(lo + r, hi - r, step))
-        else:
-            pairs.append((lo, lo + r))
-
-    def sort(lo: int, hi: int) -> None:
-        if hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            sort(lo, mid)
-            sort(mid, hi)
-            merge(lo, hi, 1)
-
-    sort(0, size)
-    needed, kept = set(wanted), []
-    for i, j in reversed([(i, j) for i, j in pairs if j < n]):
-        if i in needed or j in needed:
-            kept.append((i, j))
-            needed |= {i, j}
-    return tuple(reversed(kept))
-
-
-def _coordinatewise(
-    models: Models, wanted: tuple[int, ...], reduce: Callable[[list[np.ndarray]], np.ndarray]
-) -> Weights:
-    """Per coordinate, ``reduce`` of the values at sorted positions ``wanted``, block by block.
-
-    A block holds every client's values of the block's coordinates as rows; the sorting network
-    runs on whole rows (``np.minimum``/``np.maximum``: vectorized, in cache), so no per-coordinate
-    sort or partition is ever called. Float32 tensors sort in float32; others in float64."""
-    n = len(models)
-    network = sorting_network(n, wanted)
-    flats = {key: flat_views(models, key) for key in models[0]}
-    out = {key: np.empty(np.shape(v), np.asarray(v).dtype) for key, v in models[0].items()}
-    outs = {key: value.reshape(-1) for key, value in out.items()}
-
-    def one_block(span: Span) -> None:
-        key, start, stop = span
-        target = outs[key][start:stop]
-        work = np.float32 if target.dtype == np.float32 else np.float64
-        block = gather(flats[key], start, stop, work, spare=1)
-        # ``order[p]``: the buffer row holding sorted position p. A comparator writes the minimum
-        # into the spare row and the maximum over row j, then the rows swap roles: two passes, no copy.
-        order, spare = list(range(n)), n
-        for i, j in network:
-            low, high = block[order[i]], block[order[j]]
-            np.minimum(low, high, out=block[spare])
-            np.maximum(low, high, out=high)
-            order[i], spare = spare, order[i]
-        value = reduce([block[order[p]] for p in wanted])
-        target[...] = np.rint(value) if np.issubdtype(target.dtype, np.integer) else value
-
-    run_in_blocks(one_block, spans({k: v.size for k, v in outs.items()}, block_length(n + 1, 4, WIDE_BLOCK_BYTES)))
-    return out
 
 
 # Suffixes of BatchNorm's buffers (torch's state_dict names): statistics and a step counter.
@@ -158,7 +51,7 @@ def pairwise_sq_distances(models: Models) -> np.ndarray:
     Krum scores that is not an exact tie (exact copies stay exactly 0 apart).
     """
     n = len(models)
-    keys = _parameter_keys(models)
+    keys = parameter_keys(models)
     flats = {key: flat_views(models, key) for key in keys}
 
     def one_segment(segment: list[Span]) -> np.ndarray:
@@ -261,7 +154,7 @@ def _weiszfeld_pass(models: Models, weights: np.ndarray, out: dict[str, np.ndarr
     coefficients = np.asarray(weights, np.float64) / float(np.sum(weights))
     flats = {key: flat_views(models, key) for key in models[0]}
     outs = {key: value.reshape(-1) for key, value in out.items()}
-    measured = set(_parameter_keys(models))
+    measured = set(parameter_keys(models))
 
     def one_segment(segment: list[Span]) -> np.ndarray:
         sq = np.zeros(n)
@@ -294,7 +187,7 @@ def segments(items: list[Span], count: int = SEGMENTS) -> list[list[Span]]:
 
 
 def _alphas(weights: Sequence[float] | None, models: Models) -> np.ndarray:
-    _keys(models)  # empty or mismatched models fail here, with the offending model named
+    model_keys(models)  # empty or mismatched models fail here, with the offending model named
     n = len(models)
     alphas = normalize_weights(np.ones(n) if weights is None else weights)
     if len(alphas) != n:
@@ -302,7 +195,7 @@ def _alphas(weights: Sequence[float] | None, models: Models) -> np.ndarray:
     return alphas
 
 
-def _keys(models: Models) -> list[str]:
+def model_keys(models: Models) -> list[str]:
     if not models:
         raise ValueError("no models to fuse")
     for index, model in enumerate(models):
@@ -311,16 +204,16 @@ def _keys(models: Models) -> list[str]:
     return list(models[0].keys())
 
 
-def _parameter_keys(models: Models) -> list[str]:
-    keys = [k for k in _keys(models) if is_parameter(k, models[0][k])]
+def parameter_keys(models: Models) -> list[str]:
+    keys = [k for k in model_keys(models) if is_parameter(k, models[0][k])]
     if not keys:
         raise ValueError("the models have no learnable parameter to measure distances over")
     return keys
 
 
-def _flat64(models: Models, key: str) -> np.ndarray:
+def flat64(models: Models, key: str) -> np.ndarray:
     return np.stack([np.asarray(m[key], dtype=np.float64).reshape(-1) for m in models])
 
 
-def _sq_norms(rows: np.ndarray) -> np.ndarray:
+def sq_norms(rows: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", rows, rows)

@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 
 from strategies.blocks import WIDE_BLOCK_BYTES, block_length, get_threads, set_threads
-from strategies.fusion import (
-    coordinate_median,
-    geometric_median,
-    is_parameter,
-    krum,
-    pairwise_sq_distances,
-    sorting_network,
-    trimmed_mean,
-)
+from strategies.coordinatewise import coordinate_median, sorting_network, trimmed_mean
+from strategies.fusion import geometric_median, is_parameter, krum, pairwise_sq_distances
 
 # --- the references: whole-tensor numpy, as the rules were before they were blocked ------------
 

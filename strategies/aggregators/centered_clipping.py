@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from fedapp.config.keys import Key
+from strategies.coordinatewise import coordinate_median
 from strategies.defences import centered_clipping
-from strategies.fusion import coordinate_median
 from strategies.stage import Aggregator, Model, RoundContext, Update, register
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.fusion import coordinate_median
+from strategies.coordinatewise import coordinate_median
 from strategies.stage import Aggregator, Model, RoundContext, Update, register
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedapp.config.keys import Key
-from strategies.fusion import trimmed_mean
+from strategies.coordinatewise import trimmed_mean
 from strategies.stage import Aggregator, Model, RoundContext, Update, register
 
 
