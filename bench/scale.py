@@ -148,7 +148,7 @@ def run_config(n: int, args: argparse.Namespace, results_dir: Path, cache_dir: P
 def prepare_data(config: str) -> None:
     """Generate the run's synthetic dataset before it is timed (the first run of a spec writes it)."""
     from datasets.synthetic import ensure_synthetic
-    from fedapp.ops.launch import check_run_config
+    from fedapp.ops.start_checks import check_run_config
 
     cfg = check_run_config([config], None)  # the config exactly as the run will validate it
     ensure_synthetic(cfg.cache_path, cfg.synthetic_spec)

@@ -316,7 +316,7 @@ def test_scale_run_config_samples_the_same_sites_from_every_federation(n: int, t
 
     from bench.scale import run_config
     from datasets.synthetic import _test_groups, _video_groups
-    from fedapp.ops.launch import check_run_config
+    from fedapp.ops.start_checks import check_run_config
 
     args = argparse.Namespace(rounds=3, sampled=10, videos_per_client=3, classes=8, seed=0)
     cfg = check_run_config([run_config(n, args, tmp_path / "results", tmp_path / "cache")], f"num-supernodes={n}")

@@ -18,6 +18,7 @@ from datasets.clip_dataset import ClipSpec, EvalClipDataset, TrainClipDataset, c
 from datasets.layouts import VideoSample
 from datasets.transforms import EvalClipTransform, TrainClipTransform
 from datasets.video_io import VideoDecodeError, decode_frames, write_video
+from fedapp.ops import flwr_run, start_checks
 from fedapp.ops import launch as launcher
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import eval_loader, loader_workers, train_loader
@@ -344,20 +345,20 @@ def test_launcher_passes_fractional_gpus_to_the_federation(tmp_path, monkeypatch
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setattr(launcher, "start_superlink", lambda *args, **kwargs: None)
     monkeypatch.setattr(launcher, "stop_process_group", lambda proc: None)
-    monkeypatch.setattr(launcher, "stream_run", lambda cmd, *args: commands.append(cmd))  # no process: no run id
+    monkeypatch.setattr(flwr_run, "stream_run", lambda cmd, *args: commands.append(cmd))  # no process: no run id
 
     class NoWatchdog:  # nothing is started, so nothing to guard
         guard = release = close = lambda *args: None
 
     monkeypatch.setattr("fedapp.ops.watchdog.Watchdog", NoWatchdog)
-    federation = launcher.config_text(
+    federation = flwr_run.config_text(
         {"num-supernodes": 8, "client-resources-num-cpus": 2, "client-resources-num-gpus": 0.25}
     )
-    run_config = launcher.config_text({"results-dir": str(tmp_path / "results"), "run-name": "gpu"})
+    run_config = flwr_run.config_text({"results-dir": str(tmp_path / "results"), "run-name": "gpu"})
     assert launcher.main(["--run-config", run_config, "--federation-config", federation]) == 1  # nothing ran
     (cmd,) = commands
     passed = cmd[cmd.index("--federation-config") + 1]
-    parsed = launcher.config_overrides([passed])  # the same TOML reading as Flower's
+    parsed = start_checks.config_overrides([passed])  # the same TOML reading as Flower's
     assert parsed["client-resources-num-gpus"] == 0.25 and isinstance(parsed["client-resources-num-gpus"], float)
     assert parsed["num-supernodes"] == 8
     assert "client-resources-num-gpus=0.0" in launcher.DEFAULT_FEDERATION_CONFIG

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedapp.ops.launch import ConsoleFilter, stream_run
+from fedapp.ops.console import ConsoleFilter
+from fedapp.ops.flwr_run import stream_run
 from fedapp.server.rounds import round_line
 from fedapp.server.summary import summary_lines
 from fedapp.task.config import parse_config

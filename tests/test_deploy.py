@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from fedapp.ops import certs
 from fedapp.ops.deploy import Deployment
-from fedapp.ops.launch import free_port, tls_problem
+from fedapp.ops.network import free_port, tls_problem
 from fedapp.ops.processes import group_alive
 from tests.conftest import PROJECT_DIR, fedvideo_command
 from tests.test_tls_check import serve_tls

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from fedapp.ops.launch import config_text
+from fedapp.ops.flwr_run import config_text
 from tests.conftest import PROJECT_DIR, fedvideo_command
 from tests.test_server_loop import STRATEGY_NODES, check_strategy_round, strategy_config
 

@@ -18,8 +18,8 @@ import pytest
 
 from fedapp.ops import certs, deploy, proxy
 from fedapp.ops.deploy import CONNECTION, Deployment
-from fedapp.ops.launch import TlsFiles, flwr_env, write_connection
 from fedapp.ops.processes import group_alive
+from fedapp.ops.superlink import TlsFiles, flwr_env, write_connection
 from tests.conftest import PROJECT_DIR
 
 NGINX = proxy.nginx_binary()

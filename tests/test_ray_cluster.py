@@ -26,15 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.ops.launch import (
-    RAY_PRIVATE,
-    config_text,
-    free_port,
-    parse_ray_address,
-    ray_cluster_problem,
-    ray_environment,
-)
+from fedapp.ops.flwr_run import config_text
+from fedapp.ops.network import free_port
 from fedapp.ops.processes import stop_group
+from fedapp.ops.ray_cluster import RAY_PRIVATE, parse_ray_address, ray_cluster_problem, ray_environment
 from tests.conftest import PROJECT_DIR, fedvideo_command
 
 # One worker runs these and tests/test_plain_flwr_run.py one after the other (see there).
@@ -238,7 +233,7 @@ def test_init_args_num_cpus_with_a_cluster_is_refused_before_anything_starts(tmp
 
 
 def test_init_args_stay_allowed_without_a_cluster():
-    from fedapp.ops.launch import check_ray_federation
+    from fedapp.ops.ray_cluster import check_ray_federation
     from fedapp.task.config import ConfigError
 
     check_ray_federation('num-supernodes=3 client-resources-num-cpus=1 init-args-logging-level="INFO"')

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedapp.ops.launch import check_run_config, federation_size
+from fedapp.ops.start_checks import check_run_config, federation_size
 from fedapp.task.config import (
     ConfigError,
     check_federation_size,
@@ -212,7 +212,7 @@ def test_a_resume_that_cannot_train_is_refused_before_start(tmp_path):
     checkpoint's manifest alone (no weights read, nothing started), leaving the folder as it was."""
     import numpy as np
 
-    from fedapp.ops.launch import run_location
+    from fedapp.ops.start_checks import run_location
     from fedapp.server.checkpoint import CheckpointError, save_checkpoint
 
     run_dir = tmp_path / "results" / "run"

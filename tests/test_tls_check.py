@@ -7,7 +7,7 @@ import ssl
 import threading
 
 from fedapp.ops import certs
-from fedapp.ops.launch import free_port, tls_problem
+from fedapp.ops.network import free_port, tls_problem
 
 
 def serve_tls(cert_dir, port: int, stop: threading.Event) -> None:

@@ -209,7 +209,8 @@ def test_each_launch_points_its_cli_at_its_own_superlink(small_run_config, tmp_p
     import subprocess as sp
 
     from fedapp.ops import launch as launcher
-    from fedapp.ops.launch import check_run_config, config_text
+    from fedapp.ops.flwr_run import config_text
+    from fedapp.ops.start_checks import check_run_config
 
     seen = []
 

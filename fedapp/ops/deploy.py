@@ -45,23 +45,12 @@ from typing import Any
 
 from fedapp.files import atomic_write_json
 from fedapp.ops import certs
-from fedapp.ops.launch import (
-    PROJECT_DIR,
-    TlsFiles,
-    _exit_on_sigterm,
-    check_run_config,
-    config_text,
-    flwr_env,
-    free_port,
-    listen_address,
-    run_and_judge,
-    run_location,
-    start_superlink,
-    tls_problem,
-    write_connection,
-)
-from fedapp.ops.processes import group_alive, pid_reused, start_time, stop_group
+from fedapp.ops.flwr_run import config_text, run_and_judge
+from fedapp.ops.network import free_port, listen_address, tls_problem
+from fedapp.ops.processes import exit_on_sigterm, group_alive, pid_reused, start_time, stop_group
 from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_proxy
+from fedapp.ops.start_checks import check_run_config, run_location
+from fedapp.ops.superlink import PROJECT_DIR, TlsFiles, flwr_env, start_superlink, write_connection
 from fedapp.ops.verdict import Outcome
 from fedapp.task.config import ConfigError
 
@@ -386,8 +375,8 @@ class Deployment:
         self.down()
 
 
-def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedvideo deploy`` command line: one subcommand per step of a deployment's life."""
     parser = argparse.ArgumentParser(
         prog="fedvideo deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -439,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
             node.add_argument("--kill", action="store_true", help="SIGKILL at once, like a crashed machine")
     sub.add_parser("status", help="which recorded processes are running")
     sub.add_parser("down", help="stop every process of the deployment")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_up_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``: exit status 2) the ``up`` options that do not go together."""
     if args.command == "up" and args.nodes < 1 and not args.node_data_dir:
         parser.error("--nodes must be >= 1")
     if args.command == "up" and args.certs and not args.secure:
@@ -447,60 +440,78 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up" and args.public_host != "127.0.0.1" and not args.secure:
         parser.error("--public-host needs --secure (insecure mode exposes every API: loopback only)")
 
+
+def command_up(args: argparse.Namespace) -> int:
+    """``up``: start the deployment and say where it listens."""
+    deployment = Deployment(
+        args.dir,
+        secure=args.secure,
+        num_nodes=args.nodes,
+        data_dirs=args.node_data_dir,
+        certs_dir=args.certs,
+        port=args.port,
+        grace=args.grace,
+        public_host=args.public_host,
+    )
+    deployment.up()
+    where = (
+        f"SuperLink on 127.0.0.1:{deployment.superlink_port} (TLS, SuperNode auth; Control API on "
+        f"loopback only), Fleet API through nginx on {args.public_host}:{deployment.state['port']}"
+        if args.secure
+        else f"SuperLink on 127.0.0.1:{deployment.state['port']} (insecure, every API open)"
+    )
+    print(f"up: {where}, {len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}")
+    return 0
+
+
+def command_run(deployment: Deployment, args: argparse.Namespace) -> int:
+    """``run``: run the app on the deployment; exit status 0 only when the verdict is OK."""
+    try:
+        outcome = deployment.run(args.run_config, args.timeout)
+    except ConfigError as exc:  # refused before anything ran or was written
+        print(f"FAILED: config: {exc}", file=sys.stderr)
+        return 2
+    if not outcome.ok:
+        print(f"FAILED: {outcome.message}", file=sys.stderr)
+        print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)
+        return 1
+    if outcome.warning:
+        print(outcome.warning, file=sys.stderr)
+    print(
+        f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; results: {outcome.run_dir}"
+    )
+    return 0
+
+
+def command_processes(deployment: Deployment, args: argparse.Namespace) -> int:
+    """``start-node``, ``stop-node``, ``down`` and ``status``: act, then say what is running."""
+    if args.command == "start-node":
+        deployment.start_node(args.k)
+    elif args.command == "stop-node":
+        deployment.stop_node(args.k, kill=args.kill)
+    elif args.command == "down":
+        deployment.down()
+    running = deployment.alive()
+    print(f"running: {', '.join(running) if running else 'nothing'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fedvideo deploy``: the subcommand's exit status (1 when a step failed, 2 on bad options)."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_up_args(parser, args)
     try:
         if args.command == "up":
-            deployment = Deployment(
-                args.dir,
-                secure=args.secure,
-                num_nodes=args.nodes,
-                data_dirs=args.node_data_dir,
-                certs_dir=args.certs,
-                port=args.port,
-                grace=args.grace,
-                public_host=args.public_host,
-            )
-            deployment.up()
-            where = (
-                f"SuperLink on 127.0.0.1:{deployment.superlink_port} (TLS, SuperNode auth; Control API on "
-                f"loopback only), Fleet API through nginx on {args.public_host}:{deployment.state['port']}"
-                if args.secure
-                else f"SuperLink on 127.0.0.1:{deployment.state['port']} (insecure, every API open)"
-            )
-            print(
-                f"up: {where}, "
-                f"{len(deployment.state['nodes'])} SuperNodes online; state: {deployment.run_dir / STATE_FILE}"
-            )
-            return 0
+            return command_up(args)
         if args.command == "down" and not (args.dir / STATE_FILE).exists():
             print(f"down: nothing to stop in {args.dir.resolve()}")
             return 0
         deployment = Deployment.load(args.dir, grace=args.grace)
         if args.command == "run":
-            try:
-                outcome = deployment.run(args.run_config, args.timeout)
-            except ConfigError as exc:  # refused before anything ran or was written
-                print(f"FAILED: config: {exc}", file=sys.stderr)
-                return 2
-            if not outcome.ok:
-                print(f"FAILED: {outcome.message}", file=sys.stderr)
-                print(f"logs: {outcome.run_dir / 'logs'} and {deployment.log_dir}", file=sys.stderr)
-                return 1
-            if outcome.warning:
-                print(outcome.warning, file=sys.stderr)
-            print(
-                f"OK: {outcome.summary.get('rounds-completed') if outcome.summary else '?'} rounds; "
-                f"results: {outcome.run_dir}"
-            )
-            return 0
-        if args.command == "start-node":
-            deployment.start_node(args.k)
-        elif args.command == "stop-node":
-            deployment.stop_node(args.k, kill=args.kill)
-        elif args.command == "down":
-            deployment.down()
-        running = deployment.alive()
-        print(f"running: {', '.join(running) if running else 'nothing'}")
-        return 0
+            return command_run(deployment, args)
+        return command_processes(deployment, args)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"{args.command}: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ the kernel has since given to another process is never stopped.
 
 psutil answers the per-process questions (parent, start time, existence); process groups are
 POSIX's, so group membership comes from ``os.getpgid`` and group signals from ``os.killpg``.
+``exit_on_sigterm`` is the launchers' SIGTERM handler, so that a stopped launcher stops its groups.
 """
 
 from __future__ import annotations
@@ -134,3 +135,8 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         return
     stop_group(proc.pid, grace, proc)
     proc.wait()
+
+
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """The launchers' SIGTERM handler: SystemExit, so that `finally` blocks stop what they started."""
+    raise SystemExit(128 + signum)

@@ -18,8 +18,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from fedapp.ops.launch import PROJECT_DIR, TlsFiles, listen_address, wait_healthy
+from fedapp.ops.network import listen_address, wait_healthy
 from fedapp.ops.processes import stop_process_group
+from fedapp.ops.superlink import PROJECT_DIR, TlsFiles
 
 NGINX_MISSING = (
     "nginx is not installed: the secure deployment needs it to keep the Control API off the "
@@ -44,11 +45,8 @@ def connect_host(public_host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(public_host, public_host)
 
 
-def nginx_config(
-    prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int, tls: TlsFiles
-) -> str:
-    """An nginx configuration that exposes only ``PUBLIC_PATHS`` of the SuperLink on loopback."""
-    forward = f"""
+# What every public location does: forward to the SuperLink. Field: {ca_cert}.
+FORWARD_TEMPLATE = """
             proxy_pass https://superlink;
             # Keep-alive to the SuperLink; every client header (the node-auth flwr-public-key,
             # flwr-signature, flwr-timestamp) passes through untouched.
@@ -57,7 +55,7 @@ def nginx_config(
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             # The SuperLink's certificate is checked against the deployment's CA; nginx matches a
             # DNS name (not an IP SAN), and fedapp.ops.certs always includes DNS:localhost.
-            proxy_ssl_trusted_certificate {tls.ca_cert};
+            proxy_ssl_trusted_certificate {ca_cert};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;
             proxy_ssl_server_name on;
@@ -69,29 +67,33 @@ def nginx_config(
             proxy_max_temp_file_size 0;
             proxy_read_timeout 3600s;
             proxy_send_timeout 3600s;"""
-    strict = f"""
-            if ($request_uri !~ "{FLEET_URI}") {{
+# The raw request URI checked as well (see FLEET_URI). Field: {fleet_uri}.
+STRICT_TEMPLATE = """
+            if ($request_uri !~ "{fleet_uri}") {{
                 return 403;
             }}"""
-    locations = (
-        f"\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
-        f"\n        location = /health {{{forward}\n        }}"
-    )
-    return f"""# Written by fedapp.ops.deploy: only the Fleet API of the SuperLink faces the network.
+# The public locations (PUBLIC_PATHS). Fields: {strict}, {forward}.
+LOCATIONS_TEMPLATE = (
+    "\n        location ~ ^/v1/fleet/[A-Za-z0-9_-]+$ {{{strict}{forward}\n        }}"
+    "\n        location = /health {{{forward}\n        }}"
+)
+# The whole configuration; everything not a public location answers 403. Fields: {pid}, {error_log},
+# {access_log}, {tmp}, {upstream_port}, {listen}, {cert}, {key}, {locations}.
+NGINX_TEMPLATE = """# Written by fedapp.ops.deploy: only the Fleet API of the SuperLink faces the network.
 daemon off;
 worker_processes 1;
-pid {prefix / "nginx.pid"};
-error_log {log_dir / "proxy-error.log"} warn;
+pid {pid};
+error_log {error_log} warn;
 events {{
     worker_connections 512;
 }}
 http {{
-    access_log {log_dir / "proxy-access.log"};
-    client_body_temp_path {prefix / "tmp" / "body"};
-    proxy_temp_path {prefix / "tmp" / "proxy"};
-    fastcgi_temp_path {prefix / "tmp" / "fastcgi"};
-    uwsgi_temp_path {prefix / "tmp" / "uwsgi"};
-    scgi_temp_path {prefix / "tmp" / "scgi"};
+    access_log {access_log};
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
     client_max_body_size 256m;
     client_body_buffer_size 16m;
     upstream superlink {{
@@ -102,9 +104,9 @@ http {{
         keepalive_timeout 4s;
     }}
     server {{
-        listen {listen_address(public_host, public_port)} ssl;
-        ssl_certificate {tls.cert};
-        ssl_certificate_key {tls.key};
+        listen {listen} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;{locations}
         location / {{
             return 403;
@@ -112,6 +114,25 @@ http {{
     }}
 }}
 """
+
+
+def nginx_config(
+    prefix: Path, log_dir: Path, public_host: str, public_port: int, upstream_port: int, tls: TlsFiles
+) -> str:
+    """An nginx configuration that exposes only ``PUBLIC_PATHS`` of the SuperLink on loopback."""
+    forward = FORWARD_TEMPLATE.format(ca_cert=tls.ca_cert)
+    locations = LOCATIONS_TEMPLATE.format(strict=STRICT_TEMPLATE.format(fleet_uri=FLEET_URI), forward=forward)
+    return NGINX_TEMPLATE.format(
+        pid=prefix / "nginx.pid",
+        error_log=log_dir / "proxy-error.log",
+        access_log=log_dir / "proxy-access.log",
+        tmp=prefix / "tmp",  # ends in "tmp", so the template's "{tmp}/body" is prefix/tmp/body
+        upstream_port=upstream_port,
+        listen=listen_address(public_host, public_port),
+        cert=tls.cert,
+        key=tls.key,
+        locations=locations,
+    )
 
 
 def start_proxy(

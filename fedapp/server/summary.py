@@ -155,6 +155,39 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _result_lines(summary: Mapping[str, Any]) -> list[str]:
+    """``summary.txt``'s accuracy lines of a completed run: final scores, best round, sites."""
+    lines = []
+    measured = False
+    for name, key in (("central", "final-central"), ("client-evaluate", "final-evaluate")):
+        if scores := _scores(summary.get(key) or {}):
+            lines.append(f"final {name}: {scores}")
+            measured = True
+    if best := _best(summary):
+        lines.append(best)
+    if sites := _sites(summary):
+        per_site = ", ".join(
+            f"{_site_name(site)} {site['video-accuracy']:.4f}" for site in summary["final-sites"]["sites"]
+        )
+        lines.append(f"{sites} (round {summary['final-sites']['round']}: {per_site})")
+    if not measured and not best:
+        lines.append("video accuracy: not measured (central and client evaluation off)")
+    return lines
+
+
+def _privacy_line(privacy: Mapping[str, Any]) -> str:
+    epsilon = privacy.get("epsilon")
+    return (
+        f"privacy: {privacy.get('mode')}, noise multiplier {privacy.get('noise-multiplier')}, clipping norm "
+        f"{privacy.get('clipping-norm')}, "
+        + (
+            f"epsilon {epsilon:.4f} at delta {privacy.get('delta')}"
+            if epsilon is not None
+            else f"epsilon n/a ({privacy.get('accounting', 'not accounted')})"
+        )
+    )
+
+
 def summary_text(summary: Mapping[str, Any]) -> str:
     """``summary.txt``: the summary dict for people, every figure one of its fields."""
     status = summary.get("status", "unknown")
@@ -176,20 +209,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     if summary.get("stop-reason"):
         lines.append(f"stop reason: {summary['stop-reason']}")
     if status == "completed":
-        measured = False
-        for name, key in (("central", "final-central"), ("client-evaluate", "final-evaluate")):
-            if scores := _scores(summary.get(key) or {}):
-                lines.append(f"final {name}: {scores}")
-                measured = True
-        if best := _best(summary):
-            lines.append(best)
-        if sites := _sites(summary):
-            per_site = ", ".join(
-                f"{_site_name(site)} {site['video-accuracy']:.4f}" for site in summary["final-sites"]["sites"]
-            )
-            lines.append(f"{sites} (round {summary['final-sites']['round']}: {per_site})")
-        if not measured and not best:
-            lines.append("video accuracy: not measured (central and client evaluation off)")
+        lines += _result_lines(summary)
     if clients := summary.get("clients-per-round"):
         lines.append(
             f"clients per round (train, accepted): mean {clients['mean']:.1f}, min {clients['min']}, "
@@ -200,16 +220,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
             rejected, failed = summary[f"{phase}-rejected"], summary.get(f"{phase}-failed", 0)
             lines.append(f"{phase} replies rejected: {rejected}, clients failed: {failed}")
     if privacy := summary.get("privacy"):
-        epsilon = privacy.get("epsilon")
-        lines.append(
-            f"privacy: {privacy.get('mode')}, noise multiplier {privacy.get('noise-multiplier')}, clipping norm "
-            f"{privacy.get('clipping-norm')}, "
-            + (
-                f"epsilon {epsilon:.4f} at delta {privacy.get('delta')}"
-                if epsilon is not None
-                else f"epsilon n/a ({privacy.get('accounting', 'not accounted')})"
-            )
-        )
+        lines.append(_privacy_line(privacy))
     if summary.get("wall-time-s") is not None:
         wall = summary["wall-time-s"]
         lines.append(f"wall time: {wall:.1f} s" + (f" ({_duration(wall)})" if wall >= 60 else ""))

@@ -141,6 +141,39 @@ def _linear_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def _trace_and_write(
+    model: nn.Module, classes: Sequence[str], out_dir: Path, example: torch.Tensor
+) -> tuple[bytes, bytes]:
+    """Trace the float and dynamic-int8 model on ``example``; write both and ``classes.json``."""
+    float_bytes = _serialize(torch.jit.trace(model, example, check_trace=False))
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    int8_bytes = _serialize(torch.jit.trace(quantized, example, check_trace=False))
+    atomic_write_bytes(out_dir / FLOAT_FILE, float_bytes)
+    atomic_write_bytes(out_dir / INT8_FILE, int8_bytes)
+    atomic_write_json(out_dir / CLASSES_FILE, list(classes))
+    return float_bytes, int8_bytes
+
+
+def _agreement(eager: torch.Tensor, scripted: torch.Tensor, int8: torch.Tensor) -> dict[str, Any]:
+    """How far the artifacts' logits (one row per sample clip) are from the eager float model's."""
+    float_diff = float((scripted - eager).abs().max())
+    top1 = eager.argmax(1)
+    return {
+        "samples": len(eager),
+        "float": {
+            "max-abs-logit-diff": float_diff,
+            "top1-agreement": float((scripted.argmax(1) == top1).float().mean()),
+            "tolerance": FLOAT_TOLERANCE,
+            "ok": float_diff <= FLOAT_TOLERANCE,
+        },
+        "int8": {
+            "top1-agreement": float((int8.argmax(1) == top1).float().mean()),
+            "max-abs-prob-diff": float((int8.softmax(1) - eager.softmax(1)).abs().max()),
+            "max-abs-logit-diff": float((int8 - eager).abs().max()),
+        },
+    }
+
+
 def export_model(
     model: nn.Module,
     cfg: AppConfig,
@@ -161,12 +194,7 @@ def export_model(
     model = copy.deepcopy(model).cpu().eval()
     example = sample_clips[:1].contiguous()
     with _quiet_deprecations(), torch.no_grad():
-        float_bytes = _serialize(torch.jit.trace(model, example, check_trace=False))
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-        int8_bytes = _serialize(torch.jit.trace(quantized, example, check_trace=False))
-        atomic_write_bytes(out_dir / FLOAT_FILE, float_bytes)
-        atomic_write_bytes(out_dir / INT8_FILE, int8_bytes)
-        atomic_write_json(out_dir / CLASSES_FILE, list(classes))
+        float_bytes, int8_bytes = _trace_and_write(model, classes, out_dir, example)
         # Check what was written, not the in-memory modules.
         float_ts = torch.jit.load(io.BytesIO(float_bytes))
         int8_ts = torch.jit.load(io.BytesIO(int8_bytes))
@@ -182,8 +210,6 @@ def export_model(
                 "torchscript-int8": _median_latency_ms(int8_ts, example, latency_runs),
             }
 
-    float_diff = float((scripted - eager).abs().max())
-    top1 = eager.argmax(1)
     linear = _linear_layers(model)
     linear_params = sum(p.numel() for name in linear for p in model.get_submodule(name).parameters())
     total_params = sum(p.numel() for p in model.parameters())
@@ -198,20 +224,7 @@ def export_model(
         "quantized-parameter-fraction": linear_params / max(total_params, 1),
         "latency-ms-per-clip": latency,
         "latency": {"batch": 1, "threads": 1, "runs": latency_runs, "statistic": "median"},
-        "agreement": {
-            "samples": len(sample_clips),
-            "float": {
-                "max-abs-logit-diff": float_diff,
-                "top1-agreement": float((scripted.argmax(1) == top1).float().mean()),
-                "tolerance": FLOAT_TOLERANCE,
-                "ok": float_diff <= FLOAT_TOLERANCE,
-            },
-            "int8": {
-                "top1-agreement": float((int8.argmax(1) == top1).float().mean()),
-                "max-abs-prob-diff": float((int8.softmax(1) - eager.softmax(1)).abs().max()),
-                "max-abs-logit-diff": float((int8 - eager).abs().max()),
-            },
-        },
+        "agreement": _agreement(eager, scripted, int8),
         "torch-version": torch.__version__,
         "notes": [
             "dynamic int8 quantization converts nn.Linear layers only; convolutions stay float32",

@@ -1,0 +1,46 @@
+"""Which lines of ``flwr run --stream`` the console shows: Flower's and the libraries' noise is left out.
+
+The log file keeps every line; only the echo to the console is filtered.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fedapp.ops.verdict import ANSI_CODE
+
+# Lines of ``flwr run --stream`` that tell a user of this launcher nothing. They are not echoed to
+# the console; the log file keeps every line. Matched on the line without its ANSI colours.
+CONSOLE_NOISE: tuple[re.Pattern[str], ...] = (
+    # Printed by every simulation since flwr 1.32; the launcher always sets num-supernodes itself.
+    re.compile(r"^WARNING\s*:\s*Since flwr \S+, default simulated SuperNodes changed"),
+    # Flower's hint to resize with `flwr federation simulation-config` (two lines): with this
+    # launcher the size is --federation-config, and the line before says what it is.
+    re.compile(r"^INFO\s*:\s*To change federation size, use the following command:"),
+    re.compile(r"^INFO\s*:\s*flwr federation simulation-config "),
+    # An empty Flower log line (the stream ends with one).
+    re.compile(r"^(INFO|WARNING)\s*:\s*$"),
+)
+# A Python warning raised inside Ray or Flower (Ray's FutureWarning about accelerator variables on
+# every run): about the libraries' own future defaults, nothing a user of this app can act on. A
+# Ray actor's output carries the actor's name first.
+LIBRARY_WARNING = re.compile(
+    r"^(\(\w+ pid=\d+\)\s*)?\S*/(ray|flwr)/\S+\.py:\d+: (Future|Deprecation|PendingDeprecation)Warning: "
+)
+# Python prints a warning's source line after it, indented by two spaces ("  warnings.warn(").
+WARNING_CONTINUATION = re.compile(r"^(\(\w+ pid=\d+\)\s*)?  \S")
+
+
+class ConsoleFilter:
+    """Decides, line by line, which lines of the stream the console shows (see CONSOLE_NOISE)."""
+
+    def __init__(self) -> None:
+        self._in_warning = False  # the last line shown or not was a filtered library warning
+
+    def shows(self, line: str) -> bool:
+        """Whether the console shows ``line`` (a filtered warning's source line is left out too)."""
+        text = ANSI_CODE.sub("", line).rstrip("\r\n")
+        if self._in_warning and WARNING_CONTINUATION.match(text):
+            return False
+        self._in_warning = bool(LIBRARY_WARNING.match(text))
+        return not self._in_warning and not any(pattern.match(text) for pattern in CONSOLE_NOISE)
