@@ -119,7 +119,7 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
     """Wrap the app's functions where the round loop and the client handlers look them up."""
     from flwr.app import Array
 
-    import strategies.strategy as strategy_module
+    import strategies.screening as screening_module
     from bench import inprocess
     from fedapp.client import compression_mod
     from fedapp.client import video_client as client
@@ -141,7 +141,7 @@ def instrumented(timer: SelfTimer) -> Iterator[None]:
 
     patch(inprocess, "client_app", CLIENT_OTHER)  # the ClientApp with its mods, as InProcessGrid calls it
     patch(compression_mod, "compress", ENCODE)
-    patch(strategy_module, "decompress", DECODE)
+    patch(screening_module, "decompress", DECODE)
     patch(client, "train_epochs", CLIENT_TRAIN)
     patch(client, "evaluate_model", CLIENT_EVAL)
     patch(client.VideoClient, "_model", CLIENT_SETUP)
