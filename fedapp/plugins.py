@@ -16,12 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedapp.config.keys import ConfigError
+
 APP_DIR = Path(__file__).resolve().parents[1]
 _SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
-class PluginError(ValueError):
-    """A ``module:attribute`` value that cannot be loaded or has the wrong form."""
+class PluginError(ConfigError):
+    """A ``module:attribute`` value that cannot be loaded, has the wrong form, or fails when tried."""
 
 
 def is_plugin(value: str) -> bool:

@@ -50,8 +50,8 @@ def test_every_problem_of_a_config_is_reported_at_once():
     bad = {"strategy": "fusion", "fusion-fn": "krum", "trim-beta": 0.3, "lr": -1.0, "bogus": 1, "dp": "maybe"}
     with pytest.raises(ConfigError) as error:
         parse_config(bad, check_paths=False)
-    lines = str(error.value).splitlines()
-    assert len(lines) == 5 and all(line.startswith("- ") for line in lines)
+    head, *lines = str(error.value).splitlines()
+    assert head == "5 problems in the run config:" and len(lines) == 5 and all(line.startswith("- ") for line in lines)
     for expected in ("'bogus'", "lr=-1.0", "dp=\"maybe\"", 'trim-beta=0.3 belongs to aggregator "trimmed-mean"',
                      "min-train-nodes > 2·1+2"):  # fmt: skip
         assert any(expected in line for line in lines), (expected, lines)

@@ -76,10 +76,10 @@ def test_plain_flwr_run_as_the_readme_says(tmp_path):
 
         bad = flwr("run", ".", "--stream", "--run-config", small(results, "bad") + ' data-dir="/my/videos"')
         assert bad.returncode == 0  # Flower's exit status says nothing about the run
-        assert 'data-dir="/my/videos" has no effect' in bad.stdout + bad.stderr
+        assert 'data-dir="/my/videos" does nothing here' in bad.stdout + bad.stderr
         failed = json.loads((results / "bad" / "summary.json").read_text())  # the ServerApp's own check
         assert failed["status"] == "failed" and failed["rounds-completed"] == 0
-        assert "has no effect" in failed["error"]
+        assert "does nothing here" in failed["error"]
 
         listed = flwr("ls", "--format", "json")
         assert listed.returncode == 0, listed.stderr

@@ -163,7 +163,9 @@ def validate(
             for check in owner.checks:
                 problems.extend(check(cfg))
     if problems:
-        raise ConfigError("\n".join(f"- {p}" for p in problems) if len(problems) > 1 else problems[0])
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        raise ConfigError(f"{len(problems)} problems in the run config:\n" + "\n".join(f"- {p}" for p in problems))
     return cfg
 
 

@@ -42,15 +42,20 @@ def check_run_config(run_config: Sequence[str], federation_config: str | None) -
     """The run config exactly as the ServerApp will validate it (the app's declared config plus the
     overrides), checked here before any Flower process starts, plus what only the launcher knows:
     the simulated federation's size (``federation_config``; None where the size is not known here,
-    a deployment). ConfigError names the key, the value and what is allowed."""
+    a deployment), and which keys the user typed: one set to its default is refused too when its
+    stage is not selected. A user's own rule or model is loaded and tried once. ConfigError names
+    the key, the value and what is allowed."""
     import tomllib
 
+    from fedapp.server.build_strategy import check_plugins
     from fedapp.task.config import check_federation_size, parse_config
 
     declared = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = parse_config({**declared, **config_overrides(run_config)})
+    overrides = config_overrides(run_config)
+    cfg = parse_config({**declared, **overrides}, explicit=overrides)
     if federation_config is not None:
         check_federation_size(cfg, federation_size(federation_config))
+    check_plugins(cfg)
     return cfg
 
 

@@ -82,9 +82,12 @@ def check_plugins(cfg: AppConfig, num_classes: int = 2) -> None:
     if cfg.strategy == "fusion" and is_plugin(cfg.fusion_fn):
         try_rule(cfg.fusion_fn)
     if is_plugin(cfg.model):
-        from fedapp.task.models import check_model
+        from fedapp.task.models import ModelError, check_model
 
-        check_model(cfg.model, num_classes, input_shape=(3, cfg.clip_len, cfg.crop_size, cfg.crop_size))
+        try:
+            check_model(cfg.model, num_classes, input_shape=(3, cfg.clip_len, cfg.crop_size, cfg.crop_size))
+        except ModelError as exc:
+            raise PluginError(str(exc)) from exc
 
 
 def try_rule(spec: str) -> None:
