@@ -28,6 +28,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "run": Command("fedapp.ops.launch", "a federated run in Flower's simulation engine (`make run`)"),
     "deploy": Command("fedapp.ops.deploy", "deploy on real processes: up, run, stop-node, start-node, down"),
+    "config": Command("fedapp.config.reference", "every run-config key: default, allowed values, the stage reading it"),
     "certs": Command("fedapp.ops.certs", "certificates and SuperNode keys for a TLS deployment"),
     "predict": Command("fedapp.tools.predict", "classify videos with a trained checkpoint"),
     "retrieve": Command("fedapp.tools.retrieve", "find the videos of a folder most similar to a query video"),

@@ -11,7 +11,7 @@ import pytest
 from fedapp import cli
 from tests.conftest import fedvideo_command
 
-SUBCOMMANDS = ["run", "deploy", "certs", "predict", "retrieve", "export", "plot", "weights", "synthetic"]
+SUBCOMMANDS = ["run", "deploy", "config", "certs", "predict", "retrieve", "export", "plot", "weights", "synthetic"]
 
 
 def fedvideo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
