@@ -11,14 +11,16 @@ import pytest
 
 from bench.inprocess import run_inprocess
 from fedapp.client.app import make_client
-from fedapp.server.build_strategy import build_strategy
+from fedapp.server.build_strategy import build_strategy, colluding_attack
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.models import build_model
 from fedapp.task.train import state_arrays
+from strategies.aggregators.krum import Krum
 from strategies.attacks import ColludingAttack, alie, alie_z_max, ipm, malicious_update, min_max_or_sum
 from strategies.fusion import is_parameter
-from strategies.strategy import FusionStrategy, VideoFedAvg
+from strategies.stage import Transform
+from strategies.strategy import VideoStrategy
 from tests.flower_messages import reply
 
 
@@ -86,31 +88,49 @@ def replies():
     ]
 
 
+class Recorder(Transform):
+    """Keeps the models the aggregator is given (after every other transform), changing nothing."""
+
+    name = "recorder"
+    order = 100
+
+    def __init__(self) -> None:
+        self.models: dict[int, dict[str, np.ndarray]] = {}
+
+    def apply(self, updates, ctx):
+        self.models = {u.nodes[0]: u.model for u in updates}
+        return updates
+
+
 def test_train_round_replaces_marked_replies_by_the_attack():
-    strategy = VideoFedAvg(attack_injector=ColludingAttack("alie", z=1.0))
+    aggregated = Recorder()
+    strategy = VideoStrategy(transforms=[ColludingAttack("alie", z=1.0), aggregated])
     strategy.set_global(GLOBAL)
     report = strategy.train_round(1, replies())
     expected = [2 - math.sqrt(2), 2 - math.sqrt(8)]  # from the two honest deltas only
-    for client, own_mean in zip(report.accepted[2:], (5.0, 6.0)):
-        np.testing.assert_allclose(client.arrays["conv.weight"], expected, rtol=1e-6)
-        assert client.arrays["conv.weight"].dtype == np.float32
-        np.testing.assert_array_equal(client.arrays["bn.running_mean"], [own_mean] * 2)  # statistics: its own
-    np.testing.assert_allclose(report.accepted[0].arrays["conv.weight"], [1, 0])  # honest ones untouched
+    for node, own_mean in ((3, 5.0), (4, 6.0)):
+        sent = aggregated.models[node]
+        np.testing.assert_allclose(sent["conv.weight"], expected, rtol=1e-6)
+        assert sent["conv.weight"].dtype == np.float32
+        np.testing.assert_array_equal(sent["bn.running_mean"], [own_mean] * 2)  # statistics: its own
+    np.testing.assert_allclose(aggregated.models[1]["conv.weight"], [1, 0])  # honest ones untouched
+    np.testing.assert_allclose(aggregated.models[2]["conv.weight"], [3, 4])
     np.testing.assert_allclose(report.arrays["conv.weight"], (np.array([4.0, 4.0]) + 2 * np.array(expected)) / 4)
     assert report.fusion["attack"] == {"name": "alie", "attacker-nodes": [3, 4], "z": 1.0}
     assert "attacker" not in report.metrics  # a per-client mark, never averaged
 
 
 def test_fusion_keeps_its_own_info_beside_the_attack():
-    strategy = FusionStrategy(fusion_fn="krum", krum_malicious=1, attack_injector=ColludingAttack("ipm", epsilon=0.5))
+    aggregated = Recorder()
+    strategy = VideoStrategy(Krum(1), transforms=[ColludingAttack("ipm", epsilon=0.5), aggregated])
     strategy.set_global(GLOBAL)
     report = strategy.train_round(1, replies())
-    np.testing.assert_allclose(report.accepted[3].arrays["conv.weight"], [-1.0, -1.0])  # −0.5 × mean (2, 2)
+    np.testing.assert_allclose(aggregated.models[4]["conv.weight"], [-1.0, -1.0])  # −0.5 × mean (2, 2)
     assert report.fusion["attack"]["attacker-nodes"] == [3, 4] and "selected-nodes" in report.fusion
 
 
 def test_no_injector_no_change():
-    strategy = VideoFedAvg()
+    strategy = VideoStrategy()
     strategy.set_global(GLOBAL)
     report = strategy.train_round(1, replies())
     # The marked replies enter the mean as sent: (1 + 3 + 9 + 9) / 4, (0 + 4 + 9 + 9) / 4.
@@ -119,7 +139,7 @@ def test_no_injector_no_change():
 
 
 def test_a_free_riders_zero_update_is_rejected_by_screening():
-    strategy = VideoFedAvg()
+    strategy = VideoStrategy()
     strategy.set_global(GLOBAL)
     report = strategy.screen(1, [reply(1, dict(GLOBAL), {"num-examples": 5})], with_arrays=True)
     assert not report.accepted
@@ -129,10 +149,14 @@ def test_a_free_riders_zero_update_is_rejected_by_screening():
 
 def test_attack_config_keys(small_run_config):
     alie_cfg = parse_config({**small_run_config, "attack": "alie", "attack-fraction": 0.34})
-    assert isinstance(build_strategy(alie_cfg).attack_injector, ColludingAttack)
-    assert build_strategy(parse_config(small_run_config)).attack_injector is None
+    # As the server app builds it: the test tool's step joins the stages the config selects.
+    (attack,) = build_strategy(alie_cfg, extra_transforms=colluding_attack(alie_cfg)).transforms
+    assert isinstance(attack, ColludingAttack) and attack.attack == "alie"
+    plain = parse_config(small_run_config)
+    assert colluding_attack(plain) == []
+    assert not any(isinstance(t, ColludingAttack) for t in build_strategy(plain).transforms)
     free = parse_config({**small_run_config, "attack": "free-rider", "attack-fraction": 0.34})
-    assert build_strategy(free).attack_injector is None  # a client-side attack
+    assert colluding_attack(free) == []  # a client-side attack
     parse_config({**small_run_config, "attack": "ipm", "attack-fraction": 0.5, "attack-epsilon": 100.0})
     parse_config({**small_run_config, "attack": "alie", "attack-fraction": 0.5, "attack-z": 1.5})
     for bad in (
@@ -168,16 +192,16 @@ def test_omniscient_attacker_marks_its_reply(small_run_config):
 
 def test_inprocess_alie_attacker_sends_the_alie_model(small_run_config, tmp_path, monkeypatch):
     seen = {}
-    original = ColludingAttack.__call__
+    original = ColludingAttack.forge
 
-    def spy(self, accepted, start):
-        seen["before"] = copy.deepcopy([(r.node_id, dict(r.metrics), r.arrays) for r in accepted])
+    def spy(self, updates, start):
+        seen["before"] = copy.deepcopy([(u.nodes[0], dict(u.metrics), u.model) for u in updates])
         seen["start"] = {k: v.copy() for k, v in start.items()}
-        info = original(self, accepted, start)
-        seen["after"] = {r.node_id: r.arrays for r in accepted}
+        info = original(self, updates, start)
+        seen["after"] = {u.nodes[0]: u.model for u in updates}
         return info
 
-    monkeypatch.setattr(ColludingAttack, "__call__", spy)
+    monkeypatch.setattr(ColludingAttack, "forge", spy)
     run_config = {
         **small_run_config,
         "num-server-rounds": 1,

@@ -18,7 +18,7 @@ from fedapp.client.exchange import message_exchange
 from fedapp.task import config as task_config
 from strategies import records
 from strategies.compression import decompress
-from strategies.privacy import update_norm
+from strategies.privacy_budget import update_norm
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from tests.flower_messages import instruction
 

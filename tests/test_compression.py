@@ -13,7 +13,7 @@ from fedapp.task.config import ConfigError, parse_config
 from strategies.aggregation import fedavg
 from strategies.compression import METHODS, SEP, decompress, payload_bytes
 from strategies.records import arrays_to_numpy, numpy_to_arrays
-from strategies.strategy import VideoFedAvg
+from strategies.strategy import VideoStrategy
 from tests.flower_messages import error_reply, instruction, reply
 
 EPS16 = float(np.finfo(np.float16).eps)
@@ -397,7 +397,7 @@ def test_strategy_decodes_aggregates_and_rejects_malformed_compressed_replies(pa
     bad["conv.weight::idx"] = bad["conv.weight::idx"] + 10_000  # indices past the tensor
     replies = [reply(i + 1, p, {"num-examples": n}) for i, (p, n) in enumerate(zip(payloads, (10, 20, 30)))]
     replies.append(reply(4, bad, {"num-examples": 10}))
-    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
+    strategy = VideoStrategy(min_available_nodes=1, min_train_nodes=1)
     strategy.set_global(ref)
 
     report = strategy.train_round(1, replies)
@@ -418,7 +418,7 @@ def test_a_decoded_update_is_still_validated(pair):
     ref, upd = pair
     payload, _ = compress(upd, ref, "fp16")
     payload["bn.running_var::fp16"] = np.full(8, -60000, np.float16)  # decodes to negative variances
-    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
+    strategy = VideoStrategy(min_available_nodes=1, min_train_nodes=1)
     strategy.set_global(ref)
     report = strategy.train_round(1, [reply(1, payload, {"num-examples": 5})])
     assert report.arrays is None and "negative variances" in report.rejected[0]["reason"]

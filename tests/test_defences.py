@@ -1,14 +1,20 @@
 """Defences (strategies/defences.py) against reference formulas written here, Flower's Bulyan, and
-through the strategies (FusionStrategy / VideoFedAvg.train_round on Flower replies)."""
+through the strategy (VideoStrategy.train_round on Flower replies, with the defence's stage)."""
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import Bulyan
 
 from fedapp.task.config import ConfigError, parse_config
+from strategies.aggregators.bulyan import Bulyan as BulyanRule  # ours; Flower's Bulyan is imported above
+from strategies.aggregators.centered_clipping import CenteredClipping
+from strategies.aggregators.krum import Krum
+from strategies.aggregators.median import Median
+from strategies.coordinatewise import coordinate_median
 from strategies.defences import (
     bound_update_norm,
     bucket_assignment,
@@ -19,8 +25,11 @@ from strategies.defences import (
     centered_clipping,
     nearest_neighbor_mixing,
 )
-from strategies.fusion import FUSION_FUNCTIONS, coordinate_median
-from strategies.strategy import FusionStrategy, VideoFedAvg
+from strategies.stage import fusion_rules
+from strategies.strategy import VideoStrategy
+from strategies.transforms.bucketing import Bucketing
+from strategies.transforms.nnm import NearestNeighbourMixing
+from strategies.transforms.norm_bound import NormBound
 from tests.flower_messages import reply
 
 SEEDS = (0, 1, 2)
@@ -75,7 +84,7 @@ def moved(model):
 
 
 def test_new_rules_are_fusion_functions():
-    assert {"centered-clipping", "bulyan"} <= set(FUSION_FUNCTIONS)
+    assert {"centered-clipping", "bulyan"} <= set(fusion_rules())
 
 
 # --- bucketing -----------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ def test_bucketing_then_median_through_the_strategy_equals_the_composition():
     rng = np.random.default_rng(4)
     models = random_models(rng, 9)
     counts = [int(c) for c in rng.integers(1, 20, size=9)]
-    strategy = FusionStrategy(fusion_fn="median", bucket_size=2, bucket_seed=7, min_train_nodes=1)
+    strategy = VideoStrategy(Median(), transforms=[Bucketing(2, seed=7)], min_train_nodes=1)
     report = prepared(strategy, moved(models[0])).train_round(3, replies(models, counts))
     buckets = bucket_assignment(9, 2, [7, 3])
     means = [
@@ -133,7 +142,7 @@ def test_bucketing_helps_median_against_heterogeneous_honest_clients():
     # bucket means of pairs pull it towards the honest mean (0.2) — the paper's motivation.
     honest = [{"w": np.full(3, v, np.float32)} for v in [-1.0] * 4 + [1.0] * 6]
     plain = coordinate_median(honest)["w"][0]
-    strategy = FusionStrategy(fusion_fn="median", bucket_size=5, min_train_nodes=1)
+    strategy = VideoStrategy(Median(), transforms=[Bucketing(5, seed=0)], min_train_nodes=1)
     fused = [prepared(strategy, moved(honest[0])).train_round(r, replies(honest)).arrays["w"][0] for r in range(1, 30)]
     assert abs(plain - 0.2) == pytest.approx(0.8)
     assert abs(np.mean(fused) - 0.2) < 0.3
@@ -142,7 +151,7 @@ def test_bucketing_helps_median_against_heterogeneous_honest_clients():
 def test_krum_on_buckets_maps_f_to_the_bucket_count():
     rng = np.random.default_rng(5)
     models = random_models(rng, 10)
-    strategy = FusionStrategy(fusion_fn="krum", krum_malicious=3, bucket_size=2, min_train_nodes=1)
+    strategy = VideoStrategy(Krum(3), transforms=[Bucketing(2, seed=0)], min_train_nodes=1)
     report = prepared(strategy, moved(models[0])).train_round(1, replies(models))
     # 5 buckets allow f = (5 − 3) // 2 = 1, not 3; the selected bucket's two nodes are named.
     assert report.fusion["krum-malicious"] == 1
@@ -223,7 +232,7 @@ def test_centered_clipping_through_the_strategy_starts_from_the_global_model():
     models = [{k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in global_model.items()}
               for _ in range(4)]  # fmt: skip
     models.append({k: v + 1000.0 for k, v in global_model.items()})
-    strategy = FusionStrategy(fusion_fn="centered-clipping", cc_radius=0.1, cc_iterations=2, min_train_nodes=1)
+    strategy = VideoStrategy(CenteredClipping(radius=0.1, iterations=2), min_train_nodes=1)
     report = prepared(strategy, global_model).train_round(1, replies(models))
     ref = reference_cc([vec(m) for m in models], vec(global_model), 0.1, 2)
     np.testing.assert_allclose(vec(report.arrays), ref, rtol=1e-5, atol=1e-5)
@@ -324,7 +333,7 @@ def test_bulyan_requirements_and_tolerance():
 def test_bulyan_through_the_strategy_names_the_selected_nodes():
     rng = np.random.default_rng(6)
     models = random_models(rng, 6, with_bn=True)  # 6 < 4·1+3: runs with f = 0
-    strategy = FusionStrategy(fusion_fn="bulyan", krum_malicious=1, min_train_nodes=1)
+    strategy = VideoStrategy(BulyanRule(1), min_train_nodes=1)
     report = prepared(strategy, moved(models[0])).train_round(1, replies(models))
     assert report.fusion["bulyan-malicious"] == 0 and sorted(report.fusion["selected-nodes"]) == list(range(1, 7))
     np.testing.assert_allclose(report.arrays["fc.bias"], np.mean([m["fc.bias"] for m in models], axis=0), rtol=1e-5)
@@ -360,7 +369,7 @@ def test_norm_bound_applies_to_plain_fedavg_and_is_recorded():
     global_model = random_models(rng, 1)[0]
     honest = [{k: v + 0.01 * np.ones_like(v) for k, v in global_model.items()} for _ in range(4)]
     boosted = {k: v + 100.0 for k, v in global_model.items()}  # a model-replacement-sized update
-    strategy = prepared(VideoFedAvg(norm_bound=1.0, min_train_nodes=1), global_model)
+    strategy = prepared(VideoStrategy(transforms=[NormBound(1.0)], min_train_nodes=1), global_model)
     report = strategy.train_round(1, replies([*honest, boosted]))
     assert report.fusion["norm-bound"]["clipped-nodes"] == [5]
     assert report.fusion["norm-bound"]["update-norm-max"] == pytest.approx(100.0 * math.sqrt(41), rel=1e-5)
@@ -373,7 +382,7 @@ def test_norm_bound_composes_with_fusion_rules():
     global_model = random_models(rng, 1)[0]
     models = [{k: v + 0.1 * rng.normal(size=v.shape).astype(np.float32) for k, v in global_model.items()}
               for _ in range(5)]  # fmt: skip
-    strategy = prepared(FusionStrategy(fusion_fn="median", norm_bound=0.05, min_train_nodes=1), global_model)
+    strategy = prepared(VideoStrategy(Median(), transforms=[NormBound(0.05)], min_train_nodes=1), global_model)
     report = strategy.train_round(1, replies(models))
     assert sorted(report.fusion["norm-bound"]["clipped-nodes"]) == [1, 2, 3, 4, 5]
     bounded = [bound_update_norm(m, global_model, 0.05)[0] for m in models]
@@ -420,7 +429,7 @@ def test_nnm_then_median_removes_boosted_sign_flips():
     models = attackers + honest
     honest_mean = np.mean([m["w"] for m in honest], axis=0)
     plain = coordinate_median(models)["w"]
-    strategy = FusionStrategy(fusion_fn="median", nnm_malicious=3, min_train_nodes=1)
+    strategy = VideoStrategy(Median(), transforms=[NearestNeighbourMixing(3)], min_train_nodes=1)
     report = prepared(strategy, {"w": np.zeros(400, np.float32)}).train_round(1, replies(models))
     np.testing.assert_allclose(report.arrays["w"], honest_mean, rtol=1e-5, atol=1e-5)
     assert np.linalg.norm(plain - honest_mean) > 10 * np.linalg.norm(report.arrays["w"] - honest_mean) + 1.0
@@ -431,6 +440,15 @@ def test_nnm_then_median_removes_boosted_sign_flips():
 # --- config --------------------------------------------------------------------------------------
 
 
+def unused(key_value, owner, needs):
+    """The refusal of a key set while its stage is out of use: it names the key, its value, the stage
+    and what the stage needs."""
+    return re.escape(f"{key_value} belongs to {owner}, which this config does not use: it acts only with {needs}")
+
+
+MIXING = 'strategy="fusion" and a fusion-fn other than "feddf"'
+
+
 def test_config_defaults_and_refusals():
     cfg = parse_config({}, check_paths=False)
     assert (cfg.bucket_size, cfg.cc_radius, cfg.cc_iterations, cfg.norm_bound) == (1, 10.0, 1, 0.0)
@@ -438,19 +456,36 @@ def test_config_defaults_and_refusals():
     assert parse_config({**bulyan_ok, "krum-malicious": 1}, check_paths=False).fusion_fn == "bulyan"
     refused = [
         ({**bulyan_ok, "krum-malicious": 2}, "4·2\\+3"),
-        ({"strategy": "fusion", "cc-radius": 3.0}, "cc-radius=3.0 has no effect"),
+        (
+            {"strategy": "fusion", "cc-radius": 3.0},
+            unused(
+                "cc-radius=3.0",
+                'aggregator "centered-clipping"',
+                'strategy="fusion" and fusion-fn="centered-clipping"',
+            ),
+        ),
         ({"strategy": "fusion", "fusion-fn": "centered-clipping", "cc-radius": 0.0}, "cc-radius"),
         ({"strategy": "fusion", "fusion-fn": "centered-clipping", "cc-iterations": 0}, "cc-iterations"),
-        ({"bucket-size": 2}, "bucket-size=2 has no effect"),
+        ({"bucket-size": 2}, unused("bucket-size=2", 'transform "bucketing"', MIXING)),
         ({"strategy": "fusion", "bucket-size": 0}, "bucket-size"),
         ({**bulyan_ok, "bucket-size": 4}, "at most 3"),
         ({"norm-bound": -1.0}, "norm-bound"),
-        ({"nnm-malicious": 2}, "nnm-malicious=2 has no effect"),
+        ({"nnm-malicious": 2}, unused("nnm-malicious=2", 'transform "nnm"', MIXING)),
         ({"client-momentum": 1.0}, "client-momentum"),
         ({"strategy": "fusion", "nnm-malicious": -1}, "nnm-malicious"),
         ({"strategy": "fusion", "nnm-malicious": 2, "bucket-size": 2}, "two alternative"),
-        ({"strategy": "fusion", "fusion-fn": "feddf", "nnm-malicious": 2}, "nnm-malicious=2 has no effect"),
-        ({"strategy": "fusion", "fusion-fn": "centered-clipping", "krum-malicious": 2}, "krum-malicious=2 has no"),
+        (
+            {"strategy": "fusion", "fusion-fn": "feddf", "nnm-malicious": 2},
+            unused("nnm-malicious=2", 'transform "nnm"', MIXING),
+        ),
+        (
+            {"strategy": "fusion", "fusion-fn": "centered-clipping", "krum-malicious": 2},
+            unused(
+                "krum-malicious=2",
+                'aggregator "bulyan" / aggregator "krum"',
+                'strategy="fusion" and fusion-fn="bulyan" or strategy="fusion" and fusion-fn="krum"',
+            ),
+        ),
     ]
     for run_config, message in refused:
         with pytest.raises(ConfigError, match=message):

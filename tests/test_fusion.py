@@ -16,16 +16,10 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import compute_distances, select_multikrum
 
 from strategies.aggregation import average, fedavg
-from strategies.fusion import (
-    FUSION_FUNCTIONS,
-    coordinate_median,
-    geometric_median,
-    krum,
-    krum_scores,
-    pairwise_sq_distances,
-    trimmed_mean,
-)
+from strategies.coordinatewise import coordinate_median, trimmed_mean
+from strategies.fusion import geometric_median, krum, krum_scores, pairwise_sq_distances
 from strategies.records import numpy_to_arrays
+from strategies.stage import fusion_rules
 from tests.flower_messages import reply
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -361,18 +355,19 @@ def test_geometric_median_of_identical_models_and_iteration_cap():
 
 
 def test_fusion_names_and_no_flower_import():
-    assert FUSION_FUNCTIONS == (
-        "median",
-        "trimmed-mean",
+    # The registry's built-in fusion-fn names (in name order), all and only these.
+    assert fusion_rules() == (
+        "bulyan",
+        "centered-clipping",
+        "feddf",
         "geometric-median",
         "krum",
-        "centered-clipping",
-        "bulyan",
-        "feddf",
+        "median",
+        "trimmed-mean",
     )
     # The math must stay importable without Flower (tests import it, so check in a fresh process).
     code = (
-        "import sys, strategies.fusion, strategies.defences, strategies.weighting; "
+        "import sys, strategies.coordinatewise, strategies.fusion, strategies.defences, strategies.weighting; "
         "print(any(m.startswith('flwr') for m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, check=True)
@@ -385,14 +380,16 @@ def test_fusion_strategy_multikrum_weights_like_flowers_multikrum(seed, n):
     MultiKrum does (on float tensors, where both measure the same distances)."""
     from flwr.serverapp.strategy import MultiKrum
 
-    from strategies.strategy import FusionStrategy
+    from strategies.aggregators.krum import Krum as KrumRule  # ours; Flower's Krum is imported above
+    from strategies.strategy import VideoStrategy
+    from strategies.validation import reference_spec
 
     rng = np.random.default_rng(seed)
     models = random_models(rng, n, with_int=False)
     counts = [int(c) for c in rng.integers(1, 50, size=n)]
     f, m = 1, n - 3
-    ours = FusionStrategy(fusion_fn="krum", krum_malicious=f, krum_selected=m, min_train_nodes=1)
-    ours._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    ours = VideoStrategy(KrumRule(malicious=f, selected=m), min_train_nodes=1)
+    ours.screener.reference = reference_spec(models[0])  # replies checked against the layout only
     report = ours.train_round(1, replies(models, counts))
     theirs = flower_train(MultiKrum(num_malicious_nodes=f, num_nodes_to_select=m), models, counts)
     for key in theirs:

@@ -12,15 +12,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from bench.inprocess import run_inprocess
 from fedapp.client.dp_mod import dp_clipping_mod
 from fedapp.task.config import ConfigError, parse_config
-from strategies.privacy import (
-    PrivateStrategy,
-    clamp_variances,
-    epsilon_spent,
-    split_private,
-    update_norm,
-)
+from strategies.aggregators.average import Average
+from strategies.aggregators.krum import Krum
+from strategies.aggregators.median import Median
+from strategies.privacy import PrivateStrategy
+from strategies.privacy_budget import clamp_variances, epsilon_spent, split_private, update_norm
 from strategies.records import arrays_to_numpy, numpy_to_arrays
-from strategies.strategy import AverageStrategy, FusionStrategy, VideoFedAvg
+from strategies.server_steps.sgd import SGD
+from strategies.strategy import VideoStrategy
 from tests.flower_messages import ensure_identity, error_reply, instruction, reply
 
 
@@ -62,7 +61,7 @@ def configured(strategy, base: dict[str, np.ndarray], n: int) -> list[Message]:
 
 
 def private(inner=None, mode="server-side", noise=0.0, clip=1.0) -> PrivateStrategy:
-    inner = inner or AverageStrategy(min_train_nodes=1, min_available_nodes=1)
+    inner = inner or VideoStrategy(Average(), min_train_nodes=1, min_available_nodes=1)
     return PrivateStrategy(inner, mode, noise_multiplier=noise, clipping_norm=clip, delta=1e-5)
 
 
@@ -152,7 +151,7 @@ def test_bad_and_failed_replies_are_screened_before_flowers_wrapper():
 
 def test_too_few_survivors_keep_the_global_model_and_release_nothing():
     base = model()
-    strategy = private(AverageStrategy(min_train_nodes=2, min_available_nodes=1), noise=1.0)
+    strategy = private(VideoStrategy(Average(), min_train_nodes=2, min_available_nodes=1), noise=1.0)
     configured(strategy, base, 2)
     report = strategy.train_round(1, [reply(1, moved(base, 0.1, seed=1), {"num-examples": 3}), error_reply(2, "x")])
     assert report.arrays is None
@@ -163,7 +162,7 @@ def test_too_few_survivors_keep_the_global_model_and_release_nothing():
 
 def test_wraps_any_strategy_but_accounts_only_a_uniform_mean():
     base = model()
-    for inner in (VideoFedAvg(min_train_nodes=1), FusionStrategy(fusion_fn="median", min_train_nodes=1)):
+    for inner in (VideoStrategy(min_train_nodes=1), VideoStrategy(Median(), min_train_nodes=1)):
         strategy = private(inner, noise=1.0)
         configured(strategy, base, 3)
         new, _ = strategy.aggregate_train(
@@ -172,10 +171,10 @@ def test_wraps_any_strategy_but_accounts_only_a_uniform_mean():
         assert new is not None
         settings = strategy.settings()
         assert settings["epsilon"] is None and settings["accounting"].startswith("not accounted")
-    momentum = private(AverageStrategy(server_momentum=0.9, min_train_nodes=1), noise=1.0)
+    momentum = private(VideoStrategy(Average(), SGD(momentum=0.9), min_train_nodes=1), noise=1.0)
     assert "server-momentum" in momentum.settings()["accounting"]
     assert private(noise=1.0).settings()["accounting"].startswith("rdp")
-    lossy = PrivateStrategy(AverageStrategy(), "client-side", 1.0, 1.0, 1e-5, compression="int8")
+    lossy = PrivateStrategy(VideoStrategy(Average()), "client-side", 1.0, 1.0, 1e-5, compression="int8")
     assert "compression='int8'" in lossy.settings()["accounting"] and lossy.settings()["epsilon"] is None
 
 
@@ -216,7 +215,7 @@ def test_the_inner_rules_report_survives_flowers_wrapper():
     """What the aggregation rule decided (here Krum's pick) reaches the round report through the DP
     wrapper, which itself passes on only Flower's types."""
     base = model()
-    strategy = private(FusionStrategy(fusion_fn="krum", krum_malicious=0, min_train_nodes=1), noise=0.0)
+    strategy = private(VideoStrategy(Krum(0), min_train_nodes=1), noise=0.0)
     configured(strategy, base, 3)
     report = strategy.train_round(1, [reply(i, moved(base, 0.1, seed=i), {"num-examples": 2}) for i in (1, 2, 3)])
     assert report.arrays is not None and report.fusion["selected-nodes"][0] in (1, 2, 3)
@@ -286,7 +285,7 @@ def test_client_mod_passes_through_without_a_clipping_norm_and_for_evaluation():
 
 
 def test_dp_keys_are_validated_with_the_allowed_values():
-    with pytest.raises(ConfigError, match="dp='local'.*none, server-side, client-side"):
+    with pytest.raises(ConfigError, match='dp="local".*none, server-side, client-side'):
         parse_config({"dp": "local"}, check_paths=False)
     with pytest.raises(ConfigError, match="dp-clipping-norm=0.0"):
         parse_config({"dp": "server-side", "dp-clipping-norm": 0.0}, check_paths=False)
@@ -342,7 +341,7 @@ def test_the_global_model_is_encoded_once_and_never_decoded_on_the_server(monkey
     monkeypatch.setattr(Array, "from_numpy_ndarray", classmethod(counted_encode))
     monkeypatch.setattr(Array, "numpy", counted_decode)
     base = model()
-    for strategy in (AverageStrategy(min_train_nodes=1, min_available_nodes=1), private(mode="client-side")):
+    for strategy in (VideoStrategy(Average(), min_train_nodes=1, min_available_nodes=1), private(mode="client-side")):
         calls.update(encode=0, decode=0)
         ensure_identity()
         messages = strategy.configure_train_round(1, NamedArrays(numpy=base), StubGrid(3))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
-from strategies.scaffold import CONTROL, CONTROL_DELTA, client_control, server_control, zero_control
-from strategies.strategy import VideoFedAvg
+from strategies.scaffold import CONTROL, CONTROL_DELTA, Scaffold, client_control, server_control, zero_control
+from strategies.strategy import VideoStrategy
 from tests.flower_messages import ensure_identity, reply
 
 # Four clients, f_i(x) = ½ (x − b_i)ᵀ diag(a_i) (x − b_i): heterogeneous curvatures and optima.
@@ -103,7 +103,7 @@ def scaffold_reply(node_id, model, delta, n=10):
 
 def test_the_strategy_sends_the_control_and_updates_it_from_the_replies():
     ensure_identity()
-    strategy = VideoFedAvg(scaffold=True, min_available_nodes=1, min_train_nodes=1, fraction_train=0.5)
+    strategy = VideoStrategy(scaffold=Scaffold(), min_available_nodes=1, min_train_nodes=1, fraction_train=0.5)
     sent = strategy.configure_train_round(1, NamedArrays(numpy=global_model()), Grid())
     assert len(sent) == 2 and all(CONTROL in m.content.array_records for m in sent)
     assert set(arrays_to_numpy(sent[0].content[CONTROL])) == {"conv.weight"}
@@ -123,9 +123,9 @@ def test_the_strategy_sends_the_control_and_updates_it_from_the_replies():
     reasons = {r["node-id"]: r["reason"] for r in report.rejected}
     assert "carries no 'scaffold-delta'" in reasons[3] and "non-finite" in reasons[4]
     # c = 0 + (2 + 6) / N with N = 4 nodes: 2.0
-    np.testing.assert_allclose(strategy.control["conv.weight"], 2.0)
+    np.testing.assert_allclose(strategy.scaffold.control["conv.weight"], 2.0)
     assert report.fusion["scaffold"]["clients"] == 2
     assert report.bytes_received == 2 * (trained["conv.weight"].nbytes + 12 + 8 + 24)
-    restored = VideoFedAvg(scaffold=True)
+    restored = VideoStrategy(scaffold=Scaffold())
     restored.load_state(strategy.state())
-    np.testing.assert_array_equal(restored.control["conv.weight"], strategy.control["conv.weight"])
+    np.testing.assert_array_equal(restored.scaffold.control["conv.weight"], strategy.scaffold.control["conv.weight"])

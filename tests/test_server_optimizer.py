@@ -7,7 +7,10 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 
 from fedapp.server.checkpoint import decode_state, encode_state
 from strategies.server_optimizer import adaptive_step, server_step
-from strategies.strategy import VideoFedAvg
+from strategies.server_steps.adagrad import Adagrad
+from strategies.server_steps.adam import Adam
+from strategies.server_steps.yogi import Yogi
+from strategies.strategy import VideoStrategy
 from tests.flower_messages import reply
 
 
@@ -83,14 +86,12 @@ def test_adaptive_steps_equal_flowers_strategies_over_rounds(optimizer, seed):
     eta, beta1, beta2, tau = 0.05, 0.8, 0.95, 1e-2
     kwargs = {"eta": eta, "tau": tau} | ({} if optimizer == "adagrad" else {"beta_1": beta1, "beta_2": beta2})
     flower = FLOWER[optimizer](min_available_nodes=1, min_train_nodes=1, **kwargs)
-    ours = VideoFedAvg(
-        server_optimizer=optimizer,
-        server_lr=eta,
-        server_betas=(beta1, beta2),
-        server_tau=tau,
-        min_available_nodes=1,
-        min_train_nodes=1,
-    )
+    steps = {
+        "adam": Adam(eta, beta1, beta2, tau),
+        "yogi": Yogi(eta, beta1, beta2, tau),
+        "adagrad": Adagrad(eta, tau=tau),  # no first-moment decay: no betas, as Flower's FedAdagrad
+    }
+    ours = VideoStrategy(server_step=steps[optimizer], min_available_nodes=1, min_train_nodes=1)
     current = random_model(rng)
     for server_round in range(1, 6):
         replies = [(random_model(rng, 0.3), int(n)) for n in rng.integers(1, 50, size=4)]
@@ -130,12 +131,12 @@ def test_adaptive_steps_leave_batchnorm_buffers_to_the_aggregate():
 def test_adaptive_moments_survive_a_checkpoint_round_trip():
     """Resuming must continue the moments, not restart them from zero."""
     rng = np.random.default_rng(3)
-    strategy = VideoFedAvg(server_optimizer="adam", server_lr=0.1, min_available_nodes=1, min_train_nodes=1)
+    strategy = VideoStrategy(server_step=Adam(0.1), min_available_nodes=1, min_train_nodes=1)
     current = random_model(rng)
     strategy.set_global(current)
     strategy.train_round(1, [reply(1, random_model(rng), {"num-examples": 3})])
     arrays, plain = encode_state(strategy.state())
-    resumed = VideoFedAvg(server_optimizer="adam", server_lr=0.1, min_available_nodes=1, min_train_nodes=1)
+    resumed = VideoStrategy(server_step=Adam(0.1), min_available_nodes=1, min_train_nodes=1)
     resumed.load_state(decode_state(plain, arrays))
     nxt = random_model(rng)
     for s in (strategy, resumed):
@@ -144,7 +145,7 @@ def test_adaptive_moments_survive_a_checkpoint_round_trip():
     b = resumed.train_round(2, [reply(1, nxt, {"num-examples": 3})]).arrays
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    fresh = VideoFedAvg(server_optimizer="adam", server_lr=0.1, min_available_nodes=1, min_train_nodes=1)
+    fresh = VideoStrategy(server_step=Adam(0.1), min_available_nodes=1, min_train_nodes=1)
     fresh.set_global(current)
     c = fresh.train_round(2, [reply(1, nxt, {"num-examples": 3})]).arrays
     assert not np.allclose(a["fc.bias"], c["fc.bias"])  # the moments matter

@@ -4,8 +4,13 @@ from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import fedavg, weighted_average
+from strategies.aggregators.feddf import FedDF
+from strategies.aggregators.krum import Krum
+from strategies.aggregators.median import Median
 from strategies.records import arrays_to_numpy, numpy_to_arrays
-from strategies.strategy import VideoFedAvg, aggregate_metrics
+from strategies.server_steps.sgd import SGD
+from strategies.strategy import VideoStrategy, aggregate_metrics
+from strategies.validation import reference_spec
 from tests.flower_messages import ensure_identity, error_reply, reply
 
 
@@ -17,10 +22,15 @@ def model(rng, scale=1.0):
     }
 
 
-def prepared_strategy(global_model):
-    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
-    strategy._reference = {k: (v.shape, v.dtype) for k, v in global_model.items()}
+def with_reference(strategy, global_model):
+    """``strategy`` checking replies against ``global_model``'s names, shapes and dtypes only (no
+    global model to step from, or to compare free riders with)."""
+    strategy.screener.reference = reference_spec(global_model)
     return strategy
+
+
+def prepared_strategy(global_model):
+    return with_reference(VideoStrategy(min_available_nodes=1, min_train_nodes=1), global_model)
 
 
 def test_matches_flower_fedavg_on_valid_replies():
@@ -83,15 +93,12 @@ def test_all_replies_bad_gives_no_update():
 def test_krum_adapts_f_to_the_replies_that_survived_screening():
     """Two NaN clients of six used to knock Krum (f = 1 needs 5 updates) out of every round; it now
     runs with the largest f the 4 survivors allow, and says so."""
-    from strategies.strategy import FusionStrategy
-
     rng = np.random.default_rng(5)
     models = [model(rng) for _ in range(6)]
     nan_model = {**models[0], "conv.weight": np.full((4, 3, 3), np.nan, np.float32)}
     replies = [reply(i + 1, m, {"num-examples": 4}) for i, m in enumerate(models)]
     replies[0], replies[1] = reply(1, nan_model, {"num-examples": 4}), error_reply(2, "node vanished", code=5)
-    strategy = FusionStrategy(fusion_fn="krum", krum_malicious=1, min_train_nodes=4)
-    strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    strategy = with_reference(VideoStrategy(Krum(1), min_train_nodes=4), models[0])
     report = strategy.train_round(1, replies)
     assert report.arrays is not None and report.fusion["krum-malicious"] == 0
     assert report.fusion["selected-nodes"][0] in (3, 4, 5, 6)
@@ -111,10 +118,10 @@ def test_configure_train_records_the_reference_model():
         def get_node_ids(self):
             return [42]
 
-    strategy = VideoFedAvg(min_available_nodes=1, min_train_nodes=1)
+    strategy = VideoStrategy(min_available_nodes=1, min_train_nodes=1)
     messages = list(strategy.configure_train(1, numpy_to_arrays(global_model), ConfigRecord(), OneNodeGrid()))
     assert [m.metadata.dst_node_id for m in messages] == [42]
-    assert strategy._reference["conv.weight"] == ((4, 3, 3), np.dtype(np.float32))
+    assert strategy.screener.reference["conv.weight"] == ((4, 3, 3), np.dtype(np.float32))
 
 
 def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
@@ -123,7 +130,7 @@ def test_evaluate_aggregation_weights_by_examples_and_sums_counts():
         reply(2, None, {"num-examples": 30, "loss": 2.0, "video-accuracy": 1.0, "skipped-videos": 2}),
         reply(3, None, {"num-examples": -1, "loss": 2.0}),
     ]
-    strategy = VideoFedAvg()
+    strategy = VideoStrategy()
     report = strategy.evaluate_round(1, replies)
     metrics = report.metrics
     assert abs(metrics["loss"] - 1.75) < 1e-9 and abs(metrics["video-accuracy"] - 0.875) < 1e-9
@@ -148,8 +155,12 @@ def _replies(models, counts, extra=None):
 
 def test_each_family_calls_its_aggregation_function():
     from strategies.aggregation import average
-    from strategies.fusion import coordinate_median, geometric_median, krum, trimmed_mean
-    from strategies.strategy import AverageStrategy, FusionStrategy, WeightedStrategy
+    from strategies.aggregators.average import Average
+    from strategies.aggregators.geometric_median import GeometricMedian
+    from strategies.aggregators.trimmed_mean import TrimmedMean
+    from strategies.aggregators.weighted import Weighted
+    from strategies.coordinatewise import coordinate_median, trimmed_mean
+    from strategies.fusion import geometric_median, krum
     from strategies.weighting import client_weights
 
     rng = np.random.default_rng(7)
@@ -159,18 +170,17 @@ def test_each_family_calls_its_aggregation_function():
     metrics = [dict(r.content["metrics"]) for r in replies]
 
     def run(strategy):
-        strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
-        arrays, _ = strategy.aggregate_train(1, replies)
+        arrays, _ = with_reference(strategy, models[0]).aggregate_train(1, replies)
         return arrays_to_numpy(arrays)
 
     weights = client_weights("inverse-loss", metrics)
     expected = {
-        "average": (AverageStrategy(), average(models)),
-        "weighted": (WeightedStrategy(weight_source="inverse-loss"), weighted_average(zip(models, weights))),
-        "median": (FusionStrategy(fusion_fn="median"), coordinate_median(models)),
-        "trimmed-mean": (FusionStrategy(fusion_fn="trimmed-mean", trim_beta=0.2), trimmed_mean(models, 0.2)),
-        "geometric-median": (FusionStrategy(fusion_fn="geometric-median"), geometric_median(models, counts)[0]),
-        "krum": (FusionStrategy(fusion_fn="krum", krum_malicious=1), krum(models, 1)[0]),
+        "average": (VideoStrategy(Average()), average(models)),
+        "weighted": (VideoStrategy(Weighted("inverse-loss")), weighted_average(zip(models, weights))),
+        "median": (VideoStrategy(Median()), coordinate_median(models)),
+        "trimmed-mean": (VideoStrategy(TrimmedMean(0.2)), trimmed_mean(models, 0.2)),
+        "geometric-median": (VideoStrategy(GeometricMedian()), geometric_median(models, counts)[0]),
+        "krum": (VideoStrategy(Krum(1)), krum(models, 1)[0]),
     }
     for name, (strategy, want) in expected.items():
         got = run(strategy)
@@ -192,7 +202,7 @@ def _lazy_replies(n, size, seed=0):
 def _peak_bytes(strategy, n, size):
     import tracemalloc
 
-    strategy._reference = {"w": ((size,), np.dtype(np.float32)), "n": ((), np.dtype(np.int64))}
+    strategy.screener.reference = {"w": ((size,), np.dtype(np.float32)), "n": ((), np.dtype(np.int64))}
     replies = _lazy_replies(n, size)
     tracemalloc.start()
     try:
@@ -209,16 +219,14 @@ def test_fedavg_folds_replies_as_they_arrive_in_memory_that_does_not_grow_with_n
     # sums, the replies in flight (message and decoded arrays) and this test's own generator
     # (a float64 draw and its float32 copy), about 7 models; holding every update instead grows
     # by two models (message and decoded arrays) per reply.
-    from strategies.strategy import FusionStrategy
-
     size = 1 << 18  # 1 MiB of float32 per model
     model_bytes = size * 4
-    few, report = _peak_bytes(VideoFedAvg(min_train_nodes=1), 4, size)
-    many, report = _peak_bytes(VideoFedAvg(min_train_nodes=1), 40, size)
+    few, report = _peak_bytes(VideoStrategy(min_train_nodes=1), 4, size)
+    many, report = _peak_bytes(VideoStrategy(min_train_nodes=1), 40, size)
     assert report.fusion["streamed-replies"] == 40
     assert all(r.arrays is None and r.message is None for r in report.accepted)  # nothing kept
     assert many < few + model_bytes and many < 8 * model_bytes
-    held, _ = _peak_bytes(FusionStrategy(fusion_fn="median", min_train_nodes=1), 40, size)
+    held, _ = _peak_bytes(VideoStrategy(Median(), min_train_nodes=1), 40, size)
     assert held > 40 * model_bytes  # a rule of all N updates holds them (README, Performance)
     # And the folded mean is the held one.
     want = fedavg(
@@ -228,7 +236,8 @@ def test_fedavg_folds_replies_as_they_arrive_in_memory_that_does_not_grow_with_n
 
 
 def test_feddf_starts_from_the_weighted_average_and_uses_the_distiller():
-    from strategies.strategy import FusionStrategy
+    from fedapp.server.build_strategy import build_strategy
+    from fedapp.task.config import parse_config
 
     rng = np.random.default_rng(8)
     models = [model(rng) for _ in range(3)]
@@ -239,14 +248,15 @@ def test_feddf_starts_from_the_weighted_average_and_uses_the_distiller():
         seen.update(start=start, n=len(client_models), weights=weights)
         return start, {"steps": 0}
 
-    strategy = FusionStrategy(fusion_fn="feddf", distiller=distiller)
-    strategy._reference = {k: (v.shape, v.dtype) for k, v in models[0].items()}
+    strategy = with_reference(VideoStrategy(FedDF(distiller)), models[0])
     report = strategy.train_round(1, _replies(models, counts))
     np.testing.assert_array_equal(seen["start"]["conv.weight"], fedavg(zip(models, counts))["conv.weight"])
     assert seen["n"] == 3 and seen["weights"] == [1.0, 2.0, 3.0]
     assert report.fusion == {"steps": 0}
+    # A config that selects FedDF is refused by a server that has no distiller to hand it.
+    feddf = parse_config({"strategy": "fusion", "fusion-fn": "feddf"}, check_paths=False)
     with pytest.raises(ValueError, match="distiller"):
-        FusionStrategy(fusion_fn="feddf")
+        build_strategy(feddf)
 
 
 def test_server_momentum_matches_flower_fedavgm():
@@ -263,7 +273,7 @@ def test_server_momentum_matches_flower_fedavgm():
         def get_node_ids(self):
             return [1, 2]
 
-    ours = VideoFedAvg(server_lr=0.7, server_momentum=0.9, min_available_nodes=2)
+    ours = VideoStrategy(server_step=SGD(lr=0.7, momentum=0.9), min_available_nodes=2)
     theirs = FedAvgM(server_learning_rate=0.7, server_momentum=0.9, min_available_nodes=2)
     current_ours = current_theirs = numpy_to_arrays(start)
     for server_round in (1, 2, 3):
@@ -289,7 +299,7 @@ def test_proximal_mu_is_sent_to_clients():
         def get_node_ids(self):
             return [1]
 
-    strategy = VideoFedAvg(proximal_mu=0.01, min_available_nodes=1, min_train_nodes=1)
+    strategy = VideoStrategy(proximal_mu=0.01, min_available_nodes=1, min_train_nodes=1)
     rng = np.random.default_rng(10)
     (message,) = strategy.configure_train(1, numpy_to_arrays(model(rng)), ConfigRecord(), Grid())
     assert message.content["config"]["proximal-mu"] == 0.01
@@ -303,7 +313,7 @@ def test_error_written_by_the_superlink_is_attributed_to_the_node_that_vanished(
     rng = np.random.default_rng(11)
     global_model = model(rng)
     ensure_identity()
-    strategy = VideoFedAvg(min_available_nodes=2, min_train_nodes=1)
+    strategy = VideoStrategy(min_available_nodes=2, min_train_nodes=1)
     sent = list(strategy.configure_train(1, numpy_to_arrays(global_model), ConfigRecord(), Grid()))
     for message in sent:  # what the grid does when it pushes them (sampling order is random)
         message.metadata.__dict__["_message_id"] = f"id-{message.metadata.dst_node_id}"

@@ -193,7 +193,7 @@ def unused_keys(cfg: Any, given: Sequence[str], keys: Mapping[str, Key], owners:
         if any(o.in_use(cfg) for o in mine):
             problems.append(f"{name}={value} does nothing here: {names} reads it only with {key.needs}")
         else:
-            needs = " or ".join(o.needs for o in mine if o.needs)
+            needs = key.needs or " or ".join(o.needs for o in mine if o.needs)  # the key's own is the narrower
             problems.append(
                 f"{name}={value} belongs to {names}, which this config does not use: it acts only with {needs}"
             )
