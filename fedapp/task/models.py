@@ -19,8 +19,8 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from fedapp.plugins import check_signature, is_plugin, load_plugin
 from fedapp.config.model import POOLINGS
+from fedapp.plugins import check_signature, is_plugin, load_plugin
 from fedapp.task.pretrained import MODEL_NAMES, weights_path
 
 logger = logging.getLogger(__name__)
