@@ -99,8 +99,8 @@ def test_bad_config_fails_before_anything_starts_with_a_clear_message(small_run_
     rc, output, summary = launch({**small_run_config, "model": "resnet9000"}, tmp_path)
     assert rc == 2
     assert output.strip().splitlines() == [
-        "FAILED: config: model='resnet9000' is not allowed: choose one of tiny3d, r3d_18, mc3_18, r2plus1d_18, "
-        "framepool_resnet18, framepool_resnet50"
+        'FAILED: config: model="resnet9000" is not allowed: choose one of tiny3d, r3d_18, mc3_18, r2plus1d_18, s3d, '
+        'framepool_resnet18, framepool_resnet50 or "module:attribute" (your own)'
     ]
     assert summary == {} and not (tmp_path / "results").exists()
 

@@ -45,6 +45,7 @@ def test_fab_holds_only_the_app_however_much_lies_around(tmp_path):
     expected = sorted(
         [".info/CONTENT", "pyproject.toml"]
         + [str(p.relative_to(project)) for name in PACKAGES for p in (project / name).rglob("*.py")]
+        + [str(p.relative_to(project)) for p in (project / "docs" / "examples").glob("*.py")]  # the plug-in examples
     )
     clean, clean_size = fab_files(project)
     assert clean == expected
