@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
+from bench.attacks import split_attack
 from fedapp.client.app import app as client_app
 from fedapp.server.app import run_federation
 from fedapp.server.results import RunResults, WriterLock
@@ -44,8 +46,11 @@ class InProcessGrid:
     """Delivers messages to ClientApp handlers in this process, one simulated node per partition;
     with ``wire`` through Flower's wire encoding each way (:func:`over_the_wire`)."""
 
-    def __init__(self, run_config: Mapping[str, Any], num_nodes: int, wire: bool = False) -> None:
+    def __init__(
+        self, run_config: Mapping[str, Any], num_nodes: int, wire: bool = False, app: ClientApp | None = None
+    ) -> None:
         self.wire = wire
+        self.app = app  # None: the app's own ClientApp
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.contexts = {
             node_id: Context(
@@ -81,7 +86,7 @@ class InProcessGrid:
             context = self.contexts[msg.metadata.dst_node_id]
             received = over_the_wire(msg) if self.wire else msg
             try:
-                reply = client_app(received, context)
+                reply = (self.app or client_app)(received, context)
             except Exception as exc:  # a client that raises fails only its own reply, as in Flower
                 reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
                 reply = Message(Error(code=2, reason=reason), reply_to=received)
@@ -89,13 +94,21 @@ class InProcessGrid:
         return replies
 
 
-def run_inprocess(run_config: Mapping[str, Any], num_nodes: int, run_dir: str | Path, wire: bool = False) -> RunResults:
+def run_inprocess(config: Mapping[str, Any], num_nodes: int, run_dir: str | Path, wire: bool = False) -> RunResults:
     """One fresh federated run with the real server loop; returns its results (``rounds`` in memory).
-    ``wire``: every message through Flower's wire encoding (see :class:`InProcessGrid`)."""
+    ``wire``: every message through Flower's wire encoding (see :class:`InProcessGrid`). ``config``
+    is the run config, plus the attack test tool's keys where a run simulates attackers
+    (``bench/attacks.py``: they never reach the app's config)."""
+    attack, run_config = split_attack(config)
     cfg = parse_config(run_config)
+    app, stages = None, []
+    if attack is not None:
+        attack.check(num_nodes, cfg)
+        app, stages = attack.client_app(), attack.server_stages()
     with WriterLock(run_dir):
         results = RunResults(run_dir)
-        summary = run_federation(InProcessGrid(run_config, num_nodes, wire), cfg, results, checkpoint=None)
+        grid = InProcessGrid(run_config, num_nodes, wire, app)
+        summary = run_federation(grid, cfg, results, checkpoint=None, extra_transforms=stages)
         results.write_summary({"status": "completed", **summary})
     return results
 

@@ -1,5 +1,6 @@
 """The attack test tool: omniscient colluding attacks (ALIE, IPM, min-max / min-sum) on hand-made
-examples, their server-side injection, the free rider, their config keys and one in-process run."""
+examples, their server-side stage, the free rider, the tool's keys (bench/attacks.py; never the
+app's) and one in-process run."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
+from bench.attacks import AttackerClient, AttackPlan, make_attacking_client, split_attack
 from bench.inprocess import run_inprocess
-from fedapp.client.app import make_client
-from fedapp.server.build_strategy import build_strategy, colluding_attack
+from fedapp.server.build_strategy import build_strategy
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.models import build_model
@@ -147,32 +148,30 @@ def test_a_free_riders_zero_update_is_rejected_by_screening():
     assert "free rider" in report.rejected[0]["reason"]
 
 
-def test_attack_config_keys(small_run_config):
-    alie_cfg = parse_config({**small_run_config, "attack": "alie", "attack-fraction": 0.34})
-    # As the server app builds it: the test tool's step joins the stages the config selects.
-    (attack,) = build_strategy(alie_cfg, extra_transforms=colluding_attack(alie_cfg)).transforms
-    assert isinstance(attack, ColludingAttack) and attack.attack == "alie"
-    plain = parse_config(small_run_config)
-    assert colluding_attack(plain) == []
-    assert not any(isinstance(t, ColludingAttack) for t in build_strategy(plain).transforms)
-    free = parse_config({**small_run_config, "attack": "free-rider", "attack-fraction": 0.34})
-    assert colluding_attack(free) == []  # a client-side attack
-    parse_config({**small_run_config, "attack": "ipm", "attack-fraction": 0.5, "attack-epsilon": 100.0})
-    parse_config({**small_run_config, "attack": "alie", "attack-fraction": 0.5, "attack-z": 1.5})
-    for bad in (
-        {"attack": "ipm", "attack-fraction": 0.5, "attack-z": 1.0},  # attack-z acts only with alie
-        {"attack": "alie", "attack-fraction": 0.5, "attack-epsilon": 1.0},
-        {"attack": "alie", "attack-fraction": 0.5, "attack-scale": 2.0},
-        {"attack": "ipm", "attack-fraction": 0.5, "attack-epsilon": 0.0},
-        {"attack": "min-max", "attack-fraction": 0.5, "dp": "server-side"},
-    ):
-        with pytest.raises(ConfigError):
-            parse_config({**small_run_config, **bad})
+def test_the_tools_keys_stay_out_of_the_apps_config(small_run_config):
+    """The app has no attack key: a real federation cannot name one; the in-process federation
+    takes the tool's keys out of what it is given and builds the plan and the server stage."""
+    with pytest.raises(ConfigError, match="unknown key 'attack'"):
+        parse_config({**small_run_config, "attack": "alie", "attack-fraction": 0.34})
+    plan, run_config = split_attack({**small_run_config, "attack": "alie", "attack-fraction": 0.34, "attack-z": 1.5})
+    assert plan == AttackPlan("alie", 0.34, z=1.5) and run_config == small_run_config
+    (attack,) = build_strategy(parse_config(run_config), extra_transforms=plan.server_stages()).transforms
+    assert isinstance(attack, ColludingAttack) and attack.attack == "alie" and attack.z == 1.5
+    assert split_attack(small_run_config) == (None, small_run_config)
+    assert AttackPlan("free-rider", 0.34).server_stages() == []  # a client-side attack
+    for bad in ({"attack": "ddos", "attack-fraction": 0.5}, {"attack": "alie"}, {"attack-fraction": 0.5},
+                {"attack": "ipm", "attack-fraction": 0.5, "attack-epsilon": 0.0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            split_attack(bad)
+    with pytest.raises(ValueError, match="0 clients attack"):
+        AttackPlan("noise", 0.1).check(3, parse_config(small_run_config))
+    with pytest.raises(ValueError, match="is not simulated with dp="):
+        AttackPlan("min-max", 0.5).check(3, parse_config({**small_run_config, "dp": "server-side"}))
 
 
 def test_free_rider_sends_the_global_model_back(small_run_config):
-    cfg = parse_config({**small_run_config, "attack": "free-rider", "attack-fraction": 0.5})
-    client = make_client(cfg, {"partition-id": 0, "num-partitions": 2})
+    cfg = parse_config(small_run_config)
+    client = make_attacking_client(AttackPlan("free-rider", 0.5), cfg, {"partition-id": 0, "num-partitions": 2})
     initial = state_arrays(build_model(cfg.model, len(load_video_index(cfg).classes)))
     arrays, count, metrics = client.fit(initial, {"server-round": 1})
     assert count > 0 and "attacker" not in metrics
@@ -181,13 +180,13 @@ def test_free_rider_sends_the_global_model_back(small_run_config):
 
 
 def test_omniscient_attacker_marks_its_reply(small_run_config):
-    cfg = parse_config({**small_run_config, "attack": "min-max", "attack-fraction": 0.5})
-    client = make_client(cfg, {"partition-id": 0, "num-partitions": 2})
-    assert client.attack == "min-max"
+    cfg, plan = parse_config(small_run_config), AttackPlan("min-max", 0.5)
+    client = make_attacking_client(plan, cfg, {"partition-id": 0, "num-partitions": 2})
+    assert isinstance(client, AttackerClient)
     initial = state_arrays(build_model(cfg.model, len(client.classes)))
     _, _, metrics = client.fit(initial, {"server-round": 1})
     assert metrics["attacker"] == 1
-    assert make_client(cfg, {"partition-id": 1, "num-partitions": 2}).attack == "none"
+    assert not isinstance(make_attacking_client(plan, cfg, {"partition-id": 1, "num-partitions": 2}), AttackerClient)
 
 
 def test_inprocess_alie_attacker_sends_the_alie_model(small_run_config, tmp_path, monkeypatch):

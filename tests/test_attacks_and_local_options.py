@@ -1,11 +1,10 @@
-"""FedProx, FedBN and the attack test tool on the client side."""
+"""FedProx, FedBN and the attack test tool (bench/attacks.py) on the client side."""
 
 import numpy as np
 import pytest
-import torch
 
+from bench.attacks import AttackerClient, AttackPlan, make_attacking_client, poison_update
 from fedapp.client.app import make_client, node_weight
-from fedapp.client.attacks import flipped_labels, is_attacker, poison_update
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.models import batchnorm_state_keys, build_model
@@ -25,8 +24,19 @@ def distance(a, b):
 
 
 def test_attackers_are_the_first_fraction_of_partitions():
-    assert [is_attacker(p, 10, 0.3) for p in range(10)] == [True] * 3 + [False] * 7
-    assert not any(is_attacker(p, 10, 0.0) for p in range(10))
+    assert [AttackPlan("noise", 0.3).attacks(p, 10) for p in range(10)] == [True] * 3 + [False] * 7
+    with pytest.raises(ValueError, match="attack-fraction"):
+        AttackPlan("noise", 0.0)
+
+
+def test_a_label_flipper_trains_on_labels_reversed(setup):
+    run_config, _, _ = setup
+    cfg = parse_config(run_config)
+    honest = make_client(cfg, {"partition-id": 0, "num-partitions": 2})
+    flipper = make_attacking_client(AttackPlan("label-flip", 0.5), cfg, {"partition-id": 0, "num-partitions": 2})
+    last = len(honest.classes) - 1
+    assert [s.label for s in flipper.train_samples] == [last - s.label for s in honest.train_samples]
+    assert [s.path for s in flipper.train_samples] == [s.path for s in honest.train_samples]
 
 
 def test_poisoned_updates():
@@ -38,18 +48,17 @@ def test_poisoned_updates():
     assert flipped[0].dtype == np.float32 and flipped[1] == 5
     noisy = poison_update(start, [np.array([[1, 2], [3, 4]], np.float32), trained[1]], "noise", 10.0, rng)
     assert noisy[0].std() > 1.0
-    assert torch.equal(flipped_labels(8)(torch.tensor([0, 1, 7])), torch.tensor([7, 6, 0]))
     with pytest.raises(ValueError):
         poison_update(start, trained, "label-flip", 1.0, rng)
 
 
 def test_sign_flip_client_sends_the_reversed_update(setup):
     run_config, _, initial = setup
-    cfg = parse_config({**run_config, "attack": "sign-flip", "attack-fraction": 0.5, "attack-scale": 10.0})
-    honest = make_client(parse_config(run_config), {"partition-id": 0, "num-partitions": 2})
-    attacker = make_client(cfg, {"partition-id": 0, "num-partitions": 2})
-    assert attacker.attack == "sign-flip" and honest.attack == "none"
-    assert make_client(cfg, {"partition-id": 1, "num-partitions": 2}).attack == "none"
+    cfg, plan = parse_config(run_config), AttackPlan("sign-flip", 0.5, scale=10.0)
+    honest = make_client(cfg, {"partition-id": 0, "num-partitions": 2})
+    attacker = make_attacking_client(plan, cfg, {"partition-id": 0, "num-partitions": 2})
+    assert isinstance(attacker, AttackerClient) and not isinstance(honest, AttackerClient)
+    assert not isinstance(make_attacking_client(plan, cfg, {"partition-id": 1, "num-partitions": 2}), AttackerClient)
     honest_arrays, _, _ = honest.fit(initial, {"server-round": 1})
     evil_arrays, _, _ = attacker.fit(initial, {"server-round": 1})
     # same data and seed: on learnable parameters the attacker's step is -10 × the honest step;
@@ -147,7 +156,7 @@ def test_client_momentum_persists_in_flower_node_state(small_run_config, tmp_pat
 def test_sign_flip_attacker_with_client_momentum_flips_its_momentum(setup):
     run_config, model, initial = setup
     honest_cfg = parse_config({**run_config, "client-momentum": 0.5})
-    evil_cfg = parse_config({**run_config, "client-momentum": 0.5, "attack": "sign-flip", "attack-fraction": 0.5})
+    plan = AttackPlan("sign-flip", 0.5)
     learnable = {name for name, _ in model.named_parameters()}
     honest_state: dict = {}
     evil_state: dict = {}
@@ -155,7 +164,7 @@ def test_sign_flip_attacker_with_client_momentum_flips_its_momentum(setup):
         good, _, _ = make_client(honest_cfg, {"partition-id": 0, "num-partitions": 2}, honest_state).fit(
             start, {"server-round": server_round}
         )
-        evil, _, _ = make_client(evil_cfg, {"partition-id": 0, "num-partitions": 2}, evil_state).fit(
+        evil, _, _ = make_attacking_client(plan, honest_cfg, {"partition-id": 0, "num-partitions": 2}, evil_state).fit(
             start, {"server-round": server_round}
         )
         for key, s, g, e in zip(model.state_dict(), start, good, evil):

@@ -178,12 +178,15 @@ def test_every_robustness_cell_is_a_valid_run_config() -> None:
     import argparse
 
     from bench import robustness
+    from bench.attacks import split_attack
     from fedapp.task.config import parse_config
 
     args = argparse.Namespace(attackers=3, clients=10, rounds=20, threads=1, cache_dir="")
     for rule in robustness.RULES:
         for attack in robustness.ATTACKS:
-            cfg = parse_config(robustness.run_config(args, "iid", attack, rule, 0), check_paths=False)
+            plan, run_config = split_attack(robustness.run_config(args, "iid", attack, rule, 0))
+            assert (plan is None) == (attack == "none")
+            cfg = parse_config(run_config, check_paths=False)
             assert cfg.nnm_malicious == (3 if rule.startswith("nnm") or "+nnm" in rule else 0)
             assert cfg.client_momentum == (0.5 if rule.startswith("momentum+") else 0.0)
             # rounds go on without the f replies screening may reject (free riders), Krum's 2f + 3 aside

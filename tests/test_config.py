@@ -49,7 +49,7 @@ def test_the_documentation_lists_every_key():
         ("weight-source", "luck", ["weight-source", "luck", "inverse-loss", "staleness"]),
         ("trim-beta", 0.5, ["trim-beta", "0.5"]),
         ("server-momentum", 1.5, ["server-momentum", "1.5"]),
-        ("attack", "ddos", ["attack", "ddos", "sign-flip", "label-flip"]),
+        ("partitioning", "random", ["partitioning", "random", "dirichlet"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, expected):

@@ -13,7 +13,6 @@ import pytest
 from fedapp.ops.start_checks import check_run_config, federation_size
 from fedapp.task.config import (
     ConfigError,
-    check_federation_size,
     config_keys,
     parse_config,
     parse_overrides,
@@ -49,8 +48,6 @@ def refused(overrides: dict, *, federation: str = "num-supernodes=3") -> str:
         ({"classes-per-client": 3}, "classes-per-client", 'partitioning="k-classes"'),
         ({"pooling": "attention"}, "pooling", "framepool_"),
         ({"momentum": 0.5}, "momentum", 'optimizer="sgd"'),
-        ({"attack": "sign-flip"}, "attack", "attack-fraction > 0"),
-        ({"attack-scale": 3.0}, "attack-scale", 'attack="sign-flip"'),
         ({"early-stop-min-delta": 0.01}, "early-stop-min-delta", "early-stop-patience > 0"),
         ({"test-fraction": 0.3}, "test-fraction", 'dataset="folders"'),
         (
@@ -84,7 +81,6 @@ def test_the_same_keys_pass_where_they_act(tmp_path):
         {"partitioning": "dirichlet", "dirichlet-alpha": 0.1},
         {"model": "framepool_resnet18", "pooling": "attention"},
         {"optimizer": "sgd", "momentum": 0.5},
-        {"attack": "sign-flip", "attack-fraction": 0.34, "attack-scale": 3.0},
         {"early-stop-patience": 3, "early-stop-min-delta": 0.01},
         {"server-optimizer": "yogi", "server-lr": 0.01, "server-beta1": 0.8, "server-tau": 0.01},
         {"server-optimizer": "adagrad", "server-lr": 0.1, "server-tau": 0.01},
@@ -168,8 +164,6 @@ def test_node_counts_are_checked_against_the_federation():
     assert "num-supernodes=5" in refused(krum)  # fine by itself, too big for 3 nodes
     check_run_config([" ".join(f"{k}={json.dumps(v)}" for k, v in krum.items())], "num-supernodes=5")
     assert "needs min-train-nodes > 2·1+2" in refused({"strategy": "fusion", "fusion-fn": "krum"})
-    with pytest.raises(ConfigError, match="0 clients attack"):
-        check_federation_size(parse_config({"attack": "noise", "attack-fraction": 0.1}), 3)
 
 
 def test_every_key_of_the_app_is_known():
@@ -249,7 +243,6 @@ TROUBLESHOOTING = [
     ({"strategy": "fusion", "fusion-fn": "krum"}, "needs min-train-nodes > 2·1+2 = 4"),
     ({"min-available-nodes": 4, "min-train-nodes": 4}, "but the federation has 3 SuperNodes"),
     ({"min-available-nodes": 1}, "is smaller than min-train-nodes"),
-    ({"attack": "noise", "attack-fraction": 0.1}, "clients attack; raise attack-fraction"),
     ({"dataset": "folders"}, "data-dir='' is not allowed with dataset="),
     ({"dataset": "folders", "data-dir": "/no/such/folder"}, "does not exist"),
     ({"pretrained-path": "/no/such/file.pt"}, "is not a file"),
@@ -264,7 +257,6 @@ TROUBLESHOOTING = [
         {"strategy": "fusion", "fusion-fn": "krum", "bucket-size": 3, "min-train-nodes": 5, "min-available-nodes": 5},
         "buckets, fewer than the 3",
     ),
-    ({"attack": "alie", "attack-fraction": 0.4, "dp": "server-side"}, "is not simulated with dp="),
     (
         {"dataset": "folders", "data-dir": "/my/videos", "strategy": "fusion", "fusion-fn": "feddf"},
         "feddf-data-dir='' is not allowed with fusion-fn=\"feddf\"",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,7 +11,6 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from datasets.clip_dataset import reported_files, scan_videos, warn_unreadable
-from fedapp.client.attacks import is_attacker
 from fedapp.client.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client.compression_mod import compression_mod
 from fedapp.client.dp_mod import dp_clipping_mod
@@ -24,10 +23,6 @@ from strategies.records import arrays_to_numpy, numpy_to_arrays
 
 logger = logging.getLogger(__name__)
 route_app_logs_to_flower()
-
-# dp_clipping_mod acts only when the server's client-side DP wrapper sends a clipping norm.
-# compression_mod comes first (outermost): it encodes the final, already clipped update.
-app = ClientApp(mods=[compression_mod, dp_clipping_mod])
 
 # Probing every file costs a pass over the data: remember the result per partition (a simulation
 # process serves many virtual clients, so the key must include the partition).
@@ -64,9 +59,11 @@ def make_client(
     node_config: Mapping[str, Any],
     local_state: dict[str, np.ndarray] | None = None,
     run_id: int | None = None,
+    client_class: Callable[..., VideoClient] = VideoClient,
 ) -> VideoClient:
     """The VideoClient for this node: its partition of the dataset, unreadable files set aside
-    (warned about once per ``run_id`` and partition in this process)."""
+    (warned about once per ``run_id`` and partition in this process). ``client_class`` builds it
+    (a test tool's subclass in benchmarks)."""
     partition_id, num_partitions, data_dir = node_settings(node_config)
     index = load_video_index(cfg, data_dir)
     key = (*partition_key(cfg, index, num_partitions), partition_id)
@@ -80,8 +77,7 @@ def make_client(
     reported = reported_files(("run", run_id, partition_id))
     for path, reason in skipped:
         warn_unreadable(path, reason, reported)
-    attacker = cfg.attack != "none" and is_attacker(partition_id, num_partitions, cfg.attack_fraction)
-    return VideoClient(
+    return client_class(
         cfg,
         index.classes,
         train,
@@ -90,7 +86,6 @@ def make_client(
         partition_id,
         local_state=local_state,
         node_weight=node_weight(node_config),
-        attack=cfg.attack if attacker else "none",
         run_id=run_id,
     )
 
@@ -109,26 +104,39 @@ def node_weight(node_config: Mapping[str, Any]) -> float | None:
 LOCAL_STATE_KEY = "local-state"
 
 
-def handle(context: Context, msg: Message, phase: str) -> Message:
+MakeClient = Callable[..., VideoClient]
+
+
+def handle(context: Context, msg: Message, phase: str, make: MakeClient = make_client) -> Message:
     """Build this node's client, run one phase through the bridge, keep node-local state."""
     with message_exchange(msg) as exchange:
         cfg = exchange.config(context.run_config)  # parsed once per message, for the mods too
         stored = context.state.array_records.get(LOCAL_STATE_KEY)
         local_state = arrays_to_numpy(stored) if stored is not None else {}
-        client = make_client(cfg, context.node_config, local_state, context.run_id)
+        client = make(cfg, context.node_config, local_state, context.run_id)
         reply = call_numpy_client(client, msg, phase)
         if client.local_state:
             context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)
         return reply
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Local training on this node's videos."""
-    return handle(context, msg, FIT)
+def build_client_app(make: MakeClient = make_client) -> ClientApp:
+    """The ClientApp whose clients ``make`` builds (``make_client``; a test tool's in benchmarks)."""
+    # dp_clipping_mod acts only when the server's client-side DP wrapper sends a clipping norm.
+    # compression_mod comes first (outermost): it encodes the final, already clipped update.
+    client_app = ClientApp(mods=[compression_mod, dp_clipping_mod])
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """Local training on this node's videos."""
+        return handle(context, msg, FIT, make)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        """Local evaluation on this node's test videos."""
+        return handle(context, msg, EVALUATE, make)
+
+    return client_app
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Local evaluation on this node's test videos."""
-    return handle(context, msg, EVALUATE)
+app = build_client_app()

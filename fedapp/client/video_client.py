@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from datasets.layouts import VideoSample
-from fedapp.client.attacks import UPDATE_ATTACKS, attacker_metrics, flipped_labels, poison_update
 from fedapp.client.bridge import NamedNumPyClient
 from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, train_loader
@@ -52,7 +51,6 @@ class VideoClient(NamedNumPyClient):
     across rounds on this node (Flower's ``context.state``): with ``fedbn`` the node keeps its own
     BatchNorm layers there instead of taking the global ones. ``run_id`` scopes the warnings about
     files that fail to decode: once per run and partition in this process, not every round.
-    ``attack`` is a test tool (``fedapp.client.attacks``), never set in a real federation.
     """
 
     def __init__(
@@ -65,7 +63,6 @@ class VideoClient(NamedNumPyClient):
         partition_id: int = 0,
         local_state: MutableMapping[str, np.ndarray] | None = None,
         node_weight: float | None = None,
-        attack: str = "none",
         run_id: int | None = None,
     ) -> None:
         self.cfg = cfg
@@ -76,7 +73,6 @@ class VideoClient(NamedNumPyClient):
         self.partition_id = partition_id
         self.local_state = local_state if local_state is not None else {}
         self.node_weight = node_weight
-        self.attack = attack
         self.warn_scope = ("run", run_id, partition_id)
         self.received_records: dict[str, dict[str, np.ndarray]] = {}
         self.reply_records: dict[str, dict[str, np.ndarray]] = {}
@@ -174,9 +170,6 @@ class VideoClient(NamedNumPyClient):
                 f"partition {self.partition_id}: no usable training video ({len(self.skipped)} skipped as unreadable)"
             )
         server_round = int(config.get("server-round", 0))
-        if self.attack == "free-rider":  # test tool: the global model back, untrained (a zero update)
-            metrics = {"base-round": server_round, **self._data_metrics(self.train_samples)}
-            return list(parameters), len(self.train_samples), metrics
         model = self._model(parameters)
         control = self._server_control() if self.cfg.scaffold else None
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -192,7 +185,6 @@ class VideoClient(NamedNumPyClient):
             channels_last=self.cfg.channels_last,
             log_prefix=f"[partition {self.partition_id} round {server_round}] ",
             proximal_mu=float(config.get("proximal-mu", 0.0)),
-            label_map=flipped_labels(len(self.classes)) if self.attack == "label-flip" else None,
             gradient_correction=self._scaffold_correction(control, trainable) if control is not None else None,
         )
         if metrics["train-clips"] == 0:
@@ -208,17 +200,7 @@ class VideoClient(NamedNumPyClient):
             self._scaffold_update(control, trainable, dict(zip(keys, parameters)), dict(zip(keys, arrays)), metrics)
         if self.cfg.client_momentum > 0:
             arrays = self._momentum_update(list(model.state_dict()), parameters, arrays, learnable)
-        if self.attack in UPDATE_ATTACKS:
-            arrays = poison_update(
-                parameters,
-                arrays,
-                self.attack,
-                self.cfg.attack_scale,
-                np.random.default_rng(seed),
-                poison=[key in learnable for key in model.state_dict()],
-            )
         metrics["base-round"] = server_round
-        metrics.update(attacker_metrics(self.attack))
         return arrays, len(self.train_samples), {**metrics, **self._data_metrics(self.train_samples)}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:

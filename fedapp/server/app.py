@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedapp.logs import route_app_logs_to_flower
-from fedapp.server.build_strategy import build_strategy, colluding_attack, make_distiller
+from fedapp.server.build_strategy import build_strategy, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
 from fedapp.server.checkpoint import (
     CheckpointError,
@@ -47,6 +47,7 @@ from fedapp.task.models import build_model
 from fedapp.task.train import set_torch_threads
 from strategies.blocks import set_threads
 from strategies.privacy import PrivateStrategy
+from strategies.stage import Transform
 
 logger = logging.getLogger(__name__)
 route_app_logs_to_flower()
@@ -100,12 +101,18 @@ def serve(grid: Grid, run_config: Mapping[str, Any], run_id: int) -> dict[str, A
 
 
 def run_federation(
-    grid: Grid, cfg: AppConfig, results: RunResults, checkpoint: Path | None, started: float | None = None
+    grid: Grid,
+    cfg: AppConfig,
+    results: RunResults,
+    checkpoint: Path | None,
+    started: float | None = None,
+    extra_transforms: Sequence[Transform] = (),
 ) -> dict[str, Any]:
     """The round loop: train, aggregate, evaluate on clients and centrally, checkpoint, record;
     until the round budget is spent or the stopping rule fires. ``checkpoint`` is what a resumed
     run continues (``locate_run`` decides it), None for a fresh run. ``started``: when a fresh run
-    began (default: now), the origin of every ``wall-time-s``, set-up included."""
+    began (default: now), the origin of every ``wall-time-s``, set-up included.
+    ``extra_transforms``: stages no run config selects (the in-process attack test tool)."""
     started = time.time() if started is None else started
     if cfg.resume and checkpoint is None:
         raise CheckpointError(f"resume={cfg.resume!r} but no checkpoint was given: locate the run with locate_run")
@@ -119,7 +126,7 @@ def run_federation(
     evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
     distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
-    strategy = build_strategy(cfg, distiller, colluding_attack(cfg))
+    strategy = build_strategy(cfg, distiller, extra_transforms)
     state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
 

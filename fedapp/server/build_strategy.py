@@ -27,7 +27,8 @@ def build_strategy(
     cfg: AppConfig, distiller: Distiller | None = None, extra_transforms: Sequence[Transform] = ()
 ) -> VideoStrategy | PrivateStrategy:
     """The strategy ``cfg`` composes, inside Flower's DP wrapper when ``dp`` is on.
-    ``extra_transforms``: stages no run config selects (the attack test tool of benchmarks)."""
+    ``extra_transforms``: stages no run config selects (the attack test tool of benchmarks,
+    ``bench/attacks.py``)."""
     resources = {"distiller": distiller}
     transforms = [cls.from_config(cfg, resources) for cls in registered("transform").values() if cls.active(cfg)]
     strategy = VideoStrategy(
@@ -64,15 +65,6 @@ def load_rule(spec: str) -> Callable[..., Any]:
     if isinstance(obj, type):
         obj = check_signature("fusion-fn", spec, obj, ())()
     return check_signature("fusion-fn", spec, obj, ("models", "weights"))
-
-
-def colluding_attack(cfg: AppConfig) -> list[Transform]:
-    """TEST TOOL: the server-side step of an omniscient ``attack`` (``strategies.attacks``), else none."""
-    from strategies.attacks import OMNISCIENT_ATTACKS, ColludingAttack
-
-    if cfg.attack not in OMNISCIENT_ATTACKS or cfg.attack_fraction <= 0:
-        return []
-    return [ColludingAttack(cfg.attack, z=cfg.attack_z, epsilon=cfg.attack_epsilon)]
 
 
 def check_plugins(cfg: AppConfig, num_classes: int = 2) -> None:

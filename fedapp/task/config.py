@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets.synthetic import SyntheticSpec
-from fedapp.client.attacks import KEYS as ATTACK_KEYS
 from fedapp.config import data, model, run, training
 from fedapp.config.data import parse_resize, parse_size
 from fedapp.config.keys import ConfigError, Key, Owner, declared, toml, validate
@@ -44,7 +43,6 @@ def owners() -> tuple[Owner, ...]:
         *data.OWNERS,
         *model.OWNERS,
         *training.OWNERS,
-        ATTACK_KEYS,
         Owner("crop check", checks=(lambda cfg: crop_problems(cfg),)),
     )
 
@@ -192,7 +190,7 @@ def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
 
 def check_federation_size(cfg: AppConfig, num_nodes: int) -> None:
     """Refuse what a federation of ``num_nodes`` SuperNodes cannot give: a run that would wait for
-    nodes that never come, or an attack setting under which no client attacks."""
+    nodes that never come."""
     need = {"min-available-nodes": cfg.min_available_nodes, "min-train-nodes": cfg.min_train_nodes}
     if cfg.fraction_evaluate > 0:
         need["min-evaluate-nodes"] = cfg.min_evaluate_nodes
@@ -203,11 +201,6 @@ def check_federation_size(cfg: AppConfig, num_nodes: int) -> None:
             ", ".join(f"{k}={v}" for k, v in short.items()) + f" but the federation has {num_nodes} SuperNodes "
             f"(num-supernodes={num_nodes}): the run would wait for nodes that never come; lower "
             f"{' / '.join(short)}, or run {wanted} SuperNodes (--federation-config 'num-supernodes={wanted}')"
-        )
-    if cfg.attack != "none" and round(cfg.attack_fraction * num_nodes) == 0:
-        raise ConfigError(
-            f"attack={cfg.attack!r} with attack-fraction={cfg.attack_fraction}: round({cfg.attack_fraction} × "
-            f"{num_nodes} SuperNodes) = 0 clients attack; raise attack-fraction to at least {0.5 / num_nodes:.2f}"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -43,15 +43,13 @@ def train_epochs(
     channels_last: bool = False,
     log_prefix: str = "",
     proximal_mu: float = 0.0,
-    label_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
     gradient_correction: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` passes; returns mean loss, accuracy, clips, optimizer steps, clips/s
     and failed clips.
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 · ||w - w_start||²`` (w_start: the weights the round
-    began with), which keeps local models near the global one under non-IID data. ``label_map``
-    rewrites labels before the loss (the label-flip attack of the test tools uses it).
+    began with), which keeps local models near the global one under non-IID data.
     ``gradient_correction`` (parameter name → tensor) is added to each named parameter's gradient
     before every step: SCAFFOLD's ``c − cᵢ``.
     """
@@ -77,44 +75,37 @@ def train_epochs(
                 continue
             clips = input_to_device(clips, device, channels_last)
             labels = labels.to(device, non_blocking=True)
-            if label_map is not None:
-                labels = label_map(labels)
             with autocast_context(device, bf16):
                 logits = model(clips)
                 ce_loss = F.cross_entropy(logits.float(), labels)
             loss = ce_loss
             if anchor:
                 loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchor))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, correction in corrections:
-                if p.grad is not None:
-                    p.grad.add_(correction)
-            optimizer.step()
+            step_with(optimizer, loss, corrections)
             steps += 1
             seen += labels.numel()
             loss_sum += ce_loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
             if step == len(loader) or time.perf_counter() - last_log > PROGRESS_INTERVAL_S:
                 last_log = time.perf_counter()
-                logger.info(
-                    "%sepoch %d/%d step %d/%d loss %.4f",
-                    log_prefix,
-                    epoch + 1,
-                    epochs,
-                    step,
-                    len(loader),
-                    ce_loss.item(),
-                )
+                where = f"epoch {epoch + 1}/{epochs} step {step}/{len(loader)}"
+                logger.info("%s%s loss %.4f", log_prefix, where, ce_loss.item())
     seconds = time.perf_counter() - start
-    return {
-        "train-loss": loss_sum / max(seen, 1),
-        "train-accuracy": correct / max(seen, 1),
-        "train-clips": float(seen),
-        "train-steps": float(steps),
-        "clips-per-s": seen / seconds if seconds > 0 else 0.0,
-        "failed-clips": float(failed),
-    }
+    clips_per_s = seen / seconds if seconds > 0 else 0.0
+    return {"train-loss": loss_sum / max(seen, 1), "train-accuracy": correct / max(seen, 1), "train-clips": float(seen),
+            "train-steps": float(steps), "clips-per-s": clips_per_s, "failed-clips": float(failed)}  # fmt: skip
+
+
+def step_with(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, corrections: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """One optimizer step on ``loss``, each gradient corrected first (SCAFFOLD's ``c − cᵢ``)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, correction in corrections:
+        if p.grad is not None:
+            p.grad.add_(correction)
+    optimizer.step()
 
 
 @torch.no_grad()
