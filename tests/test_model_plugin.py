@@ -13,7 +13,6 @@ from torch import nn
 
 from fedapp.plugins import PluginError
 from fedapp.server.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint, save_checkpoint
-from fedapp.task.config import ConfigError
 from fedapp.task.models import ModelError, batchnorm_state_keys, build_model, check_model
 
 torch.set_num_threads(2)
@@ -195,12 +194,18 @@ def test_a_checkpoint_of_a_plugin_model_rebuilds_from_its_name(tmp_path) -> None
 def test_model_from_checkpoint_rebuilds_a_plugin_model(tmp_path) -> None:
     """The path of ``fedvideo predict``/``embed``: the run config's model name goes through parse_config."""
     trained, path = _checkpoint(tmp_path, ["a", "b"])
-    try:
-        model, classes, cfg = model_from_checkpoint(path)
-    except ConfigError as exc:
-        if "model=" not in str(exc):
-            raise
-        pytest.xfail(f"the run config does not accept plug-in model names yet: {exc}")
+    model, classes, cfg = model_from_checkpoint(path)
     assert classes == ["a", "b"] and cfg.model == EXAMPLE
     with torch.no_grad():
         torch.testing.assert_close(model(_clip()), trained(_clip()))
+
+
+def test_retrieval_refuses_a_plugin_model_without_features(tmp_path, capsys) -> None:
+    """Retrieval embeds with the head's inputs (``features``); a model of your own may not have them."""
+    from fedapp.tools import retrieve
+
+    _, path = _checkpoint(tmp_path, ["a", "b"])
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rc = retrieve.main([str(path), "--index-dir", str(tmp_path / "index"), "--videos", str(videos), "--query", "q.mp4"])
+    assert rc == 2 and "has no features(clips) method" in capsys.readouterr().err

@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint)
         weights_hash = checkpoint_hash(checkpoint)
         model, _, cfg = model_from_checkpoint(checkpoint)
+        if not callable(getattr(model, "features", None)):  # a model of your own without penultimate features
+            raise RetrievalError(
+                f"model={cfg.model!r} has no features(clips) method giving the head's inputs: retrieval needs "
+                "one (the built-in models have it); add it to your model to search videos with it"
+            )
         index = load_or_build_index(model, cfg, args.videos, args.index_dir, weights_hash)
     except (CheckpointError, ConfigError, ModelError, RetrievalError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
