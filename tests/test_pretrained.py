@@ -171,6 +171,28 @@ def test_the_server_loads_the_weights_and_the_clients_receive_them(torch_home, s
     assert len(results.rounds[-1]["train-clients"]["clients"]) == 2
 
 
+def test_s3d_trains_a_federated_round_from_its_kinetics_weights(torch_home, small_run_config, tmp_path):
+    """S3D as a run uses it: Kinetics-400 weights from the cache, a new head, clients training a
+    round in process on small clips (the preset's 224 px overridden, above S3D's minimum)."""
+    import numpy as np
+
+    from fedapp.server.results import MODEL_FILE, load_weights
+
+    state = place_random_weights("s3d", "KINETICS400_V1")
+    run_config = {**small_run_config, "model": "s3d", "pretrained": "KINETICS400_V1", "resize": "32x32",
+                  "crop-size": 32, "clip-len": 8, "num-server-rounds": 1, "min-train-nodes": 2,
+                  "min-available-nodes": 2, "fraction-evaluate": 0.0, "tensorboard": False}  # fmt: skip
+    start = initial_model(parse_config(run_config), 4).state_dict()["backbone.features.0.0.0.weight"]
+    assert torch.equal(start, state["features.0.0.0.weight"])  # round 0 is the cache file's backbone
+    results = run_inprocess(run_config, 2, tmp_path / "run")
+    assert len(results.rounds[-1]["train-clients"]["clients"]) == 2
+    trained = load_weights(tmp_path / "run" / MODEL_FILE)
+    loaded = state["features.0.0.0.weight"].numpy()  # S3D's first convolution, as torchvision names it
+    assert trained["backbone.features.0.0.0.weight"].shape == loaded.shape
+    assert not np.array_equal(trained["backbone.features.0.0.0.weight"], loaded)  # it trained from there
+    assert trained["head.weight"].shape == (4, 1024)  # a new head for the 4 synthetic classes
+
+
 # ---------------------------------------------------------------- the preset follows the weights
 
 

@@ -107,21 +107,22 @@ LOCAL_STATE_KEY = "local-state"
 MakeClient = Callable[..., VideoClient]
 
 
-def handle(context: Context, msg: Message, phase: str, make: MakeClient = make_client) -> Message:
+def handle(context: Context, msg: Message, phase: str, make: MakeClient | None = None) -> Message:
     """Build this node's client, run one phase through the bridge, keep node-local state."""
     with message_exchange(msg) as exchange:
         cfg = exchange.config(context.run_config)  # parsed once per message, for the mods too
         stored = context.state.array_records.get(LOCAL_STATE_KEY)
         local_state = arrays_to_numpy(stored) if stored is not None else {}
-        client = make(cfg, context.node_config, local_state, context.run_id)
+        client = (make or make_client)(cfg, context.node_config, local_state, context.run_id)
         reply = call_numpy_client(client, msg, phase)
         if client.local_state:
             context.state[LOCAL_STATE_KEY] = numpy_to_arrays(client.local_state)
         return reply
 
 
-def build_client_app(make: MakeClient = make_client) -> ClientApp:
-    """The ClientApp whose clients ``make`` builds (``make_client``; a test tool's in benchmarks)."""
+def build_client_app(make: MakeClient | None = None) -> ClientApp:
+    """The ClientApp whose clients ``make`` builds (None: ``make_client``, looked up at each call;
+    a test tool's in benchmarks)."""
     # dp_clipping_mod acts only when the server's client-side DP wrapper sends a clipping norm.
     # compression_mod comes first (outermost): it encodes the final, already clipped update.
     client_app = ClientApp(mods=[compression_mod, dp_clipping_mod])
