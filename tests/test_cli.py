@@ -105,3 +105,18 @@ def test_main_in_process_returns_the_module_status(tmp_path: Path, capsys: pytes
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
+
+
+def test_run_help_points_to_the_keys_and_its_examples_pass_the_checks():
+    """`fedvideo run --help` says where the keys are; each command it shows is a valid config."""
+    import re
+
+    from fedapp.ops.launch import build_parser
+    from fedapp.task.config import parse_config, parse_overrides
+
+    text = build_parser().format_help()
+    assert "`fedvideo config` lists every key" in text and "docs/config-keys.md" in text
+    examples = re.findall(r"--run-config '([^']*)'", text)
+    assert len(examples) == 2 and any('dataset="folders"' in e for e in examples)
+    for example in examples:
+        parse_config(parse_overrides([example]), check_paths=False)

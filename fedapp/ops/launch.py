@@ -98,16 +98,29 @@ def ok_line(summary: Mapping[str, Any]) -> str:
     return f"{head}; no accuracy measured (central-eval is off and no client evaluated)"
 
 
+RUN_CONFIG_HELP = """run-config keys:
+  `fedvideo config` lists every key (default, allowed values, the stage that reads it);
+  `fedvideo config KEY ...` a few; docs/config-keys.md is the same reference.
+  Your own videos, one folder per class:
+    fedvideo run --run-config 'dataset="folders" data-dir="/path/to/videos"'
+  Another strategy:
+    fedvideo run --run-config 'strategy="fusion" fusion-fn="krum" min-train-nodes=5 min-available-nodes=5' \\
+        --federation-config 'num-supernodes=5'"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedvideo run`` command line."""
     parser = argparse.ArgumentParser(
-        prog="fedvideo run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="fedvideo run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=RUN_CONFIG_HELP,
     )
     parser.add_argument(
         "--run-config",
         action="append",
         default=[],
-        help="overrides of [tool.flwr.app.config], e.g. 'num-server-rounds=5 model=\"r3d_18\"'",
+        help="overrides of [tool.flwr.app.config], e.g. 'num-server-rounds=5 model=\"r3d_18\"' (keys: below)",
     )
     parser.add_argument(
         "--federation-config",
