@@ -10,7 +10,6 @@ import numpy as np
 
 Weights = dict[str, np.ndarray]
 RUNNING_STATS = ("running_mean", "running_var")
-SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 ADAPTIVE = ("adam", "yogi", "adagrad")
 
 

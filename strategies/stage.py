@@ -26,6 +26,7 @@ KINDS = {
     "server-step": "strategies.server_steps",
 }
 _REGISTRY: dict[str, dict[str, type[Stage]]] = {kind: {} for kind in KINDS}
+_LISTED: dict[str, tuple[str, ...]] = {}  # the package paths each stage folder was last listed for
 
 
 @dataclass
@@ -158,11 +159,17 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 def discover() -> None:
-    """Import every stage file of the stage folders, so that each registers itself."""
+    """Import every stage file of the stage folders, so that each registers itself. Each folder is
+    listed once per set of paths (the registry is read on every config parse, which clients do
+    per message); a package path that changes is listed again."""
     for package_name in KINDS.values():
         package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
+        paths = tuple(package.__path__)
+        if _LISTED.get(package_name) == paths:
+            continue
+        for info in pkgutil.iter_modules(paths):
             importlib.import_module(f"{package_name}.{info.name}")
+        _LISTED[package_name] = paths
 
 
 def registered(kind: str) -> dict[str, type[Stage]]:

@@ -42,6 +42,11 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_run_config(cache_dir: Path) -> dict:
     """A run config (TOML key names) for fast tests on the small synthetic dataset."""
+    return small_config(cache_dir)
+
+
+def small_config(cache_dir: str | Path) -> dict:
+    """What :func:`small_run_config` gives, for code that runs outside a fixture."""
     return {
         **SMALL_SYNTHETIC,
         "cache-dir": str(cache_dir),

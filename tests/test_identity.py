@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import SMALL_SYNTHETIC
+from tests.conftest import small_config
 
 RECORDS = Path(__file__).parent / "data" / "identity_records.json"
 NODES = 5
@@ -74,15 +74,7 @@ def without_volatile(value: Any) -> Any:
 
 def run_config(name: str, cache_dir: str) -> dict[str, Any]:
     base = {
-        **SMALL_SYNTHETIC,
-        "cache-dir": cache_dir,
-        "clip-len": 8,
-        "resize": "32x32",
-        "crop-size": 32,
-        "eval-clips": 2,
-        "batch-size": 4,
-        "local-epochs": 1,
-        "torch-threads": 1,
+        **small_config(cache_dir),
         "num-server-rounds": 2,
         "tensorboard": False,
         "min-train-nodes": NODES,
