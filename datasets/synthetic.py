@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.video_io import write_video
-
 logger = logging.getLogger(__name__)
 
 # Bump when rendering or layout changes, so cached datasets of older versions are not reused.
@@ -289,6 +287,9 @@ def _test_groups(fold: int) -> range:
 
 def _write_dataset(root: Path, spec: SyntheticSpec) -> int:
     """Write videos, UCF-101 split lists and the spec file under ``root``; returns the video count."""
+    # PyAV only here: the run config (which reads SyntheticSpec) and `--help` need no video library.
+    from datasets.video_io import write_video
+
     started = time.perf_counter()
     entries = []  # (relative path, 1-based label, group)
     for label, name in enumerate(spec.classes, start=1):
@@ -397,13 +398,34 @@ def main(argv: list[str] | None = None) -> int:
     defaults = SyntheticSpec()
     parser = argparse.ArgumentParser(prog="fedvideo synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="dataset folder to create (absent or empty)")
-    parser.add_argument("--classes", type=int, default=defaults.num_classes, choices=(2, 4, 6, 8))
-    parser.add_argument("--videos-per-class", type=int, default=defaults.videos_per_class)
-    parser.add_argument("--frames", type=int, default=defaults.num_frames)
+    parser.add_argument(
+        "--classes",
+        type=int,
+        default=defaults.num_classes,
+        choices=(2, 4, 6, 8),
+        help=f"motion classes, in time-reversed pairs (default {defaults.num_classes})",
+    )
+    parser.add_argument(
+        "--videos-per-class",
+        type=int,
+        default=defaults.videos_per_class,
+        help=f"videos of each class, spread over 25 groups g01..g25 (default {defaults.videos_per_class})",
+    )
+    parser.add_argument(
+        "--frames", type=int, default=defaults.num_frames, help=f"frames per video (default {defaults.num_frames})"
+    )
     parser.add_argument("--size", type=int, default=defaults.size, help="frame side in pixels")
-    parser.add_argument("--fps", type=int, default=defaults.fps)
-    parser.add_argument("--preset", default=defaults.preset, choices=PRESETS)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--fps", type=int, default=defaults.fps, help=f"frame rate stored (default {defaults.fps})")
+    parser.add_argument(
+        "--preset",
+        default=defaults.preset,
+        choices=PRESETS,
+        help="easy: larger, faster objects, low noise; hard: distractors, random polarity, more noise "
+        f"(default {defaults.preset})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help=f"same seed, same videos (default {defaults.seed})"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

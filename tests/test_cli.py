@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,62 @@ def test_every_subcommand_answers_help_under_its_own_name(name: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: fedvideo {name} "), proc.stdout[:200]
     assert "python -m" not in proc.stdout  # the module's docstring shows the command, not the module
+
+
+# What makes `--help` slow: seconds to import on a busy machine (torch alone ~2-5 s here). The check is
+# on what gets imported, not on a time, so it holds on any machine and load.
+HEAVY_MODULES = ("torch", "torchvision", "flwr", "av", "ray", "matplotlib")
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_help_loads_no_heavy_library(name: str) -> None:
+    probe = (
+        "import sys\n"
+        "from fedapp.cli import main\n"
+        "try:\n"
+        f"    main([{name!r}, '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "[]", f"fedvideo {name} --help imports {proc.stderr}"
+
+
+def parsers_of(name: str, monkeypatch: pytest.MonkeyPatch) -> list[argparse.ArgumentParser]:
+    """The argparse parser a subcommand builds (and its sub-parsers), caught at its parse_args call."""
+    caught: list[argparse.ArgumentParser] = []
+
+    def catch(parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        caught.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    with pytest.raises(SystemExit):
+        importlib.import_module(cli.COMMANDS[name].module).main([])
+    found, todo = [], list(caught)
+    while todo:
+        parser = todo.pop()
+        found.append(parser)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    return found
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_option_and_argument_has_help_text(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = []
+    for parser in parsers_of(name, monkeypatch):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                # each sub-command's line in the listing
+                missing += [f"{parser.prog} {c.dest}" for c in action._choices_actions if not (c.help or "").strip()]
+            elif action.help != argparse.SUPPRESS and not (action.help or "").strip():
+                missing.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
 
 
 def test_synthetic_writes_a_dataset(tmp_path: Path) -> None:

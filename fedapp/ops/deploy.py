@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from fedapp.config.keys import ConfigError
 from fedapp.files import atomic_write_json
 from fedapp.ops import certs
 from fedapp.ops.flwr_run import config_text, run_and_judge
@@ -52,7 +53,6 @@ from fedapp.ops.proxy import NGINX_MISSING, connect_host, nginx_binary, start_pr
 from fedapp.ops.start_checks import check_run_config, run_location
 from fedapp.ops.superlink import PROJECT_DIR, TlsFiles, flwr_env, start_superlink, write_connection
 from fedapp.ops.verdict import Outcome
-from fedapp.task.config import ConfigError
 
 CONNECTION = "fedvideo-deploy"
 STATE_FILE = "state.json"
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     for name, text in (("start-node", "(re)start SuperNode K"), ("stop-node", "stop SuperNode K")):
         node = sub.add_parser(name, help=text)
-        node.add_argument("k", type=int)
+        node.add_argument("k", type=int, metavar="K", help="the SuperNode's number (0 .. nodes-1)")
         if name == "stop-node":
             node.add_argument("--kill", action="store_true", help="SIGKILL at once, like a crashed machine")
     sub.add_parser("status", help="which recorded processes are running")

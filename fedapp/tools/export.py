@@ -35,19 +35,17 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from datasets.layouts import list_videos
-from datasets.synthetic import SyntheticSpec, generate_dataset
-from datasets.video_io import VideoDecodeError, clip_span
 from fedapp.files import atomic_write_bytes, atomic_write_json
-from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
-from fedapp.task.config import AppConfig, ConfigError, parse_resize
-from fedapp.task.models import ModelError
-from fedapp.tools.inference import video_clips
+
+# torch, PyAV and the checkpoint code are imported in the functions that use them, so that
+# `fedvideo export --help` answers without loading them (seconds on a busy machine).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedapp.task.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +74,8 @@ def _quiet_deprecations() -> Iterator[None]:
 
 @contextmanager
 def _torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -87,6 +87,11 @@ def _torch_threads(threads: int) -> Iterator[None]:
 def synthetic_sample_clips(cfg: AppConfig, count: int) -> torch.Tensor:
     """``count`` clips cut from freshly rendered synthetic videos (all eight motions, in turn),
     written to a temporary folder and read back through the evaluation pipeline."""
+    from datasets.layouts import list_videos
+    from datasets.synthetic import SyntheticSpec, generate_dataset
+    from datasets.video_io import clip_span
+    from fedapp.config.data import parse_resize
+
     resize = parse_resize(cfg.resize, "resize")
     sides = (resize,) if isinstance(resize, int) else resize  # square synthetic frames: the larger side
     spec = SyntheticSpec(
@@ -107,6 +112,11 @@ def synthetic_sample_clips(cfg: AppConfig, count: int) -> torch.Tensor:
 def sample_clips_from_videos(cfg: AppConfig, videos: Sequence[str | Path], count: int) -> torch.Tensor:
     """Up to ``count`` evaluation clips of the given videos (all clips of each, in order);
     unreadable videos are skipped. Raises ExportError when none can be read."""
+    import torch
+
+    from datasets.video_io import VideoDecodeError
+    from fedapp.tools.inference import video_clips
+
     clips: list[torch.Tensor] = []
     for video in videos:
         if len(clips) >= count:
@@ -121,6 +131,8 @@ def sample_clips_from_videos(cfg: AppConfig, videos: Sequence[str | Path], count
 
 
 def _serialize(module: torch.jit.ScriptModule) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     torch.jit.save(module, buffer)
     return buffer.getvalue()
@@ -138,6 +150,8 @@ def _median_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], example: torc
 
 
 def _linear_layers(model: nn.Module) -> list[str]:
+    from torch import nn
+
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
@@ -145,6 +159,9 @@ def _trace_and_write(
     model: nn.Module, classes: Sequence[str], out_dir: Path, example: torch.Tensor
 ) -> tuple[bytes, bytes]:
     """Trace the float and dynamic-int8 model on ``example``; write both and ``classes.json``."""
+    import torch
+    from torch import nn
+
     float_bytes = _serialize(torch.jit.trace(model, example, check_trace=False))
     quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
     int8_bytes = _serialize(torch.jit.trace(quantized, example, check_trace=False))
@@ -188,6 +205,8 @@ def export_model(
     returns the report also written to ``export.json``. ``report["agreement"]["float"]["ok"]`` is
     False when TorchScript float differs from eager by more than :data:`FLOAT_TOLERANCE`.
     """
+    import torch
+
     out_dir = Path(out_dir)
     if sample_clips.dim() != 5 or len(sample_clips) == 0:
         raise ExportError(f"sample clips must be N×C×T×H×W with N >= 1, got {tuple(sample_clips.shape)}")
@@ -253,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < 1 or args.latency_runs < 1:
         parser.error("--samples and --latency-runs must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
+    from fedapp.task.config import ConfigError
+    from fedapp.task.models import ModelError
 
     try:
         model, classes, cfg = model_from_checkpoint(args.checkpoint)

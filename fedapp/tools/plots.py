@@ -308,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="fedvideo plot",
         description="Re-plot one run's figures, or compare the central metric of several runs.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument(
+        "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's results folder (several: compared)"
+    )
     parser.add_argument(
         "--out",
         type=Path,

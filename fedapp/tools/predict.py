@@ -15,15 +15,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+# torch, PyAV and the checkpoint code are imported where they are used, so that
+# `fedvideo predict --help` answers without loading them (seconds on a busy machine).
+if TYPE_CHECKING:
+    from torch import nn
 
-from datasets.video_io import VideoDecodeError
-from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
-from fedapp.task.config import AppConfig, ConfigError
-from fedapp.task.models import ModelError
-from fedapp.tools.inference import predict_video
+    from fedapp.task.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +39,9 @@ def predict_many(
     model: nn.Module, cfg: AppConfig, classes: list[str], videos: list[str], top_k: int
 ) -> list[dict[str, Any]]:
     """A prediction or an ``{"video", "error"}`` entry per video, in the given order."""
+    from datasets.video_io import VideoDecodeError
+    from fedapp.tools.inference import predict_video
+
     entries = []
     for video in videos:
         try:
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
+    from fedapp.task.config import ConfigError
+    from fedapp.task.models import ModelError
 
     try:
         model, classes, cfg = model_from_checkpoint(args.checkpoint)

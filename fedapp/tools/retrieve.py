@@ -20,25 +20,19 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from datasets.layouts import VIDEO_EXTENSIONS, list_videos
-from datasets.video_io import VideoDecodeError
 from fedapp.files import atomic_write_bytes, atomic_write_json
-from fedapp.server.checkpoint import (
-    CHECKPOINTS_DIR,
-    MANIFEST,
-    CheckpointError,
-    best_checkpoint,
-    latest_checkpoint,
-    model_from_checkpoint,
-)
-from fedapp.task.config import AppConfig, ConfigError
-from fedapp.task.models import ModelError
-from fedapp.tools.inference import embed_video
+
+# torch, PyAV and the checkpoint code are imported where they are used, so that
+# `fedvideo retrieve --help` answers without loading them (seconds on a busy machine).
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedapp.task.config import AppConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +58,8 @@ class Index:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder that :func:`model_from_checkpoint` loads for ``path``."""
+    from fedapp.server.checkpoint import CHECKPOINTS_DIR, best_checkpoint, latest_checkpoint
+
     path = Path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
         return best_checkpoint(path) or latest_checkpoint(path)
@@ -72,6 +68,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_hash(checkpoint_dir: str | Path) -> str:
     """The weights SHA-256 recorded in a checkpoint's manifest (loading verifies it against the file)."""
+    from fedapp.server.checkpoint import MANIFEST, CheckpointError
+
     manifest_path = Path(checkpoint_dir) / MANIFEST
     try:
         return str(json.loads(manifest_path.read_text())["weights-sha256"])
@@ -121,6 +119,9 @@ def build_index(
     Unreadable videos are skipped and listed in ``failed``. Raises RetrievalError when no video
     could be embedded.
     """
+    from datasets.video_io import VideoDecodeError
+    from fedapp.tools.inference import embed_video
+
     folder, index_dir = Path(folder).resolve(), Path(index_dir)
     fingerprint = folder_fingerprint(folder, cfg, checkpoint_hash)
     relative, rows, failed = [], [], []
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.videos.is_dir():
         parser.error(f"--videos {args.videos} is not a folder")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from datasets.video_io import VideoDecodeError
+    from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
+    from fedapp.task.config import ConfigError
+    from fedapp.task.models import ModelError
+    from fedapp.tools.inference import embed_video
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)

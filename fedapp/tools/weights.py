@@ -31,7 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedvideo weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model", nargs="?", choices=[m for m, names in PRETRAINED.items() if names])
+    parser.add_argument(
+        "model",
+        nargs="?",
+        choices=[m for m, names in PRETRAINED.items() if names],
+        help="a model with torchvision weights (none: list every model's weights)",
+    )
     parser.add_argument("name", nargs="?", help="torchvision's enum name, e.g. KINETICS400_V1")
     parser.add_argument("--download", action="store_true", help="fetch the file if it is not cached")
     args = parser.parse_args(argv)
