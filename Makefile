@@ -10,7 +10,7 @@ ARGS ?=
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
-.PHONY: setup nginx lint run test test-fast clean
+.PHONY: setup nginx lint run test test-fast docs clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: setup nginx lint
 # The edit-test loop: no real launch (SuperLink, Ray, SuperNodes); 2.9 min here.
 test-fast: setup lint
 	$(PYTEST) -m "not e2e"
+
+# The documentation site (mkdocs.yml, pages in docs/) at http://127.0.0.1:8000, rebuilt on every save;
+# nothing is fetched (no web fonts). NO_MKDOCS_2_WARNING silences Material's notice about MkDocs 2.0.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 # ruff (configured in pyproject.toml): lint and format are checked before the tests run.
 lint: setup
