@@ -46,7 +46,8 @@ def server_step(
         if momentum > 0:
             if velocity is not None and key in velocity:
                 delta = momentum * np.asarray(velocity[key], np.float64) + delta
-            new_velocity[key] = delta
+            # Kept in the parameter's dtype: a float64 state would double every checkpoint's size.
+            new_velocity[key] = delta.astype(agg.dtype)
         new[key] = (np.asarray(current[key], np.float64) + lr * delta).astype(agg.dtype)
     return new, (new_velocity if momentum > 0 else None)
 
@@ -70,7 +71,7 @@ def adaptive_step(
     at 0, as Flower's. The same numbers as Flower's strategies on learnable tensors; BatchNorm
     buffers (running statistics, counters) take the aggregate's value, as in :func:`server_step`,
     where Flower would step them too. ``moments`` is the previous ``{"m": ..., "v": ...}`` (None in
-    round one); returns the new model and moments.
+    round one); returns the new model and moments, the moments in each parameter's dtype.
     """
     if optimizer not in ADAPTIVE:
         raise ValueError(f"unknown adaptive server optimizer {optimizer!r}: choose one of {', '.join(ADAPTIVE)}")
@@ -99,6 +100,9 @@ def adaptive_step(
             v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
         else:
             v = v + delta**2
-        m_new[key], v_new[key] = np.broadcast_to(m, x.shape).copy(), np.broadcast_to(v, x.shape).copy()
+        # Computed in float64, kept in the parameter's dtype (as Flower's strategies keep them): float64
+        # moments made an Adam checkpoint 5x the model's size instead of 3x.
+        m_new[key] = np.broadcast_to(m, x.shape).astype(agg.dtype)
+        v_new[key] = np.broadcast_to(v, x.shape).astype(agg.dtype)
         new[key] = (x + eta * m / (np.sqrt(v) + tau)).astype(agg.dtype)
     return new, {"m": m_new, "v": v_new}

@@ -7,7 +7,8 @@ is 2 rounds (so server-optimizer state, SCAFFOLD's control variate and momentum 
 step) on the small synthetic task with one torch thread (deterministic). The record keeps
 everything a round writes except times and memory; the final model is compared by the SHA-256 of
 every tensor's bytes, by name. Rewrite the file only for a change that is meant to alter results,
-and say so in the commit.
+and say so in the commit. Re-recorded since: fedavgm, fedadam, fedyogi and fedadagrad, when the
+server optimizer's state went from float64 to the parameters' dtype (float32).
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def test_round_records_are_bit_identical_to_before_stages(name, cache_dir, tmp_p
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
+    # `--write` re-records every configuration; `--write NAME ...` only those named, the rest kept.
     import tempfile
 
+    names = [arg for arg in sys.argv[1:] if arg != "--write"] or list(CONFIGS)
+    out = json.loads(RECORDS.read_text()) if RECORDS.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        out = {name: record_of(name, f"{tmp}/cache", Path(tmp) / name) for name in CONFIGS}
+        out.update({name: record_of(name, f"{tmp}/cache", Path(tmp) / name) for name in names})
     RECORDS.parent.mkdir(exist_ok=True)
     RECORDS.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(out)} records to {RECORDS}")
+    print(f"wrote {len(names)} records to {RECORDS}")

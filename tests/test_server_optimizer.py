@@ -43,6 +43,7 @@ def test_momentum_accumulates_like_flower_fedavgm():
     new2, v2 = server_step(new1, {"w": new1["w"] + 1, "n": aggregate["n"]}, v1, lr=1.0, momentum=0.9)
     np.testing.assert_allclose(v2["w"], 1.9)
     np.testing.assert_allclose(new2["w"], 2.9)
+    assert v2["w"].dtype == current["w"].dtype == np.float32  # state in the parameter's dtype
 
 
 def test_batchnorm_running_statistics_take_the_aggregate_not_a_momentum_step():
@@ -125,6 +126,7 @@ def test_adaptive_steps_leave_batchnorm_buffers_to_the_aggregate():
         np.testing.assert_array_equal(new["bn.running_var"], aggregate["bn.running_var"])
         assert new["bn.num_batches_tracked"] == 6 and new["bn.num_batches_tracked"].dtype == np.int64
         assert set(moments["m"]) == {"w"} and new["w"].dtype == np.float32
+        assert moments["m"]["w"].dtype == moments["v"]["w"].dtype == np.float32  # the parameter's dtype
         assert np.all(new["w"] > 0)  # a step towards the aggregate
 
 
