@@ -14,7 +14,12 @@ from strategies.records import numpy_to_arrays
 # Client metrics that are counts: summed over clients instead of averaged.
 SUMMED_METRICS = frozenset({"num-examples", "skipped-videos", "failed-clips"})
 # Client metrics that identify a client: meaningless when averaged, kept per client only.
-IDENTITY_METRICS = frozenset({"partition-id", "attacker"})  # "attacker": the test tool's mark
+# Where a site stands in the federation: how many sites split the dataset, and whether it holds data
+# of its own (node config data-dir); the server writes split.csv's site column from them.
+NUM_PARTITIONS, OWN_DATA = "num-partitions", "own-data"
+IDENTITY_METRICS = frozenset({"partition-id", NUM_PARTITIONS, OWN_DATA, "attacker"})  # "attacker": test tool
+# An evaluate reply of a site that holds no test video (num-examples 0): recorded as not evaluated.
+NO_TEST_VIDEOS = "no-test-videos"
 
 
 @dataclass
@@ -34,7 +39,8 @@ class RoundReport:
     """What one train or evaluate phase of a round did, as the strategy returns it.
 
     ``accepted`` / ``rejected`` (malformed replies, with the reason) / ``failed`` (clients that
-    raised or vanished) sort every reply; ``arrays`` is the new global model (train phase; None
+    raised or vanished) / ``not_evaluated`` (evaluate replies of sites without a test video) sort
+    every reply; ``arrays`` is the new global model (train phase; None
     when the global model was kept, ``skipped`` says why); ``metrics`` the aggregated client
     metrics; ``fusion`` what the aggregation rule decided (weights, Krum's picks, distillation);
     ``privacy`` the DP step's clipping, noise and budget (None without DP).
@@ -44,6 +50,7 @@ class RoundReport:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     skipped: str = ""
+    not_evaluated: list[dict[str, Any]] = field(default_factory=list)  # sites without a test video
     arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
     metrics: dict[str, float] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +68,8 @@ class RoundReport:
             "rejected": self.rejected,
             "failed": self.failed,
             "skipped": self.skipped,
+            # only when it happened: a key of its own would change every earlier round record
+            **({"not-evaluated": self.not_evaluated} if self.not_evaluated else {}),
         }
 
     def flower_result(self) -> tuple[ArrayRecord | None, MetricRecord | None]:

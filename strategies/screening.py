@@ -17,12 +17,24 @@ from flwr.app import ArrayRecord, Message
 
 from strategies.compression import decompress, payload_bytes
 from strategies.records import arrays_to_numpy
-from strategies.replies import ClientReply, RoundReport, is_scalar
+from strategies.replies import NO_TEST_VIDEOS, ClientReply, RoundReport, is_scalar
 from strategies.scaffold import CONTROL_DELTA
 from strategies.validation import check_tensors, check_update, is_unchanged, reference_spec
 
 logger = logging.getLogger(__name__)
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def without_test_videos(msg: Message) -> int | None:
+    """The partition id of an evaluate reply that says its site holds no test video (num-examples
+    0 and the no-test-videos mark; -1 when it names none), else None."""
+    if msg.has_error() or len(msg.content.metric_records) != 1:
+        return None
+    metrics = dict(next(iter(msg.content.metric_records.values())))
+    if metrics.get(NO_TEST_VIDEOS) != 1 or metrics.get("num-examples") != 0:
+        return None
+    site = metrics.get("partition-id", -1)
+    return int(site) if is_scalar(site) else -1
 
 
 class ReplyScreen:
@@ -75,6 +87,10 @@ class ReplyScreen:
                 reason = f"error code {msg.error.code}: {msg.error.reason}"
                 report.failed.append({"node-id": node_id, "reason": reason[-2000:]})
                 logger.warning("round %d %s: node %d failed: %s", server_round, phase, node_id, reason[-500:])
+                continue
+            if not with_arrays and (site := without_test_videos(msg)) is not None:
+                report.not_evaluated.append({"node-id": node_id, "partition-id": site})
+                logger.info("round %d evaluate: node %d (partition %s) has no test video", server_round, node_id, site)
                 continue
             reply, reason = self.parse(msg, with_arrays)
             if reply is None:

@@ -161,8 +161,9 @@ def test_client_without_usable_video_fails_clearly(cfg, initial):
     client = VideoClient(cfg, index.classes, [], [], skipped=[("a.avi", "empty file")], partition_id=4)
     with pytest.raises(NoUsableVideoError, match="partition 4: no usable training video"):
         client.fit(initial, {})
-    with pytest.raises(NoUsableVideoError, match="no usable test video"):
-        client.evaluate(initial, {})
+    # No test video is not a failure: the site skips its local evaluation (the server records it).
+    loss, n, metrics = client.evaluate(initial, {})
+    assert n == 0 and metrics["no-test-videos"] == 1 and metrics["partition-id"] == 4
 
 
 @pytest.mark.parametrize(

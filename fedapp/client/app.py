@@ -87,6 +87,8 @@ def make_client(
         local_state=local_state,
         node_weight=node_weight(node_config),
         run_id=run_id,
+        num_partitions=num_partitions,
+        own_data=data_dir is not None,
     )
 
 

@@ -24,9 +24,11 @@ from fedapp.task.train import (
     state_arrays,
     train_epochs,
 )
+from strategies.replies import NO_TEST_VIDEOS, NUM_PARTITIONS, OWN_DATA
 from strategies.scaffold import CONTROL, CONTROL_DELTA, client_control
 
 logger = logging.getLogger(__name__)
+_NO_TEST_WARNED: set[tuple] = set()  # (kind, "run", run id, partition): warned once per run in a process
 
 
 class NoUsableVideoError(RuntimeError):
@@ -64,6 +66,8 @@ class VideoClient(NamedNumPyClient):
         local_state: MutableMapping[str, np.ndarray] | None = None,
         node_weight: float | None = None,
         run_id: int | None = None,
+        num_partitions: int = 1,
+        own_data: bool = False,
     ) -> None:
         self.cfg = cfg
         self.classes = list(classes)
@@ -71,6 +75,9 @@ class VideoClient(NamedNumPyClient):
         self.test_samples = list(test_samples)
         self.skipped = list(skipped)
         self.partition_id = partition_id
+        # Where this site stands in the federation, reported so the server can write every file's
+        # site into split.csv when all sites partition its dataset (not when one holds its own data).
+        self.num_partitions, self.own_data = num_partitions, own_data
         self.local_state = local_state if local_state is not None else {}
         self.node_weight = node_weight
         self.warn_scope = ("run", run_id, partition_id)
@@ -157,6 +164,8 @@ class VideoClient(NamedNumPyClient):
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
         metrics: dict[str, Any] = {
             "partition-id": self.partition_id,
+            NUM_PARTITIONS: self.num_partitions,
+            OWN_DATA: int(self.own_data),
             "skipped-videos": len(self.skipped),
             "class-counts": counts.tolist(),
         }
@@ -205,7 +214,12 @@ class VideoClient(NamedNumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict[str, Any]]:
         if not self.test_samples:
-            raise NoUsableVideoError(f"partition {self.partition_id}: no usable test video")
+            # Not a failure: a site may hold no test video (few test videos, many sites). One line
+            # per run, and a reply the server records as not evaluated instead of a traceback.
+            if ("no-test", *self.warn_scope) not in _NO_TEST_WARNED:
+                _NO_TEST_WARNED.add(("no-test", *self.warn_scope))
+                logger.warning("partition %d has no test video: local evaluation skipped", self.partition_id)
+            return 0.0, 0, {**self._data_metrics([]), NO_TEST_VIDEOS: 1}
         model = self._model(parameters)
         scores = evaluate_model(
             model,

@@ -38,6 +38,7 @@ from fedapp.server.rounds import (
     train_round,
 )
 from fedapp.server.run_folder import locate_run
+from fedapp.server.split import record_sites, warn_classes_without_test, write_split
 from fedapp.server.stopping import BUDGET
 from fedapp.server.summary import history_figures, summary_lines
 from fedapp.task.config import AppConfig, parse_config
@@ -129,6 +130,9 @@ def run_federation(
     strategy = build_strategy(cfg, distiller, extra_transforms)
     state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
+    state.dataset = index
+    write_split(results.dir, index)  # the site column follows once the clients have reported
+    warn_classes_without_test(index)
 
     tensorboard = TensorBoardLog(results.dir / "tensorboard") if cfg.tensorboard else None
     stop = None
@@ -209,6 +213,8 @@ def run_round(
     else:
         state.arrays = train.arrays
     record_partitions(results, state, train, server_round)
+    if not state.sites_recorded and state.dataset is not None:
+        state.sites_recorded = record_sites(results.dir, cfg, state.dataset, [c.metrics for c in train.accepted])
     evaluate = None
     if cfg.fraction_evaluate > 0:
         evaluate, evaluate_bytes, evaluate_waited = evaluate_round(

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from datasets.layouts import VideoIndex
 from datasets.partition import format_partition_summary
 from fedapp.server.checkpoint import best_checkpoint, mark_best, prune_checkpoints, save_checkpoint
 from fedapp.server.report import TensorBoardLog
@@ -44,6 +45,8 @@ class RunState:
     rounds_without_update: int = 0
     train: RoundReport | None = None  # the latest train phase, for the final verdict
     known_partitions: dict[int, list[int]] = field(default_factory=dict)
+    dataset: VideoIndex | None = None  # the server's index, for split.csv's site column
+    sites_recorded: bool = False  # split.csv has its site column (or the sites hold their own data)
 
 
 # Pull requests while replies are outstanding: the first poll comes soon, so a fast round is not

@@ -119,7 +119,7 @@ def node_partition(
         return list(index.train), list(index.test)
     if not index.train:  # nothing to split: the client reports it has no training video
         return [], []
-    train_parts, test_parts = _federation_partition(cfg, index, num_partitions)
+    train_parts, test_parts = federation_partition(cfg, index, num_partitions)
     return [index.train[i] for i in train_parts[partition_id]], [index.test[i] for i in test_parts[partition_id]]
 
 
@@ -142,7 +142,7 @@ def partition_key(cfg: AppConfig, index: VideoIndex, num_partitions: int) -> tup
     )
 
 
-def _federation_partition(
+def federation_partition(
     cfg: AppConfig, index: VideoIndex, num_partitions: int
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Every site's train and test indices under ``cfg``'s partitioning, cached per process."""
