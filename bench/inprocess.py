@@ -14,7 +14,6 @@ benchmarks with many runs, and tests of every strategy, cannot afford.
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,7 @@ class InProcessGrid:
             try:
                 reply = (self.app or client_app)(received, context)
             except Exception as exc:  # a client that raises fails only its own reply, as in Flower
-                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                reason = str(type(exc)) + ":<'" + str(exc) + "'>"  # Flower's own format (flower-supernode)
                 reply = Message(Error(code=2, reason=reason), reply_to=received)
             replies.append(over_the_wire(reply) if self.wire else reply)
         return replies

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,34 @@ from strategies.validation import check_tensors, check_update, is_unchanged, ref
 
 logger = logging.getLogger(__name__)
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Flower's error text: "<class 'pkg.SomeError'>:<'message'>" (the SuperNode's, and the simulation's
+# around a Ray traceback whose last exception line is the client's own).
+FLOWER_REASON = re.compile(r"^<class '([\w.]+)'>:<'(.*)'>$", re.DOTALL)
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)\w*)(?::\s*(.*))?$")
+WRAPPERS = ("ClientAppException", "RayTaskError", "RayActorError")
+REASON_CHARS = 300
+
+
+def readable_reason(code: int, text: str) -> str:
+    """A failed reply's reason as one readable line: ``error code 2: NoUsableVideoError: partition
+    3: no usable training video``: colour codes removed, the innermost exception of a traceback
+    kept, cut to 300 characters."""
+    text = ANSI_ESCAPE.sub("", text or "").strip()
+    match = FLOWER_REASON.match(text)
+    name, message = (match.group(1), match.group(2).strip()) if match else ("", text)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    found = [m for line in lines if (m := EXCEPTION_LINE.match(line)) and not m.group(1).endswith(WRAPPERS)]
+    if found:  # a traceback: its last exception line is what the client raised
+        name, message = found[-1].group(1), (found[-1].group(2) or "").strip()
+    elif lines:
+        message = lines[-1] if name.endswith(WRAPPERS) or len(lines) > 1 else lines[0]
+    name = name.rsplit(".", 1)[-1]
+    line = f"{name}: {message}" if name and message else name or message
+    line = f"error code {code}: {line}" if line else f"error code {code}"
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
 
 
 def without_test_videos(msg: Message) -> int | None:
@@ -84,9 +113,12 @@ class ReplyScreen:
                 gc.collect(1)
             node_id = self.origin(msg)
             if msg.has_error():
-                reason = f"error code {msg.error.code}: {msg.error.reason}"
-                report.failed.append({"node-id": node_id, "reason": reason[-2000:]})
-                logger.warning("round %d %s: node %d failed: %s", server_round, phase, node_id, reason[-500:])
+                reason = readable_reason(msg.error.code, msg.error.reason)
+                report.failed.append({"node-id": node_id, "reason": reason})
+                logger.warning("round %d %s: node %d failed: %s", server_round, phase, node_id, reason)
+                # The whole text (a Ray traceback in simulation) for whoever debugs; the SuperLink's
+                # or the SuperNode's own log holds the traceback too.
+                logger.debug("node %d's error, in full: %s", node_id, msg.error.reason)
                 continue
             if not with_arrays and (site := without_test_videos(msg)) is not None:
                 report.not_evaluated.append({"node-id": node_id, "partition-id": site})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedapp.ops.console import ConsoleFilter
+from fedapp.ops.console import ConsoleFilter, wants_colour, without_colour
 from fedapp.ops.flwr_run import stream_run
 from fedapp.server.rounds import round_line
 from fedapp.server.summary import summary_lines
@@ -39,6 +39,7 @@ STREAM: list[tuple[str, bool]] = [
     ("/work/main/fedapp/task/models.py:12: FutureWarning: our own code's warning", False),  # not Ray's or Flower's
     ("  warnings.warn(", False),
     (f"{INFO}round 1/1 · fedavg · train loss 2.091 acc 0.125 · 3 clients (0 rejected, 0 failed) · 6.9 s", False),
+    (f"{ACTOR}{WARNING}Manually terminating ClientAppActor", True),
     (f"{INFO}", True),
 ]
 
@@ -56,10 +57,46 @@ def test_stream_run_filters_the_console_and_keeps_every_line_in_its_log(tmp_path
     cmd = [sys.executable, "-c", f"import sys; sys.stdout.write(open({str(source)!r}).read())"]
     run_id = stream_run(cmd, {"PATH": "/usr/bin:/bin"}, log, timeout=60)
     assert run_id == 44601485691195623
-    assert log.read_text() == source.read_text()  # the log keeps everything
-    out = capsys.readouterr().out
-    assert out == "".join(line + "\n" for line, noise in STREAM if not noise)
+    # The log keeps every line, without colour codes (a file is never a terminal).
+    assert log.read_text() == "".join(without_colour(line) + "\n" for line, _ in STREAM)
+    assert "\x1b" not in log.read_text()
+    out = capsys.readouterr().out  # not a terminal: no colour codes either
+    assert out == "".join(without_colour(line) + "\n" for line, noise in STREAM if not noise)
     assert "SuperNodes changed" not in out and "FutureWarning: Tip" not in out and "warnings.warn(" in out
+
+
+def test_colour_codes_reach_a_terminal_only(monkeypatch):
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert wants_colour(Terminal()) and not wants_colour(open(__file__))  # noqa: SIM115
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not wants_colour(Terminal())
+    line = f"{INFO}[ROUND 1/3]\n"
+    assert ConsoleFilter(colour=True).render(line) == line
+    assert ConsoleFilter(colour=False).render(line) == "INFO :      [ROUND 1/3]\n"
+
+
+def test_a_clients_steps_are_debug_lines_not_console_lines(caplog):
+    """The console's progress is the server's one line per round; per-step losses are debug."""
+    import logging
+
+    import torch
+
+    from fedapp.task.train import train_epochs
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    class Batches(list):  # what train_epochs reads of a DataLoader: its batches and its dataset
+        dataset = None
+
+    batches = Batches((torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 0, 1]), None, []) for _ in range(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.DEBUG, logger="fedapp.task.train"):
+        train_epochs(model, batches, optimizer, 1, torch.device("cpu"), log_prefix="[partition 0 round 1] ")
+    steps = [r for r in caplog.records if "step 3/3 loss" in r.getMessage()]
+    assert steps and all(r.levelno == logging.DEBUG for r in steps)
 
 
 def record(**fields) -> dict:

@@ -8,6 +8,7 @@ from strategies.aggregators.feddf import FedDF
 from strategies.aggregators.krum import Krum
 from strategies.aggregators.median import Median
 from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.screening import readable_reason
 from strategies.server_steps.sgd import SGD
 from strategies.strategy import VideoStrategy, aggregate_metrics
 from strategies.validation import reference_spec
@@ -346,3 +347,49 @@ def test_a_reply_that_is_the_global_model_is_rejected_as_a_free_rider():
     assert [c.node_id for c in report.accepted] == [1, 2, 4]
     expected = fedavg([(honest[0], 10), (honest[1], 30), (one_changed, 10)])
     np.testing.assert_allclose(report.arrays["conv.weight"], expected["conv.weight"], rtol=1e-6)
+
+
+# What the simulation engine stores for a ClientApp that raised (Flower 1.42 + Ray, as captured):
+# Flower's "<class ...>:<'...'>" around Ray's colour-coded traceback of the client's own exception.
+RAY_REASON = (
+    "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: "
+    "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=4181, ip=10.0.0.4, actor_id=9f2e)\n"
+    '  File "/venv/flwr/simulation/ray_transport/ray_actor.py", line 60, in run\n'
+    "    out_message = app(message=message, context=context)\n"
+    '  File "/app/fedapp/client/video_client.py", line 172, in fit\n'
+    "    raise NoUsableVideoError(\n"
+    "\x1b[31mfedapp.client.video_client.NoUsableVideoError\x1b[0m: partition 3: no usable training video "
+    "(2 skipped as unreadable)'>"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        (
+            2,
+            RAY_REASON,
+            "error code 2: NoUsableVideoError: partition 3: no usable training video (2 skipped as unreadable)",
+        ),
+        (
+            2,
+            "<class 'fedapp.client.video_client.NoUsableVideoError'>:<'partition 1: every training clip failed'>",
+            "error code 2: NoUsableVideoError: partition 1: every training clip failed",
+        ),
+        (
+            5,
+            "Error: Message Unavailable - The requested message could not be found.",
+            "error code 5: Error: Message Unavailable - The requested message could not be found.",
+        ),  # fmt: skip
+        (0, "", "error code 0"),
+    ],
+)
+def test_a_failed_clients_reason_is_stored_as_one_readable_line(code, text, expected):
+    reason = readable_reason(code, text)
+    assert reason == expected
+    assert "\n" not in reason and "\x1b" not in reason
+
+
+def test_a_long_reason_is_cut_to_one_short_line():
+    reason = readable_reason(2, "<class 'ValueError'>:<'" + "x" * 5000 + "'>")
+    assert len(reason) == 300 and reason.startswith("error code 2: ValueError: xxx") and reason.endswith("...")

@@ -1,11 +1,15 @@
 """Which lines of ``flwr run --stream`` the console shows: Flower's and the libraries' noise is left out.
 
-The log file keeps every line; only the echo to the console is filtered.
+The log file keeps every line; only the echo to the console is filtered. Colour codes (Flower's
+log levels, Ray's actor names) reach the console only when it is a terminal; never the log file.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from typing import TextIO
 
 from fedapp.ops.verdict import ANSI_CODE
 
@@ -20,6 +24,8 @@ CONSOLE_NOISE: tuple[re.Pattern[str], ...] = (
     re.compile(r"^INFO\s*:\s*flwr federation simulation-config "),
     # An empty Flower log line (the stream ends with one).
     re.compile(r"^(INFO|WARNING)\s*:\s*$"),
+    # Flower's warning as Ray's actors are shut down at the end of every simulation, failed or not.
+    re.compile(r"^(\(\w+ pid=\d+\)\s*)?WARNING\s*:\s*Manually terminating ClientAppActor\s*$"),
 )
 # A Python warning raised inside Ray or Flower (Ray's FutureWarning about accelerator variables on
 # every run): about the libraries' own future defaults, nothing a user of this app can act on. A
@@ -31,11 +37,26 @@ LIBRARY_WARNING = re.compile(
 WARNING_CONTINUATION = re.compile(r"^(\(\w+ pid=\d+\)\s*)?  \S")
 
 
-class ConsoleFilter:
-    """Decides, line by line, which lines of the stream the console shows (see CONSOLE_NOISE)."""
+def wants_colour(stream: TextIO = sys.stdout) -> bool:
+    """Colours for a terminal only, and not where NO_COLOR is set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
-    def __init__(self) -> None:
+
+def without_colour(line: str) -> str:
+    return ANSI_CODE.sub("", line)
+
+
+class ConsoleFilter:
+    """Decides, line by line, which lines of the stream the console shows (see CONSOLE_NOISE), and
+    how: with their colour codes only when ``colour`` (a terminal)."""
+
+    def __init__(self, colour: bool = False) -> None:
+        self.colour = colour
         self._in_warning = False  # the last line shown or not was a filtered library warning
+
+    def render(self, line: str) -> str:
+        """The line as the console prints it."""
+        return line if self.colour else without_colour(line)
 
     def shows(self, line: str) -> bool:
         """Whether the console shows ``line`` (a filtered warning's source line is left out too)."""

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedapp.ops.console import ConsoleFilter
+from fedapp.ops.console import ConsoleFilter, wants_colour, without_colour
 from fedapp.ops.processes import stop_process_group
 from fedapp.ops.start_checks import absolute_resume, config_overrides
 from fedapp.ops.superlink import CONNECTION, PROJECT_DIR
@@ -72,10 +72,10 @@ def run_and_judge(
 
 def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float, watchdog: Any = None) -> int | None:
     """Run ``flwr run --stream``, echoing its output (less ``CONSOLE_NOISE``) and saving all of it
-    to ``log_path``; returns the run id it printed."""
+    to ``log_path`` (without colour codes); returns the run id it printed."""
     run_id = None
     deadline = time.monotonic() + timeout
-    console = ConsoleFilter()
+    console = ConsoleFilter(colour=wants_colour())
     with (
         open(log_path, "w") as log,
         subprocess.Popen(
@@ -94,8 +94,8 @@ def stream_run(cmd: list[str], env: dict[str, str], log_path: Path, timeout: flo
         try:
             for line in proc.stdout:
                 if console.shows(line):
-                    sys.stdout.write(line)
-                log.write(line)
+                    sys.stdout.write(console.render(line))
+                log.write(without_colour(line))
                 if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
                     run_id = int(m.group(1))
                 if time.monotonic() > deadline:

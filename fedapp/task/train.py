@@ -89,7 +89,8 @@ def train_epochs(
             if step == len(loader) or time.perf_counter() - last_log > PROGRESS_INTERVAL_S:
                 last_log = time.perf_counter()
                 where = f"epoch {epoch + 1}/{epochs} step {step}/{len(loader)}"
-                logger.info("%s%s loss %.4f", log_prefix, where, ce_loss.item())
+                # debug: the console's progress is the server's one line per round
+                logger.debug("%s%s loss %.4f", log_prefix, where, ce_loss.item())
     seconds = time.perf_counter() - start
     clips_per_s = seen / seconds if seconds > 0 else 0.0
     return {"train-loss": loss_sum / max(seen, 1), "train-accuracy": correct / max(seen, 1), "train-clips": float(seen),
