@@ -118,9 +118,22 @@ def atomic_write_text(path: str | Path, text: str, *, mode: int | None = None) -
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2, mode: int | None = None) -> None:
     """Replace ``path`` by ``obj`` as JSON (one trailing newline) atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n", mode=mode)
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Inside the block, what this process and the processes it starts create is its owner's only
+    (umask 077: files 0600, folders 0700); the umask is restored after. For a deployment, whose
+    database holds every round's model weights. The umask is process-wide: use it where no other
+    thread creates files meanwhile."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 @contextmanager

@@ -95,6 +95,14 @@ def test_insecure_superlink_and_two_supernodes_complete_a_round(small_run_config
         outcome = deployment.run(config, timeout=600)
     assert_all_stopped(deployment)
     assert outcome.ok, failure_text(outcome, deployment)
+    # The deployment's state is its operator's only: the folder 0700, the database (every round's
+    # weights), state.json, the logs and what Flower unpacked 0600/0700; so is what the deployed run wrote.
+    assert stat.S_IMODE(deployment.run_dir.stat().st_mode) == 0o700
+    written = [p for p in deployment.run_dir.rglob("*") if not p.is_symlink()]
+    assert {"superlink.db", "state.json", "supernode-0.log", "superlink.log"} <= {p.name for p in written}
+    loose = [f"{p} {oct(stat.S_IMODE(p.stat().st_mode))}" for p in written if p.stat().st_mode & 0o077]
+    assert loose == []
+    assert not (outcome.run_dir / "model.safetensors").stat().st_mode & 0o077
     assert outcome.summary["rounds-completed"] == 1
     history = rounds(outcome.run_dir)
     assert [r["round"] for r in history] == [0, 1]

@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any
 
 from fedapp.config.keys import ConfigError
-from fedapp.files import atomic_write_json
+from fedapp.files import atomic_write_json, private_umask
 from fedapp.ops import certs
 from fedapp.ops.flwr_run import config_text, run_and_judge
 from fedapp.ops.network import free_port, listen_address, tls_problem
@@ -129,7 +129,7 @@ class Deployment:
         return deployment
 
     def save(self) -> None:
-        atomic_write_json(self.run_dir / STATE_FILE, self.state)
+        atomic_write_json(self.run_dir / STATE_FILE, self.state, mode=0o600)
 
     @property
     def superlink_port(self) -> int:
@@ -179,8 +179,13 @@ class Deployment:
         """SuperLink, key registration, SuperNodes; returns when every SuperNode is online."""
         if (self.run_dir / STATE_FILE).exists() and Deployment.load(self.run_dir).alive():
             raise RuntimeError(f"a deployment in {self.run_dir} is still running: `down` it first")
+        # The deployment's folder and all its processes write are the operator's only: the SuperLink's
+        # database holds every message (model weights included), state.json the PIDs and key paths.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)
         try:
-            self._up(timeout)
+            with private_umask():
+                self._up(timeout)
         except BaseException:
             self.down()
             raise
@@ -323,7 +328,8 @@ class Deployment:
         # Each node has its own Flower home (where it unpacks the app), as on its own machine.
         env = flwr_env(self.run_dir / "nodes" / f"node-{k}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.node_log(k), "ab") as log:  # appended: a restarted node keeps its history
+        # private_umask: a node restarted by `start-node` writes as privately as one started by `up`.
+        with private_umask(), open(self.node_log(k), "ab") as log:  # appended: a restart keeps the history
             node.update(log_offset=log.tell(), node_id=None)
             proc = subprocess.Popen(
                 cmd, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
