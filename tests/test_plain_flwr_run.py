@@ -1,12 +1,13 @@
-"""Plain `flwr run .`, as the README documents it: Flower's default of 2 simulated SuperNodes, the
-outcome read from `flwr ls` (a failed run visible as failed), a misspelled key refused by Flower
-with code 15, and the local SuperLink Flower leaves running stopped by the command the README gives.
-About a minute: marked e2e."""
+"""Plain `flwr run .`, as docs/getting-started.md documents it: Flower's default of 2 simulated
+SuperNodes, the outcome read from `flwr ls --format json` (a failed run visible as failed), a
+misspelled key refused by Flower with code 15, and the local SuperLink Flower leaves running stopped
+by its pid with the page's own command line. About a minute: marked e2e."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,18 @@ def local_superlinks(flwr_home: Path) -> list[psutil.Process]:
     return found
 
 
-def test_plain_flwr_run_as_the_readme_says(tmp_path):
+def documented_commands() -> list[str]:
+    """The bash block of the page's "Plain `flwr run .`" section, one command per line."""
+    page = (PROJECT_DIR / "docs" / "getting-started.md").read_text()
+    section = page.split("## Plain `flwr run .`", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_plain_flwr_run_as_the_docs_say(tmp_path):
+    commands = documented_commands()
+    assert "flwr ls --format json" in commands  # plain `flwr ls` cuts the status at 80 columns
+    (stop,) = [line for line in commands if line.startswith("kill ")]
     flwr_home = tmp_path / "flwr_home"
     env = {
         **os.environ,
@@ -89,9 +101,18 @@ def test_plain_flwr_run_as_the_readme_says(tmp_path):
         typo = flwr("run", ".", "--run-config", "num-server-round=2")
         assert typo.returncode != 0 and "[code: 15] Invalid run configuration." in typo.stdout + typo.stderr
         assert local_superlinks(flwr_home), "Flower leaves its local SuperLink running"
+        # Another user's (another FLWR_HOME's) local SuperLink, as its command line reads: the broad
+        # `pkill -f "flower-superlink --insecure --simulation"` the docs gave before stopped it too.
+        decoy = "flower-superlink --insecure --simulation --log-file /home/other/.flwr/local-superlink/superlink.log"
+        other = subprocess.Popen(["bash", "-c", f'exec -a "{decoy}" sleep 600'])
+        # The page's stop command, as a user's shell runs it (FLWR_HOME set: this test's SuperLink only).
+        stopped = subprocess.run(["bash", "-c", stop], env=env, capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        psutil.wait_procs(local_superlinks(flwr_home), timeout=20)
+        assert not local_superlinks(flwr_home) and other.poll() is None
+        other.kill()
     finally:
-        # The README's stop command, narrowed to this test's SuperLink.
-        for proc in local_superlinks(flwr_home):
+        for proc in local_superlinks(flwr_home):  # only if the documented command failed
             proc.terminate()
         psutil.wait_procs(local_superlinks(flwr_home), timeout=20)
     assert not local_superlinks(flwr_home)
