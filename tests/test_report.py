@@ -292,3 +292,15 @@ def test_cli_exits_2_on_a_folder_without_rounds(tmp_path):
     assert "no rounds.jsonl" in proc.stderr and str(empty) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("*.png"))  # every input is checked before anything is drawn
+
+
+@pytest.mark.parametrize("rounds", [[1], [1, 2], [0, 1, 2, 3], list(range(0, 41))])
+def test_round_axes_tick_whole_rounds_only(rounds):
+    """A 1- or 2-round run's per-client figure had ticks at 0.96, 0.98, ... (cosmetic, but misleading)."""
+    fig, (ax,) = plots._new_figure()
+    ax.plot(rounds, [0.5] * len(rounds), "-o")
+    plots._round_axis(ax, "accuracy")
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert set(rounds) <= set(ticks) if len(rounds) <= 12 else len(ticks) >= 3

@@ -134,11 +134,19 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def _round_axis(ax: Any, ylabel: str) -> None:
-    from matplotlib.ticker import MaxNLocator
+    """Label a per-round axis (after plotting): ticks on whole rounds only. MaxNLocator(integer=True)
+    alone falls back to fractional ticks when fewer than two whole rounds are in view (a 1-round
+    run), so a short run gets a tick at each of its rounds."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
 
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    rounds = sorted({int(x) for line in ax.lines for x in line.get_xdata()})
+    if 0 < len(rounds) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(rounds))
+        ax.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
