@@ -88,6 +88,7 @@ def test_a_clients_steps_are_debug_lines_not_console_lines(caplog):
     from fedapp.task.train import train_epochs
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+
     class Batches(list):  # what train_epochs reads of a DataLoader: its batches and its dataset
         dataset = None
 
