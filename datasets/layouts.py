@@ -90,6 +90,17 @@ def _group_from_stem(stem: str) -> str:
     return match.group(1) if match else stem
 
 
+def _folder_group(class_dir: Path, video: Path) -> str:
+    """A class folder's video's group: ``gNN`` from ``_gNN_`` in its name; else the subfolder of the
+    class folder it lies in (the segments of one recording, kept in a folder of their own, go
+    together); else the file itself."""
+    match = _UCF_GROUP.search(video.stem)
+    if match:
+        return match.group(1)
+    relative = video.relative_to(class_dir)
+    return f"{class_dir.name}/{relative.parts[0]}" if len(relative.parts) > 1 else video.stem
+
+
 def _hash_fraction(key: str) -> float:
     """Stable map of a string to [0, 1): same on every machine and run (unlike Python's hash())."""
     digest = hashlib.sha1(key.encode("utf-8")).digest()
@@ -228,7 +239,8 @@ def load_class_folders(root: str | Path, test_fraction: float = 0.2, split_by: s
     """Read ``root/<class>/<videos>`` (subfolders included); classes are the sorted folder names.
 
     The train/test split is deterministic: a video is a test video iff the SHA-1 of its group
-    (``split_by="group"``: ``gNN`` from ``_gNN_`` in the name, else the file stem) or of its path
+    (``split_by="group"``: ``gNN`` from ``_gNN_`` in the name, else the subfolder of the class
+    folder holding it, else the file stem) or of its path
     relative to root (``split_by="hash"``) maps below ``test_fraction``. Splitting by group keeps
     every clip of a group on one side. Folders without videos are not classes.
     """
@@ -246,7 +258,7 @@ def load_class_folders(root: str | Path, test_fraction: float = 0.2, split_by: s
         label = len(classes)
         classes.append(folder.name)
         for video in videos:
-            sample = VideoSample(path=str(video), label=label, group=_group_from_stem(video.stem))
+            sample = VideoSample(path=str(video), label=label, group=_folder_group(folder, video))
             key = sample.group if split_by == "group" else video.relative_to(root).as_posix()
             keyed_samples.append((sample, key))
     if not classes:

@@ -184,6 +184,25 @@ def test_class_folders_split_is_deterministic_by_group(folders):
     assert 0.1 < len(test_groups) / len(train_groups | test_groups) < 0.6
 
 
+def test_segments_in_a_subfolder_stay_on_one_side(tmp_path):
+    """Segments cut from one recording, kept in a subfolder of their own, are one group: they never
+    land in train and test both (as files named seg001.mp4, seg002.mp4 ... would, each its own group)."""
+    root = tmp_path / "videos"
+    for name in ("cooking", "juggling"):
+        for recording in range(12):
+            for segment in range(4):
+                touch(root / name / f"recording{recording:02d}" / f"seg{segment:03d}.mp4")
+    touch(root / "cooking" / "single.mp4")
+    touch(root / "cooking" / "take2" / "v_cooking_g07_c01.mp4")  # _gNN_ in the name still decides
+    index = load_class_folders(root, 0.3)
+    groups = {Path(s.path).relative_to(root).as_posix(): s.group for s in index.train + index.test}
+    assert groups["cooking/recording03/seg002.mp4"] == "cooking/recording03"
+    assert groups["juggling/recording03/seg000.mp4"] == "juggling/recording03"  # not cooking's recording03
+    assert groups["cooking/single.mp4"] == "single" and groups["cooking/take2/v_cooking_g07_c01.mp4"] == "g07"
+    assert not {s.group for s in index.train} & {s.group for s in index.test}
+    assert index.test  # the split happened
+
+
 def test_class_folders_hash_split_by_path(folders):
     index = load_class_folders(folders, 0.25, split_by="hash")
     groups_on_both_sides = {s.group for s in index.train} & {s.group for s in index.test}
