@@ -14,6 +14,7 @@ benchmarks with many runs, and tests of every strategy, cannot afford.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ def over_the_wire(msg: Message) -> Message:
     return received
 
 
+# Every grid is a run of its own, as in Flower: what a client keeps per run (warn-once scopes) must
+# not carry over from one in-process run to the next in the same process.
+_RUN_IDS = itertools.count(1)
+
+
 class InProcessGrid:
     """Delivers messages to ClientApp handlers in this process, one simulated node per partition;
     with ``wire`` through Flower's wire encoding each way (:func:`over_the_wire`)."""
@@ -50,10 +56,11 @@ class InProcessGrid:
     ) -> None:
         self.wire = wire
         self.app = app  # None: the app's own ClientApp
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.run_id = next(_RUN_IDS)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = self.run_id, 0, 1
         self.contexts = {
             node_id: Context(
-                run_id=1,
+                run_id=self.run_id,
                 node_id=node_id,
                 node_config={"partition-id": node_id - 1, "num-partitions": num_nodes},
                 state=RecordDict(),

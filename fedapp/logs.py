@@ -7,6 +7,7 @@ of plain module loggers would be dropped there. Forwarding keeps our modules' ``
 from __future__ import annotations
 
 import logging
+import os
 
 from flwr.common.logger import FLOWER_LOGGER
 
@@ -22,8 +23,16 @@ class _ToFlowerLogger(logging.Handler):
                 handler.handle(record)
 
 
-def route_app_logs_to_flower(level: int = logging.INFO) -> None:
-    """Idempotently attach the forwarding handler to the app's package loggers."""
+def app_log_level() -> int:
+    """INFO, or DEBUG where ``FLWR_LOG_LEVEL=DEBUG`` (Flower's own switch, which also lowers its
+    console handler): the clients' per-step losses are debug lines."""
+    return logging.DEBUG if os.environ.get("FLWR_LOG_LEVEL", "").upper() == "DEBUG" else logging.INFO
+
+
+def route_app_logs_to_flower(level: int | None = None) -> None:
+    """Idempotently attach the forwarding handler to the app's package loggers (at ``level``,
+    default :func:`app_log_level`)."""
+    level = app_log_level() if level is None else level
     for name in APP_PACKAGES:
         logger = logging.getLogger(name)
         logger.setLevel(level)

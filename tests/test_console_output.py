@@ -160,3 +160,15 @@ def test_the_launchers_ok_line_says_what_was_measured():
     assert ok_line(clients) == "OK: 3 rounds; clients' test video accuracy 0.750 (central-eval is off)"
     assert "no accuracy measured" in ok_line({"rounds-completed": 2, "final-central": {}, "final-evaluate": {}})
     assert "nan" not in ok_line(clients)
+
+
+def test_flowers_debug_switch_shows_the_apps_debug_lines(monkeypatch):
+    """FLWR_LOG_LEVEL=DEBUG (Flower's own switch) lets the clients' per-step lines through too."""
+    import logging
+
+    from fedapp.logs import app_log_level
+
+    monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
+    assert app_log_level() == logging.INFO
+    monkeypatch.setenv("FLWR_LOG_LEVEL", "debug")
+    assert app_log_level() == logging.DEBUG

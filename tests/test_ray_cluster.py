@@ -131,8 +131,10 @@ def test_simulation_runs_on_the_ray_cluster_it_is_given(small_run_config, tmp_pa
     results = tmp_path / "results"
     config = {**small_run_config, "num-server-rounds": 2, "results-dir": str(results), "run-name": "run"}
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # The clients' per-step lines are debug: Flower's switch, for the launch and the cluster's workers.
+    debug = {**auth, "FLWR_LOG_LEVEL": "DEBUG"}
     started = time.monotonic()
-    with ray_head(num_cpus=2, auth=auth) as (address, logs):
+    with ray_head(num_cpus=2, auth=debug) as (address, logs):
         # Without the token the launcher refuses at once (ray.init would fail after ~20 s).
         assert "requires token authentication and this shell has no token" in ray_cluster_problem(address, {})
         before = set(os.listdir(logs))
@@ -146,7 +148,7 @@ def test_simulation_runs_on_the_ray_cluster_it_is_given(small_run_config, tmp_pa
             "--timeout",
             "240",
             tmp_path=tmp_path,
-            env=auth,
+            env=debug,
         )
         output = proc.stdout + proc.stderr
         new = sorted(set(os.listdir(logs)) - before)
