@@ -27,7 +27,7 @@ run: setup
 test: setup nginx lint
 	$(PYTEST)
 
-# The edit-test loop: no real launch (SuperLink, Ray, SuperNodes); 2.9 min here.
+# The edit-test loop: no real launch (SuperLink, Ray, SuperNodes); 3.6 min here.
 test-fast: setup lint
 	$(PYTEST) -m "not e2e"
 
