@@ -21,7 +21,7 @@ from fedapp.config.keys import Key, Owner
 from strategies.aggregation import RunningMean
 from strategies.aggregators.fedavg import FedAvg as FedAvgRule
 from strategies.records import NamedArrays
-from strategies.replies import ClientReply, RoundReport, aggregate_metrics
+from strategies.replies import ClientReply, RoundReport, aggregate_metrics, is_scalar
 from strategies.scaffold import Scaffold
 from strategies.screening import ReplyScreen
 from strategies.server_steps.sgd import SGD
@@ -79,6 +79,13 @@ FUSION = Owner(
 )
 
 
+def reply_order(reply: ClientReply) -> tuple[float, int]:
+    """A run-independent order of replies: by the partition the site reports (node ids are drawn at
+    random each run), then by node id."""
+    site = reply.metrics.get("partition-id")
+    return (float(site) if is_scalar(site) else float("inf"), reply.node_id)
+
+
 class VideoStrategy(FedAvg):
     """Flower's FedAvg (sampling, configuration) with our screening and stages for aggregation.
 
@@ -92,9 +99,13 @@ class VideoStrategy(FedAvg):
         transforms: Sequence[Transform] = (),
         scaffold: Scaffold | None = None,
         proximal_mu: float = 0.0,
+        ordered: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # deterministic=true: the accepted replies in partition order, not arrival order, so that
+        # float sums (and every rule that breaks ties by position) see them the same way each run.
+        self.ordered = ordered
         self.aggregator = aggregator or FedAvgRule()
         self.server_step = server_step or SGD()
         self.transforms = sorted(transforms, key=lambda t: t.order)
@@ -147,7 +158,7 @@ class VideoStrategy(FedAvg):
         all are in. Rules of all updates at once (robust fusion, weights normalized over the round),
         transforms of all updates and SCAFFOLD's Δcᵢ need them held."""
         one_by_one = all(t.one_by_one for t in self.transforms)
-        return self.aggregator.folds and one_by_one and self.scaffold is None
+        return self.aggregator.folds and one_by_one and self.scaffold is None and not self.ordered
 
     def screen(
         self,
@@ -174,6 +185,8 @@ class VideoStrategy(FedAvg):
             reply.arrays, reply.message = None, None  # folded in: nothing of the update is kept
 
         report = self.screen(server_round, replies, with_arrays=True, fold=fold if running is not None else None)
+        if self.ordered:
+            report.accepted.sort(key=reply_order)
         if len(report.accepted) < max(self.min_train_nodes, 1):
             report.skipped = (
                 f"{len(report.accepted)} usable updates, fewer than min-train-nodes={self.min_train_nodes}: "
@@ -215,6 +228,8 @@ class VideoStrategy(FedAvg):
     def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundReport:
         """Screen the evaluate replies and aggregate the accepted clients' metrics."""
         report = self.screen(server_round, replies, with_arrays=False)
+        if self.ordered:
+            report.accepted.sort(key=reply_order)
         report.metrics = aggregate_metrics(report.accepted) if report.accepted else {}
         return report
 

@@ -346,3 +346,11 @@ def test_scale_memory_sampler_counts_child_processes() -> None:
         assert tree_pss_mb(os.getpid()) - before > 180
     finally:
         child.communicate("")
+
+
+def test_determinism_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
+    from bench import determinism
+
+    assert determinism.main(["--rounds", "1", "--clients", "3", "--repeats", "1", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ratio on/off: " in out and "bit-identical: True" in out

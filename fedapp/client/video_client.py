@@ -20,6 +20,7 @@ from fedapp.task.train import (
     evaluate_model,
     load_named_arrays,
     make_optimizer,
+    set_deterministic,
     set_torch_threads,
     state_arrays,
     train_epochs,
@@ -85,6 +86,7 @@ class VideoClient(NamedNumPyClient):
         self.reply_records: dict[str, dict[str, np.ndarray]] = {}
         self.device = select_device(cfg.device)
         set_torch_threads(cfg.torch_threads)
+        set_deterministic(cfg.deterministic)
 
     def state_keys(self) -> list[str]:
         return list(model_state_keys(self.cfg.model, len(self.classes), self.cfg.pooling))

@@ -7,14 +7,33 @@ from typing import Any
 
 from fedapp.config.keys import Key, Owner
 
+
+def _deterministic_without_dp(cfg: Any) -> list[str]:
+    if cfg.deterministic and cfg.dp != "none":
+        # Every SuperNode receives the run config, seed included: seeded sampling and noise would be
+        # predictable to them, and DP's guarantee assumes they are not.
+        return [
+            f"deterministic=true does not go with dp={cfg.dp!r}: the node sampling and the noise would follow "
+            'from the seed every SuperNode receives; use deterministic=false with dp, or dp="none"'
+        ]
+    return []
+
+
 ROUNDS = Owner(
     "the round loop",
     keys=(
         Key("num-server-rounds", 10, "the round budget", low=1),
+        Key(
+            "deterministic",
+            False,
+            "the same seed gives bit-identical runs: seeded node sampling, updates "
+            "aggregated in partition order, torch's deterministic kernels (slower; not with dp)",
+        ),
         Key("round-timeout", 900.0, "seconds a round waits for replies", low=0.0, low_open=True),
         Key("aggregation-threads", 0, "threads of the aggregation math (0: this process's CPUs)", low=0),
         Key("central-eval", True, "evaluate the global model on the server's test split each round"),
     ),
+    checks=(_deterministic_without_dp,),
 )
 OUTPUTS = Owner(
     "the run's outputs",

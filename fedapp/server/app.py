@@ -7,6 +7,7 @@ The round steps live in ``fedapp.server.rounds``; where a run writes and what it
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ from fedapp.task.config import AppConfig, parse_config
 from fedapp.task.data import load_video_index
 from fedapp.task.devices import select_device
 from fedapp.task.models import build_model
-from fedapp.task.train import set_torch_threads
+from fedapp.task.train import set_deterministic, set_torch_threads
 from strategies.blocks import set_threads
 from strategies.privacy import PrivateStrategy
 from strategies.stage import Transform
@@ -118,6 +119,7 @@ def run_federation(
     if cfg.resume and checkpoint is None:
         raise CheckpointError(f"resume={cfg.resume!r} but no checkpoint was given: locate the run with locate_run")
     set_torch_threads(cfg.torch_threads)
+    set_deterministic(cfg.deterministic)
     set_threads(cfg.aggregation_threads)
     index = load_video_index(cfg)  # generates the synthetic default before any client needs it
     logger.info("dataset %s: %d classes, %d train / %d test videos", cfg.dataset, len(index.classes),
@@ -129,6 +131,10 @@ def run_federation(
     distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
     strategy = build_strategy(cfg, distiller, extra_transforms)
     state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
+    if cfg.deterministic:
+        # Flower's node sampling draws from Python's `random`: seeded per run (and resume point), it
+        # samples the same nodes in the same order each time. Not with dp (refused): the seed is public.
+        random.seed(cfg.seed * 1_000_003 + state.first_round)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
     state.dataset = index
     write_split(results.dir, index)  # the site column follows once the clients have reported

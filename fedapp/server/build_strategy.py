@@ -37,6 +37,7 @@ def build_strategy(
         transforms=[*transforms, *extra_transforms],
         scaffold=Scaffold() if cfg.scaffold else None,
         proximal_mu=cfg.proximal_mu,
+        ordered=cfg.deterministic,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -172,6 +173,17 @@ def set_torch_threads(threads: int) -> None:
     """Pin intra-op threads (0 keeps torch's default) so concurrent clients don't oversubscribe cores."""
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def set_deterministic(on: bool) -> None:
+    """torch's deterministic algorithms for ``deterministic=true``; CUDA's cuBLAS needs a fixed
+    workspace for them, set before its first use. warn_only: an op with no deterministic kernel (some
+    CUDA backward passes) warns instead of failing the round, and that run may not repeat to the bit."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if torch.are_deterministic_algorithms_enabled() != on:
+        torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
 
 
 def state_arrays(model: nn.Module) -> list:
