@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inprocess import comparison_config, run_inprocess
+from bench.paired import paired_difference
 from bench.robustness import SMALL, cell_text, json_key, mean_std, read_json
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 from fedapp.server.summary import site_figures
@@ -49,6 +50,9 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+BASELINE = "fedavg"  # what every method's paired difference is taken to
+
+
 def run_config(args: argparse.Namespace, partitioning: str, method: str, seed: int, clip_cache: str) -> dict[str, Any]:
     """The run config of one cell and seed; the seed drives the initial model, data order and split."""
     return {
@@ -60,6 +64,7 @@ def run_config(args: argparse.Namespace, partitioning: str, method: str, seed: i
         "torch-threads": args.threads,
         "seed": seed,
         "partition-seed": 42 + seed,
+        "deterministic": True,  # every method of a seed is the same run but for the method (paired)
         **PARTITIONINGS[partitioning],
         **METHODS[method],
     }
@@ -156,7 +161,29 @@ def markdown_table(result: dict[str, Any]) -> str:
             cells = [cell_text(table[p].get(method), seeds) for p in partitionings]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    if BASELINE in methods:
+        lines += paired_table(central, partitionings, [m for m in methods if m != BASELINE], seeds)
     return "\n".join(lines)
+
+
+def paired_table(
+    central: dict[str, dict[str, list[float]]], partitionings: list[str], methods: list[str], seeds: int
+) -> list[str]:
+    """Each method's central accuracy minus FedAvg's on the same seed: mean [95 % interval] verdict."""
+    lines = [
+        f"**central, paired difference to {BASELINE}** (per seed, same partition, initial model and data "
+        f'order; mean [95 % t-interval] over {seeds} seeds; "no difference" where the interval holds 0)',
+        "",
+        "| method | " + " | ".join(partitionings) + " |",
+        "|---|" + "---|" * len(partitionings),
+    ]
+    for method in methods:
+        cells = []
+        for p in partitionings:
+            values, baseline = central[p].get(method), central[p].get(BASELINE)
+            cells.append(paired_difference(values, baseline).text() if values and baseline else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _skew_order(partitioning: str) -> int:

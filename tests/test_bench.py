@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,10 @@ def test_heterogeneity_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> Non
     table = (tmp_path / "heterogeneity.md").read_text()
     assert "**central**" in table and "**worst site**" in table
     rows = [line for line in table.splitlines() if line.startswith(("| fedavg |", "| scaffold |"))]
-    assert len(rows) == 4 and all(row.count(" ± ") == 1 for row in rows)
+    assert len(rows) == 5 and all(row.count(" ± ") == 1 for row in rows[:4])
+    # then scaffold's paired difference to fedavg on the same 2 seeds: mean [95 % interval] verdict
+    assert "**central, paired difference to fedavg**" in table
+    assert re.fullmatch(r"\| scaffold \| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] [a-z ]+ \|", rows[4])
     raw = json.loads((tmp_path / "heterogeneity.json").read_text())
     for measure in ("central-video-accuracy", "worst-site-video-accuracy"):
         assert all(len(v) == 2 for v in raw[measure]["dirichlet-0.3"].values())  # one per seed
