@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inprocess import comparison_config, run_inprocess
+from bench.paired import paired_difference
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 PARTITIONINGS: dict[str, dict[str, Any]] = {
@@ -95,6 +96,7 @@ def run_config(
         "torch-threads": args.threads,
         "seed": seed,
         "partition-seed": 42 + seed,
+        "deterministic": True,  # every cell of a seed is the same run but for the attack and rule (paired)
         **PARTITIONINGS[partitioning],
         **ATTACKS[attack],
         **attackers,
@@ -257,7 +259,29 @@ def markdown_table(result: dict[str, Any]) -> str:
             cells = [cell_text(by_rule.get(rule), len(setting["seeds"])) for rule in rules]
             lines.append(f"| {attack} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += paired_table(partitioning, by_attack, rules, len(setting["seeds"]))
     return "\n".join(lines)
+
+
+def paired_table(
+    partitioning: str, by_attack: dict[str, dict[str, list[float]]], rules: list[str], seeds: int
+) -> list[str]:
+    """Each cell minus attack-free FedAvg on the same seed: what a rule under an attack costs against
+    the federation nobody attacks (mean [95 % t-interval] verdict)."""
+    baseline = by_attack.get("none", {}).get("fedavg")
+    if not baseline:
+        return []
+    lines = [
+        f"**{partitioning}, paired difference to attack-free fedavg** (same seed: same partition, initial "
+        f"model and data order; mean [95 % t-interval] over {seeds} seeds)",
+        "",
+        "| attack | " + " | ".join(rules) + " |",
+        "|---|" + "---|" * len(rules),
+    ]
+    for attack, by_rule in by_attack.items():
+        cells = [paired_difference(by_rule[rule], baseline).text() if by_rule.get(rule) else "—" for rule in rules]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(finals: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:

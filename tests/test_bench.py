@@ -137,7 +137,10 @@ def test_robustness_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
     assert robustness.main([*args, "--out", str(tmp_path), "--cache-dir", str(cache_dir)]) == 0
     table = (tmp_path / "robustness.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| none |", "| alie |"))]
-    assert "| attack | fedavg | krum |" in table and [row.count(" ± ") for row in rows] == [2, 2]
+    assert "| attack | fedavg | krum |" in table and [row.count(" ± ") for row in rows[:2]] == [2, 2]
+    # then each cell's paired difference to attack-free fedavg on the same seeds
+    assert "**iid, paired difference to attack-free fedavg**" in table
+    assert rows[2].startswith("| none | +0.000 [+0.000, +0.000] no difference | ") and " [" in rows[3]
     raw = json.loads((tmp_path / "robustness.json").read_text())
     assert all(len(v) == 2 for v in raw["final-video-accuracy"]["iid"]["alie"].values())  # one per seed
     assert (tmp_path / "robustness.png").stat().st_size > 0
