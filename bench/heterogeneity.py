@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inprocess import comparison_config, run_inprocess
-from bench.paired import paired_difference
+from bench.paired import paired_difference, table_lines
 from bench.robustness import SMALL, cell_text, json_key, mean_std, read_json
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 from fedapp.server.summary import site_figures
@@ -170,20 +170,18 @@ def paired_table(
     central: dict[str, dict[str, list[float]]], partitionings: list[str], methods: list[str], seeds: int
 ) -> list[str]:
     """Each method's central accuracy minus FedAvg's on the same seed: mean [95 % interval] verdict."""
-    lines = [
+    title = (
         f"**central, paired difference to {BASELINE}** (per seed, same partition, initial model and data "
-        f'order; mean [95 % t-interval] over {seeds} seeds; "no difference" where the interval holds 0)',
-        "",
-        "| method | " + " | ".join(partitionings) + " |",
-        "|---|" + "---|" * len(partitionings),
-    ]
+        f'order; mean [95 % t-interval] over {seeds} seeds; "no difference" where the interval holds 0)'
+    )
+    rows = []
     for method in methods:
         cells = []
         for p in partitionings:
             values, baseline = central[p].get(method), central[p].get(BASELINE)
             cells.append(paired_difference(values, baseline).text() if values and baseline else "—")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        rows.append((method, cells))
+    return table_lines(title, "method", partitionings, rows)
 
 
 def _skew_order(partitioning: str) -> int:

@@ -56,3 +56,12 @@ def paired_difference(method: Sequence[float], baseline: Sequence[float]) -> Pai
         return PairedDifference(mean, None, None, n)
     half = t975(n - 1) * statistics.stdev(differences) / math.sqrt(n)
     return PairedDifference(mean, mean - half, mean + half, n)
+
+
+def table_lines(
+    title: str, corner: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]
+) -> list[str]:
+    """A bold title and a markdown table: ``corner`` heads the row names, one row per ``(name, cells)``."""
+    lines = [title, "", f"| {corner} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+    return [*lines, ""]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inprocess import comparison_config, run_inprocess
-from bench.paired import paired_difference
+from bench.paired import paired_difference, table_lines
 from fedapp.files import atomic_path, atomic_write_bytes, atomic_write_json
 
 PARTITIONINGS: dict[str, dict[str, Any]] = {
@@ -271,17 +271,15 @@ def paired_table(
     baseline = by_attack.get("none", {}).get("fedavg")
     if not baseline:
         return []
-    lines = [
+    title = (
         f"**{partitioning}, paired difference to attack-free fedavg** (same seed: same partition, initial "
-        f"model and data order; mean [95 % t-interval] over {seeds} seeds)",
-        "",
-        "| attack | " + " | ".join(rules) + " |",
-        "|---|" + "---|" * len(rules),
+        f"model and data order; mean [95 % t-interval] over {seeds} seeds)"
+    )
+    rows = [
+        (attack, [paired_difference(by_rule[rule], baseline).text() if by_rule.get(rule) else "—" for rule in rules])
+        for attack, by_rule in by_attack.items()
     ]
-    for attack, by_rule in by_attack.items():
-        cells = [paired_difference(by_rule[rule], baseline).text() if by_rule.get(rule) else "—" for rule in rules]
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+    return table_lines(title, "attack", rules, rows)
 
 
 def plot(finals: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None:
