@@ -106,6 +106,8 @@ def run_inprocess(config: Mapping[str, Any], num_nodes: int, run_dir: str | Path
     is the run config, plus the attack test tool's keys where a run simulates attackers
     (``bench/attacks.py``: they never reach the app's config)."""
     attack, run_config = split_attack(config)
+    # The sites find the run folder as launched sites do: results-dir plus the name the server sends.
+    run_config = {**run_config, "results-dir": str(Path(run_dir).resolve().parent)}
     cfg = parse_config(run_config)
     app, stages = None, []
     if attack is not None:

@@ -113,6 +113,37 @@ def test_insecure_superlink_and_two_supernodes_complete_a_round(small_run_config
     assert np.corrcoef(trained.ravel(), state["conv1.weight"].numpy().ravel())[0, 1] > 0.9  # from the file
 
 
+@pytest.mark.e2e
+def test_personal_heads_stay_on_real_supernodes(small_run_config, tmp_path):
+    """FedPer on two SuperNodes: each keeps its head in its own state-dir (the deployment gives each
+    node one), the server's run folder holds no personal state, the aggregated head never moves
+    (no trained head reached the server), and ``predict --site --state-dir`` loads a site's model."""
+    from fedapp.client.personal import PersonalStore
+    from fedapp.server.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
+
+    config = {**small_run_config, "num-server-rounds": 2, "personalization": "fedper", "partitioning": "dirichlet",
+              "dirichlet-alpha": 0.1, "results-dir": str(tmp_path / "results"), "run-name": "run"}  # fmt: skip
+    with Deployment(tmp_path / "deployment", num_nodes=2) as deployment:
+        outcome = deployment.run(config, timeout=600)
+    assert_all_stopped(deployment)
+    assert outcome.ok, failure_text(outcome, deployment)
+    assert not (outcome.run_dir / "personal").exists()
+    first, final = (load_checkpoint(p).arrays for p in list_checkpoints(outcome.run_dir)[:2])
+    for site in (0, 1):
+        state_dir = deployment.node_home(site) / "state"
+        store = PersonalStore(state_dir / "run" / f"site-{site}")
+        assert store.rounds() == [1, 2]
+        own = store.load(2)[1]
+        assert set(own) == {"head.weight", "head.bias"}
+        np.testing.assert_array_equal(first["head.weight"], final["head.weight"])
+        assert float(np.abs(own["head.weight"] - final["head.weight"]).max()) > 1e-3
+        model, _, _ = model_from_checkpoint(outcome.run_dir, site=site, state_dir=state_dir)
+        np.testing.assert_array_equal(model.state_dict()["head.weight"].numpy(), own["head.weight"])
+    evaluated = rounds(outcome.run_dir)[-1]["evaluate-clients"]["clients"]
+    assert len(evaluated) == 2 and all("personal-video-accuracy" in c for c in evaluated)
+    assert outcome.summary["final-sites"]["personal"]["sites"] == 2
+
+
 # TLS + SuperNode auth behind the proxy (registered keys only, strangers refused, nodes train):
 # tests/test_proxy.py.
 

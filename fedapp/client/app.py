@@ -89,7 +89,16 @@ def make_client(
         run_id=run_id,
         num_partitions=num_partitions,
         own_data=data_dir is not None,
+        state_dir=node_state_dir(node_config),
     )
+
+
+def node_state_dir(node_config: Mapping[str, Any]) -> str | None:
+    """The folder a SuperNode keeps its personal models in (``--node-config 'state-dir="..."'``)."""
+    state_dir = node_config.get("state-dir")
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir):
+        raise ConfigError(f"node config state-dir={state_dir!r} must be a folder name")
+    return state_dir
 
 
 def node_weight(node_config: Mapping[str, Any]) -> float | None:

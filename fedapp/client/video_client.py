@@ -12,6 +12,8 @@ import torch
 
 from datasets.layouts import VideoSample
 from fedapp.client.bridge import NamedNumPyClient
+from fedapp.client.personal import HEAD_PREFIX, PersonalStore, personal_keys, site_folder, with_personal
+from fedapp.config.personalization import HEAD_METHODS, RUN_FOLDER
 from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, train_loader
 from fedapp.task.devices import prepare_model, select_device
@@ -69,6 +71,7 @@ class VideoClient(NamedNumPyClient):
         run_id: int | None = None,
         num_partitions: int = 1,
         own_data: bool = False,
+        state_dir: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.classes = list(classes)
@@ -79,6 +82,7 @@ class VideoClient(NamedNumPyClient):
         # Where this site stands in the federation, reported so the server can write every file's
         # site into split.csv when all sites partition its dataset (not when one holds its own data).
         self.num_partitions, self.own_data = num_partitions, own_data
+        self.state_dir = state_dir  # where this site keeps its personal model (a SuperNode's node config)
         self.local_state = local_state if local_state is not None else {}
         self.node_weight = node_weight
         self.warn_scope = ("run", run_id, partition_id)
@@ -91,15 +95,57 @@ class VideoClient(NamedNumPyClient):
     def state_keys(self) -> list[str]:
         return list(model_state_keys(self.cfg.model, len(self.classes), self.cfg.pooling))
 
-    def _model(self, parameters: list[np.ndarray]):
-        model = build_model(
-            self.cfg.model, len(self.classes), freeze_backbone=self.cfg.freeze_backbone, pooling=self.cfg.pooling
-        )
+    def _named(self, parameters: list[np.ndarray]) -> dict[str, np.ndarray]:
         keys = self.state_keys()
         if len(parameters) != len(keys):
             raise ValueError(f"got {len(parameters)} arrays for a model with {len(keys)} tensors")
-        load_named_arrays(model, self._with_local_batchnorm(dict(zip(keys, parameters))))
+        return dict(zip(keys, parameters))
+
+    def _model(self, arrays: dict[str, np.ndarray]):
+        model = build_model(
+            self.cfg.model, len(self.classes), freeze_backbone=self.cfg.freeze_backbone, pooling=self.cfg.pooling
+        )
+        load_named_arrays(model, self._with_local_batchnorm(arrays))
         return prepare_model(model, self.device, self.cfg.channels_last)
+
+    def _personal_store(self, config: dict[str, Any]) -> PersonalStore | None:
+        """This site's personal state for the run the server names (None without personalization)."""
+        if self.cfg.personalization == "none":
+            return None
+        if RUN_FOLDER not in config:
+            raise ValueError(f"personalization is on but the server's message names no {RUN_FOLDER!r}")
+        folder = site_folder(self.cfg, str(config[RUN_FOLDER]), self.partition_id, self.state_dir, self.own_data)
+        # The states of the rounds the server's kept checkpoints hold, and the round in flight.
+        return PersonalStore(folder, keep=self.cfg.checkpoint_keep + 1)
+
+    def _train(self, model, server_round: int, seed: int, epochs: int, **options: Any) -> dict[str, float]:
+        return train_epochs(
+            model,
+            train_loader(self.cfg, self.train_samples, seed=seed, warn_scope=self.warn_scope),
+            make_optimizer(model, self.cfg),
+            epochs=epochs,
+            device=self.device,
+            bf16=self.cfg.bf16,
+            channels_last=self.cfg.channels_last,
+            log_prefix=f"[partition {self.partition_id} round {server_round}] ",
+            **options,
+        )
+
+    def _train_fedrep(self, model, server_round: int, seed: int, **options: Any) -> dict[str, float]:
+        """FedRep's round: the head alone for ``personal-epochs`` (backbone fixed), then the backbone
+        alone for ``local-epochs`` (head fixed). Returns the backbone phase's metrics plus the head's loss."""
+        params = dict(model.named_parameters())
+        wanted = {name: p.requires_grad for name, p in params.items()}
+        head = {name for name in params if name.startswith(HEAD_PREFIX)}
+        for name, p in params.items():
+            p.requires_grad_(wanted[name] and name in head)
+        head_metrics = self._train(model, server_round, seed + 1, self.cfg.personal_epochs)
+        for name, p in params.items():
+            p.requires_grad_(wanted[name] and name not in head)
+        metrics = self._train(model, server_round, seed, self.cfg.local_epochs, **options)
+        for name, p in params.items():
+            p.requires_grad_(wanted[name])
+        return {**metrics, "personal-train-loss": head_metrics["train-loss"]}
 
     def _with_local_batchnorm(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """FedBN: this node's own BatchNorm tensors replace the global ones once it has them."""
@@ -162,6 +208,39 @@ class VideoClient(NamedNumPyClient):
         self.local_state.update({SCAFFOLD_PREFIX + k: v for k, v in new.items()})
         self.reply_records[CONTROL_DELTA] = delta
 
+    def _keep_personal(
+        self,
+        store: PersonalStore,
+        server_round: int,
+        received: dict[str, np.ndarray],
+        own: dict[str, np.ndarray] | None,
+        arrays: list[np.ndarray],
+        seed: int,
+        metrics: dict[str, Any],
+    ) -> list[np.ndarray]:
+        """Save this round's personal state; return what the site sends (nothing personal in it).
+
+        FedPer/FedRep: the trained head is kept and the received global head goes back unchanged.
+        Ditto: the personal model (the site's, else the received global) trains ``personal-epochs``
+        with ``λ/2·‖v − w_global‖²`` towards the received global model; the global update is sent."""
+        method, keys = self.cfg.personalization, self.state_keys()
+        trained = dict(zip(keys, arrays))
+        if method in HEAD_METHODS:
+            store.save(server_round, {k: trained[k] for k in personal_keys(method, keys)})
+            return [received[k] if k.startswith(HEAD_PREFIX) else a for k, a in zip(keys, arrays)]
+        personal = self._model(with_personal(received, own))
+        personal_metrics = self._train(
+            personal,
+            server_round,
+            seed + 1,
+            self.cfg.personal_epochs,
+            proximal_mu=self.cfg.ditto_lambda,
+            proximal_anchor=received,
+        )
+        store.save(server_round, dict(zip(keys, state_arrays(personal))))
+        metrics["personal-train-loss"] = personal_metrics["train-loss"]
+        return arrays
+
     def _data_metrics(self, samples: Sequence[VideoSample]) -> dict[str, Any]:
         counts = np.bincount([s.label for s in samples], minlength=len(self.classes))
         metrics: dict[str, Any] = {
@@ -181,26 +260,31 @@ class VideoClient(NamedNumPyClient):
                 f"partition {self.partition_id}: no usable training video ({len(self.skipped)} skipped as unreadable)"
             )
         server_round = int(config.get("server-round", 0))
-        model = self._model(parameters)
+        received = self._named(parameters)
+        method = self.cfg.personalization
+        store = self._personal_store(config)
+        loaded = store.load(server_round - 1) if store is not None else None
+        own = loaded[1] if loaded is not None else None
+        # FedPer/FedRep train the received backbone under this site's own head (the global one until it has one).
+        model = self._model(with_personal(received, own) if method in HEAD_METHODS else received)
         control = self._server_control() if self.cfg.scaffold else None
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         # A different but reproducible clip order for every (run seed, round, client).
         seed = (self.cfg.seed * 1_000_003 + server_round * 1009 + self.partition_id) % 2**31
-        metrics = train_epochs(
-            model,
-            train_loader(self.cfg, self.train_samples, seed=seed, warn_scope=self.warn_scope),
-            make_optimizer(model, self.cfg),
-            epochs=self.cfg.local_epochs,
-            device=self.device,
-            bf16=self.cfg.bf16,
-            channels_last=self.cfg.channels_last,
-            log_prefix=f"[partition {self.partition_id} round {server_round}] ",
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-            gradient_correction=self._scaffold_correction(control, trainable) if control is not None else None,
-        )
+        options: dict[str, Any] = {
+            "proximal_mu": float(config.get("proximal-mu", 0.0)),
+            "gradient_correction": self._scaffold_correction(control, trainable) if control is not None else None,
+        }
+        if method == "fedrep":
+            metrics = self._train_fedrep(model, server_round, seed, **options)
+        else:
+            metrics = self._train(model, server_round, seed, self.cfg.local_epochs, **options)
         if metrics["train-clips"] == 0:
             raise NoUsableVideoError(f"partition {self.partition_id}: every training clip failed to decode")
         arrays = state_arrays(model)
+        if store is not None:
+            arrays = self._keep_personal(store, server_round, received, own, arrays, seed, metrics)
+            metrics["personal-from-round"] = loaded[0] if loaded is not None else 0  # 0: a fresh personal part
         if self.cfg.fedbn:
             keys = list(model.state_dict())
             bn = set(batchnorm_state_keys(model))
@@ -222,18 +306,33 @@ class VideoClient(NamedNumPyClient):
                 _NO_TEST_WARNED.add(("no-test", *self.warn_scope))
                 logger.warning("partition %d has no test video: local evaluation skipped", self.partition_id)
             return 0.0, 0, {**self._data_metrics([]), NO_TEST_VIDEOS: 1}
-        model = self._model(parameters)
-        scores = evaluate_model(
-            model,
-            eval_loader(self.cfg, self.test_samples, warn_scope=self.warn_scope),
-            self.device,
-            self.cfg.bf16,
-            self.cfg.channels_last,
-        )
+        received = self._named(parameters)
+        scores = self._score(self._model(received))
         if scores["num-videos"] == 0:  # an accuracy of 0.0 on no video would drag the federated mean down
             raise NoUsableVideoError(
                 f"partition {self.partition_id}: none of its {len(self.test_samples)} test videos could be decoded"
             )
         loss = scores.pop("loss")
+        personal = self._personal_scores(config, received)
         # Weighted by the videos actually scored, not by the files listed.
-        return loss, int(scores["num-videos"]), {**scores, **self._data_metrics(self.test_samples)}
+        return loss, int(scores["num-videos"]), {**scores, **personal, **self._data_metrics(self.test_samples)}
+
+    def _score(self, model) -> dict[str, Any]:
+        loader = eval_loader(self.cfg, self.test_samples, warn_scope=self.warn_scope)
+        return evaluate_model(model, loader, self.device, self.cfg.bf16, self.cfg.channels_last)
+
+    def _personal_scores(self, config: dict[str, Any], received: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The site's personal model scored on its own test videos (FedPer/FedRep: the received
+        backbone under its own head), beside the global model's scores; nothing before it has one."""
+        store = self._personal_store(config)
+        loaded = store.load(int(config.get("server-round", 0))) if store is not None else None
+        if loaded is None:
+            return {}
+        personal_round, own = loaded
+        scores = self._score(self._model(with_personal(received, own)))
+        return {
+            "personal-video-accuracy": scores["video-accuracy"],
+            "personal-clip-accuracy": scores["clip-accuracy"],
+            "personal-loss": scores["loss"],
+            "personal-round": personal_round,
+        }

@@ -87,11 +87,14 @@ class Deployment:
         self.port = port
         # Our own children, so that their exit status is collected (a refused SuperNode exits non-zero).
         self.procs: dict[str, subprocess.Popen] = {}
-        configs = (
-            [config_text({"data-dir": str(Path(d).resolve())}) for d in data_dirs]
-            if data_dirs
-            else [config_text({"partition-id": k, "num-partitions": num_nodes}) for k in range(num_nodes)]
-        )
+        configs = [
+            config_text(self._with_state_dir(k, c))
+            for k, c in enumerate(
+                [{"data-dir": str(Path(d).resolve())} for d in data_dirs]
+                if data_dirs
+                else [{"partition-id": k, "num-partitions": num_nodes} for k in range(num_nodes)]
+            )
+        ]
         self.state: dict[str, Any] = {
             # port: where SuperNodes connect (the proxy's public port when secure); superlink-port:
             # the SuperLink itself, on loopback, where the operator's CLI connects.
@@ -285,7 +288,9 @@ class Deployment:
         """Start one more SuperNode K (secure: with key node-K, made if missing; ``register=False``
         leaves it unknown to the SuperLink, which then refuses the node). Returns K."""
         k = len(self.state["nodes"])
-        self.state["nodes"].append({"node_config": config_text(node_config), "key": self._key_path(k)})
+        self.state["nodes"].append(
+            {"node_config": config_text(self._with_state_dir(k, node_config)), "key": self._key_path(k)}
+        )
         if self.secure:
             if not Path(self.state["nodes"][k]["key"]).exists():
                 certs.write_node_key(Path(self.state["nodes"][k]["key"]))
@@ -293,6 +298,14 @@ class Deployment:
                 self.register(k)
         self.start_node(k, wait=wait)
         return k
+
+    def node_home(self, k: int) -> Path:
+        """Node K's own folder (its Flower home and state), as it would be on its own machine."""
+        return self.run_dir / "nodes" / f"node-{k}"
+
+    def _with_state_dir(self, k: int, node_config: Mapping[str, Any]) -> dict[str, Any]:
+        """Node K's config with a ``state-dir`` of its own (personal models) unless it names one."""
+        return {"state-dir": str(self.node_home(k) / "state"), **node_config}
 
     def _node(self, k: int) -> dict[str, Any]:
         if not 0 <= k < len(self.state["nodes"]):
@@ -326,7 +339,7 @@ class Deployment:
         else:
             cmd += ["--insecure"]
         # Each node has its own Flower home (where it unpacks the app), as on its own machine.
-        env = flwr_env(self.run_dir / "nodes" / f"node-{k}")
+        env = flwr_env(self.node_home(k))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # private_umask: a node restarted by `start-node` writes as privately as one started by `up`.
         with private_umask(), open(self.node_log(k), "ab") as log:  # appended: a restart keeps the history

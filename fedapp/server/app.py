@@ -17,6 +17,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedapp.config.personalization import RUN_FOLDER
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.server.build_strategy import build_strategy, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
@@ -212,7 +213,9 @@ def run_round(
     stopping rule fired."""
     round_start = time.time()
     logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
-    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout)
+    # Personalization: the sites keep their personal models under the run folder's name (resumes too).
+    sent = {RUN_FOLDER: results.dir.name} if cfg.personalization != "none" else {}
+    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout, sent)
     state.train = train
     if train.arrays is None:
         state.rounds_without_update += 1
@@ -224,7 +227,7 @@ def run_round(
     evaluate = None
     if cfg.fraction_evaluate > 0:
         evaluate, evaluate_bytes, evaluate_waited = evaluate_round(
-            strategy, grid, server_round, state.arrays, cfg.round_timeout
+            strategy, grid, server_round, state.arrays, cfg.round_timeout, sent
         )
         bytes_down += evaluate_bytes
         waited += evaluate_waited
@@ -260,6 +263,7 @@ def finish_run(
         "stop-reason": stop,
         "strategy": cfg.strategy,
         **({"fusion-fn": cfg.fusion_fn} if cfg.strategy == "fusion" else {}),
+        **({"personalization": cfg.personalization} if cfg.personalization != "none" else {}),
         "model": cfg.model,
         "classes": state.classes,
         **figures,

@@ -228,14 +228,25 @@ def mark_best(run_dir: str | Path, checkpoint: Path, metric: float) -> None:
     atomic_write_json(Path(run_dir) / CHECKPOINTS_DIR / BEST_LINK, {"checkpoint": checkpoint.name, "metric": metric})
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, list[str], AppConfig]:
+def model_from_checkpoint(
+    path: str | Path, site: int | None = None, state_dir: str | Path | None = None
+) -> tuple[torch.nn.Module, list[str], AppConfig]:
     """The classifier stored in a checkpoint (or a run folder's best, else latest), in eval mode,
-    with its class list and the run config it was trained with (clip settings included)."""
+    with its class list and the run config it was trained with (clip settings included).
+
+    ``site``: that site's personal model instead (a personalized run): the run folder's latest
+    checkpoint (or the one named) with the site's newest personal state at or before its round, read
+    from ``state_dir`` (a SuperNode's own) or where the run kept it (``fedapp.client.personal``)."""
     path = Path(path)
     if (path / CHECKPOINTS_DIR).is_dir():
-        path = best_checkpoint(path) or latest_checkpoint(path)
+        path = latest_checkpoint(path) if site is not None else best_checkpoint(path) or latest_checkpoint(path)
     checkpoint = load_checkpoint(path)
     cfg = parse_config(checkpoint.run_config, check_paths=False)
+    arrays = checkpoint.arrays
+    if site is not None:
+        from fedapp.client.personal import site_model_arrays
+
+        arrays = site_model_arrays(arrays, cfg, checkpoint.path.parent.parent, checkpoint.round, site, state_dir)
     model = build_model(cfg.model, len(checkpoint.classes), pooling=cfg.pooling)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in checkpoint.arrays.items()}, strict=True)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()}, strict=True)
     return model.eval(), checkpoint.classes, cfg

@@ -94,12 +94,17 @@ def replies_as_they_arrive(
 
 
 def train_round(
-    strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
+    strategy: Strategy,
+    grid: Grid,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    timeout: float,
+    config: dict[str, Any] | None = None,
 ) -> tuple[RoundReport, int, float]:
-    """Send the global model to the sampled nodes, aggregate their updates as they arrive.
+    """Send the global model (and ``config``) to the sampled nodes, aggregate their updates as they arrive.
 
     Returns the strategy's report, the bytes sent down and the seconds spent waiting for replies."""
-    messages = strategy.configure_train_round(server_round, NamedArrays(numpy=arrays), grid)
+    messages = strategy.configure_train_round(server_round, NamedArrays(numpy=arrays), grid, ConfigRecord(config or {}))
     # Measured before train_round, which moves SCAFFOLD's control variate on: these bytes went down.
     sent = (_model_bytes(arrays) + strategy.extra_bytes_down()) * len(messages)
     waiting = Waiting()
@@ -108,12 +113,18 @@ def train_round(
 
 
 def evaluate_round(
-    strategy: Strategy, grid: Grid, server_round: int, arrays: dict[str, np.ndarray], timeout: float
+    strategy: Strategy,
+    grid: Grid,
+    server_round: int,
+    arrays: dict[str, np.ndarray],
+    timeout: float,
+    config: dict[str, Any] | None = None,
 ) -> tuple[RoundReport, int, float]:
     """Have the sampled nodes score the global model on their own data.
 
     Returns the strategy's report, the bytes sent down and the seconds spent waiting for replies."""
-    messages = list(strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), ConfigRecord(), grid))
+    record = ConfigRecord(config or {})
+    messages = list(strategy.configure_evaluate(server_round, numpy_to_arrays(arrays), record, grid))
     waiting = Waiting()
     report = strategy.evaluate_round(server_round, replies_as_they_arrive(grid, messages, timeout, waiting))
     return report, _model_bytes(arrays) * len(messages), waiting.seconds
@@ -196,7 +207,7 @@ def round_line(record: dict[str, Any], cfg: AppConfig) -> str:
 
     Client evaluation is shown when there is no central one; a round that kept the global model
     says so instead of a train loss."""
-    label = strategy_label(cfg.strategy, cfg.fusion_fn, cfg.dp)
+    label = strategy_label(cfg.strategy, cfg.fusion_fn, cfg.dp, cfg.personalization)
     epsilon = (record.get("privacy") or {}).get("epsilon")
     if epsilon is not None:
         label += f" (epsilon {epsilon:.3f})"
@@ -211,6 +222,9 @@ def round_line(record: dict[str, Any], cfg: AppConfig) -> str:
         if scores.get("video-accuracy") is not None:
             parts.append(f"{name} video-acc {scores['video-accuracy']:.3f} loss {_fmt(scores.get('loss'))}")
             break
+    personal = (record.get("evaluate") or {}).get("personal-video-accuracy")
+    if personal is not None:
+        parts.append(f"personal video-acc {personal:.3f}")
     accepted, rejected, failed = (len(clients.get(key) or []) for key in ("clients", "rejected", "failed"))
     parts.append(f"{accepted} clients ({rejected} rejected, {failed} failed)")
     parts.append(f"{record['round-time-s']:.1f} s")

@@ -13,7 +13,12 @@ BUDGET = "round budget spent (num-server-rounds)"
 
 
 def round_score(record: Mapping[str, Any]) -> float | None:
-    """The metric stopping watches: central video accuracy, else the clients' evaluate accuracy."""
+    """The metric stopping watches: with personalization the sites' personal models' accuracy on
+    their own test videos (the models the sites use), else the central video accuracy, else the
+    clients' evaluate accuracy of the global model."""
+    personal = (record.get("evaluate") or {}).get("personal-video-accuracy")
+    if personal is not None:
+        return float(personal)
     for section in ("central", "evaluate"):
         value = (record.get(section) or {}).get("video-accuracy")
         if value is not None:

@@ -13,9 +13,14 @@ from typing import Any
 from fedapp.server.stopping import best_round, round_score
 
 
-def strategy_label(strategy: str, fusion_fn: str | None = None, dp: str | None = None) -> str:
-    """``fedavg``, ``fusion (krum)``, ``fedavg + dp server-side``: the aggregation rule in a few words."""
+def strategy_label(
+    strategy: str, fusion_fn: str | None = None, dp: str | None = None, personalization: str | None = None
+) -> str:
+    """``fedavg``, ``fusion (krum)``, ``fedavg + dp server-side``, ``fedavg + fedper``: the
+    aggregation rule (and personalization) in a few words."""
     label = f"{strategy} ({fusion_fn})" if strategy == "fusion" and fusion_fn else strategy
+    if personalization not in (None, "", "none"):
+        label += f" + {personalization}"
     return label if dp in (None, "", "none") else f"{label} + dp {dp}"
 
 
@@ -60,7 +65,8 @@ def history_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def site_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Per-site video accuracy of the last round with client evaluation, its unweighted mean over
     the sites and the worst site: the weighted client mean is the central figure again (the test
-    split is spread over the sites), the worst site is what a skewed federation hides.
+    split is spread over the sites), the worst site is what a skewed federation hides. With
+    personalization, the same of each site's personal model (``personal``) beside the global one's.
     None when no round evaluated on the clients."""
     for record in reversed(rounds):
         clients = (record.get("evaluate-clients") or {}).get("clients") or []
@@ -70,20 +76,27 @@ def site_figures(rounds: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
                 "node-id": c.get("node-id"),
                 "video-accuracy": c["video-accuracy"],
                 "num-videos": c.get("num-videos"),
+                **(
+                    {"personal-video-accuracy": c["personal-video-accuracy"]}
+                    if isinstance(c.get("personal-video-accuracy"), int | float)
+                    else {}
+                ),
             }
             for c in clients
             if isinstance(c.get("video-accuracy"), int | float)
         ]
         if sites:
-            worst = min(sites, key=lambda site: site["video-accuracy"])
-            return {
-                "round": record.get("round"),
-                "sites": sites,
-                "mean": sum(site["video-accuracy"] for site in sites) / len(sites),
-                "worst": worst["video-accuracy"],
-                "worst-site": _site_name(worst),
-            }
+            figures = {"round": record.get("round"), "sites": sites, **_mean_worst(sites, "video-accuracy")}
+            personal = [site for site in sites if "personal-video-accuracy" in site]
+            if personal:
+                figures["personal"] = {"sites": len(personal), **_mean_worst(personal, "personal-video-accuracy")}
+            return figures
     return None
+
+
+def _mean_worst(sites: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    worst = min(sites, key=lambda site: site[key])
+    return {"mean": sum(site[key] for site in sites) / len(sites), "worst": worst[key], "worst-site": _site_name(worst)}
 
 
 def _site_name(site: Mapping[str, Any]) -> str:
@@ -107,7 +120,9 @@ def _label(summary: Mapping[str, Any]) -> str | None:
     if not summary.get("strategy"):
         return None
     privacy = summary.get("privacy") or {}
-    return strategy_label(summary["strategy"], summary.get("fusion-fn"), privacy.get("mode"))
+    return strategy_label(
+        summary["strategy"], summary.get("fusion-fn"), privacy.get("mode"), summary.get("personalization")
+    )
 
 
 def _best(summary: Mapping[str, Any]) -> str | None:
@@ -123,10 +138,17 @@ def _sites(summary: Mapping[str, Any]) -> str | None:
     sites = summary.get("final-sites")
     if not sites:
         return None
-    return (
+    text = (
         f"sites video-acc mean {sites['mean']:.4f}, worst {sites['worst']:.4f} ({sites['worst-site']}) "
         f"over {len(sites['sites'])}"
     )
+    personal = sites.get("personal")
+    if personal:
+        text += (
+            f"; personal models mean {personal['mean']:.4f}, worst {personal['worst']:.4f} "
+            f"({personal['worst-site']}) over {personal['sites']}"
+        )
+    return text
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:

@@ -45,12 +45,14 @@ def train_epochs(
     log_prefix: str = "",
     proximal_mu: float = 0.0,
     gradient_correction: Mapping[str, torch.Tensor] | None = None,
+    proximal_anchor: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` passes; returns mean loss, accuracy, clips, optimizer steps, clips/s
     and failed clips.
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 · ||w - w_start||²`` (w_start: the weights the round
-    began with), which keeps local models near the global one under non-IID data.
+    began with, or ``proximal_anchor`` by parameter name: Ditto pulls a personal model towards the
+    global one), which keeps local models near the global one under non-IID data.
     ``gradient_correction`` (parameter name → tensor) is added to each named parameter's gradient
     before every step: SCAFFOLD's ``c − cᵢ``.
     """
@@ -62,7 +64,15 @@ def train_epochs(
         if p.requires_grad and gradient_correction is not None and name in gradient_correction
     ]
     steps = 0
-    anchor = [p.detach().clone() for p in trainable] if proximal_mu > 0 else []
+    anchor: list[torch.Tensor] = []
+    if proximal_mu > 0:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        anchor = [
+            p.detach().clone()
+            if proximal_anchor is None
+            else torch.as_tensor(proximal_anchor[name]).to(p.device, p.dtype)
+            for name, p in named
+        ]
     seen = correct = failed = 0
     loss_sum = 0.0
     start = last_log = time.perf_counter()

@@ -259,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="fedvideo export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
+    parser.add_argument(
+        "--site", type=int, default=None, help="a personalized run: this site's personal model (its partition id)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="with --site: the SuperNode's state-dir holding it"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--samples", type=int, default=16, help="clips for the agreement check (default 16)")
     parser.add_argument(
@@ -269,20 +275,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--latency-runs", type=int, default=10, help="timed runs per artifact (default 10)")
     args = parser.parse_args(argv)
+    if args.state_dir is not None and args.site is None:
+        parser.error("--state-dir names where a site's personal model is: it needs --site")
     if args.samples < 1 or args.latency_runs < 1:
         parser.error("--samples and --latency-runs must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fedapp.client.personal import PersonalStateError
     from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
     from fedapp.task.config import ConfigError
     from fedapp.task.models import ModelError
 
     try:
-        model, classes, cfg = model_from_checkpoint(args.checkpoint)
+        model, classes, cfg = model_from_checkpoint(args.checkpoint, args.site, args.state_dir)
         if args.videos:
             clips = sample_clips_from_videos(cfg, args.videos, args.samples)
         else:
             clips = synthetic_sample_clips(cfg, args.samples)
-    except (CheckpointError, ConfigError, ModelError, ExportError, OSError) as error:
+    except (CheckpointError, ConfigError, ModelError, PersonalStateError, ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report = export_model(model, cfg, classes, args.out, clips, args.latency_runs)

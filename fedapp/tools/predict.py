@@ -57,20 +57,29 @@ def main(argv: list[str] | None = None) -> int:
         prog="fedvideo predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder or run folder")
+    parser.add_argument(
+        "--site", type=int, default=None, help="a personalized run: this site's personal model (its partition id)"
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, help="with --site: the SuperNode's state-dir holding it"
+    )
     parser.add_argument("videos", nargs="+", help="video files to classify")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per video (default 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per video")
     args = parser.parse_args(argv)
+    if args.state_dir is not None and args.site is None:
+        parser.error("--state-dir names where a site's personal model is: it needs --site")
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from fedapp.client.personal import PersonalStateError
     from fedapp.server.checkpoint import CheckpointError, model_from_checkpoint
     from fedapp.task.config import ConfigError
     from fedapp.task.models import ModelError
 
     try:
-        model, classes, cfg = model_from_checkpoint(args.checkpoint)
-    except (CheckpointError, ConfigError, ModelError, OSError) as error:
+        model, classes, cfg = model_from_checkpoint(args.checkpoint, args.site, args.state_dir)
+    except (CheckpointError, ConfigError, ModelError, PersonalStateError, OSError) as error:
         print(f"cannot load checkpoint {args.checkpoint}: {error}", file=sys.stderr)
         return 2
     entries = predict_many(model, cfg, classes, args.videos, args.top_k)
