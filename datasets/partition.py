@@ -170,8 +170,10 @@ def partition_samples(
     seed: int,
     alpha: float = 0.5,
     k: int = 2,
+    min_per_partition: int = 1,
 ) -> list[list[int]]:
-    """Partition videos with ``method`` (one of METHODS); ``groups`` is used by "groups" only."""
+    """Partition videos with ``method`` (one of METHODS); ``groups`` is used by "groups" only,
+    ``min_per_partition`` by "dirichlet" only."""
     method = method.replace("_", "-")
     if method not in METHODS:
         raise PartitionError(f"unknown partition method {method!r}; choose one of {METHODS}")
@@ -179,7 +181,7 @@ def partition_samples(
     if method == "iid":
         return partition_iid(len(labels), num_partitions, seed)
     if method == "dirichlet":
-        return partition_dirichlet(labels, num_partitions, alpha, seed)
+        return partition_dirichlet(labels, num_partitions, alpha, seed, min_per_partition)
     if method == "k-classes":
         return partition_k_classes(labels, num_partitions, k, seed)
     if len(groups) != len(labels):

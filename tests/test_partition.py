@@ -276,3 +276,16 @@ def test_splits_equal_the_former_per_client_loops(trial: int, monkeypatch) -> No
     minimum = 2 if len(labels) >= 2 * clients else 1
     parts = partition_dirichlet(labels, clients, alpha=0.05, seed=trial, min_per_partition=minimum)
     assert parts == _reference_dirichlet_refill(draws[-1], minimum)
+
+
+def test_min_partition_videos_sizes_every_skewed_site_and_its_test_videos():
+    """``min-partition-videos``: at Dirichlet 0.1 every site gets that many training videos, and its
+    test videos (which follow its labels) scale with them: what per-site figures need."""
+    plain = partition_samples(LABELS, GROUPS, "dirichlet", 8, seed=1, alpha=0.1)
+    assert min(map(len, plain)) < 20  # the draw alone leaves small sites
+    parts = partition_samples(LABELS, GROUPS, "dirichlet", 8, seed=1, alpha=0.1, min_per_partition=40)
+    _check_valid(parts, 8, len(LABELS))
+    assert min(map(len, parts)) >= 40
+    test_labels = [c for c in range(NUM_CLASSES) for _ in range(50)]
+    assert min(map(len, follow_partition(LABELS, parts, test_labels, seed=2))) >= 35
+    assert np.mean([len({LABELS[i] for i in p}) for p in parts]) < 5  # still skewed

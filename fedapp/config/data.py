@@ -37,6 +37,8 @@ DATA = Owner(
         Key("partitioning", "iid", "how training videos are split among clients", choices=PARTITION_METHODS),
         Key("dirichlet-alpha", 0.5, "Dirichlet concentration (smaller: more skewed)", low=0.0, low_open=True,
             when=lambda c: c.partitioning == "dirichlet", needs='partitioning="dirichlet"'),
+        Key("min-partition-videos", 1, "fewest training videos a site gets (Dirichlet redraws, then moves videos)",
+            low=1, when=lambda c: c.partitioning == "dirichlet", needs='partitioning="dirichlet"'),
         Key("classes-per-client", 2, "classes each client holds", low=1,
             when=lambda c: c.partitioning == "k-classes", needs='partitioning="k-classes"'),
         Key("partition-seed", 42, "seeds the partition"),

@@ -137,6 +137,7 @@ def partition_key(cfg: AppConfig, index: VideoIndex, num_partitions: int) -> tup
         cfg.partitioning,
         cfg.partition_seed,
         cfg.dirichlet_alpha,
+        cfg.min_partition_videos,
         cfg.classes_per_client,
         num_partitions,
     )
@@ -159,6 +160,7 @@ def federation_partition(
         seed=cfg.partition_seed,
         alpha=cfg.dirichlet_alpha,
         k=cfg.classes_per_client,
+        min_per_partition=cfg.min_partition_videos,
     )
     test_parts = follow_partition(
         [s.label for s in index.train], train_parts, [s.label for s in index.test], cfg.partition_seed + 1
