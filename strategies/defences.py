@@ -15,6 +15,10 @@
   diluted by the honest neighbours it has to take in.
 - :func:`bound_update_norms` — norm bounding (Sun et al. 2019): scale each update to L2 norm
   ≤ M before any rule, which caps what a boosted (model-replacement) update can do.
+- :func:`adaptive_robust_clipping` — ARC (Allouah et al., ICLR 2025): clip the k = ⌊2(f/n)(n − f)⌋
+  largest updates to the norm of the (k+1)-th largest. Unlike a fixed norm bound the threshold
+  follows the round's own honest norms, which keeps a robust rule's guarantees under heterogeneous
+  sites (where a fixed bound either clips honest sites or lets attackers through).
 
 Norms and distances are over the learnable parameters (:func:`strategies.fusion.is_parameter`);
 BatchNorm statistics and counters follow each rule's choice, as documented per function.
@@ -241,3 +245,40 @@ def bound_update_norm(
             bounded = base + scale * (np.asarray(value, dtype=np.float64) - base)
             out[key] = cast_like(bounded, np.asarray(value).dtype)
     return out, norm
+
+
+# --- adaptive robust clipping --------------------------------------------------------------------
+
+
+def arc_clipped_count(num_updates: int, num_malicious: int) -> int:
+    """ARC's k = ⌊2·(f/n)·(n − f)⌋, at most n − 1 (one update always sets the threshold)."""
+    if num_updates < 1:
+        return 0
+    k = math.floor(2 * num_malicious / num_updates * (num_updates - num_malicious))
+    return max(0, min(k, num_updates - 1))
+
+
+def adaptive_robust_clipping(
+    models: Sequence[Mapping[str, np.ndarray]], center: Mapping[str, np.ndarray], num_malicious: int
+) -> tuple[list[dict[str, np.ndarray]], float, list[int]]:
+    """ARC: ``(models with the k largest updates clipped to the (k+1)-th largest norm, that norm,
+    the indices clipped)``. Updates are ``model − center`` over learnable parameters; the rest of
+    each model passes through as in :func:`bound_update_norm`."""
+    if not center:
+        raise ValueError("adaptive robust clipping needs the global model the updates are taken from")
+    norms = np.array([update_norm(m, center) for m in models])
+    k = arc_clipped_count(len(models), num_malicious)
+    if k == 0:
+        return [dict(m) for m in models], float(norms.max(initial=0.0)), []
+    order = np.argsort(-norms, kind="stable")  # largest first; ties keep the reply order
+    threshold = float(norms[order[k]])
+    clipped = sorted(int(i) for i in order[:k] if norms[i] > threshold)
+    out = [dict(m) for m in models]
+    for i in clipped:
+        out[i] = bound_update_norm(models[i], center, threshold)[0] if threshold > 0 else _at(center, models[i])
+    return out, threshold, clipped
+
+
+def _at(center: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model`` with its learnable parameters set to the center's (an update clipped to norm 0)."""
+    return {k: (np.array(center[k], copy=True) if k in center and is_parameter(k, v) else v) for k, v in model.items()}

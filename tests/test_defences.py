@@ -491,3 +491,56 @@ def test_config_defaults_and_refusals():
         with pytest.raises(ConfigError, match=message):
             parse_config(run_config, check_paths=False)
     assert parse_config({"norm-bound": 2.0}, check_paths=False).norm_bound == 2.0  # acts with every strategy
+
+
+# --- adaptive robust clipping (ARC) -----------------------------------------------------------------
+
+
+def arc_reference(updates: list[np.ndarray], f: int) -> list[np.ndarray]:
+    """ARC as Allouah et al. (ICLR 2025, Algorithm 2) write it, on flat update vectors."""
+    n = len(updates)
+    k = math.floor(2 * (f / n) * (n - f))
+    norms = sorted((np.linalg.norm(u) for u in updates), reverse=True)
+    c = norms[k]
+    return [u * min(1.0, c / np.linalg.norm(u)) for u in updates]
+
+
+@pytest.mark.parametrize(("seed", "n", "f"), [(0, 10, 3), (1, 7, 2), (2, 5, 1), (3, 10, 1)])
+def test_arc_equals_the_papers_algorithm(seed, n, f):
+    from strategies.defences import adaptive_robust_clipping, arc_clipped_count
+
+    rng = np.random.default_rng(seed)
+    center = random_models(rng, 1, with_bn=True)[0]
+    models = [
+        {k: (center[k] + rng.uniform(0.1, 5) * v) if k in PARAMS else v for k, v in m.items()}
+        for m in random_models(rng, n, with_bn=True)
+    ]
+    clipped, threshold, indices = adaptive_robust_clipping(models, center, f)
+    expected = arc_reference([vec(m) - vec(center) for m in models], f)
+    for got, want, original in zip(clipped, expected, models):
+        np.testing.assert_allclose(vec(got) - vec(center), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got["bn.running_var"], original["bn.running_var"])  # statistics pass
+    k = math.floor(2 * (f / n) * (n - f))
+    assert len(indices) == k == arc_clipped_count(n, f)
+    assert threshold == pytest.approx(sorted(np.linalg.norm(vec(m) - vec(center)) for m in models)[n - k - 1])
+
+
+def test_arc_bounds_boosted_attackers_through_the_strategy_and_is_recorded():
+    from strategies.transforms.arc import AdaptiveRobustClipping
+
+    rng = np.random.default_rng(4)
+    global_model = random_models(rng, 1)[0]
+    honest = [{k: v + 0.01 * rng.normal(size=v.shape).astype(v.dtype) for k, v in global_model.items()}
+              for _ in range(7)]  # fmt: skip
+    boosted = [{k: v - 100.0 for k, v in global_model.items()} for _ in range(3)]
+    strategy = prepared(VideoStrategy(transforms=[AdaptiveRobustClipping(3)], min_train_nodes=1), global_model)
+    report = strategy.train_round(1, replies([*honest, *boosted]))
+    arc = report.fusion["arc"]
+    assert set(arc["clipped-nodes"]) >= {8, 9, 10}  # k = ⌊2·0.3·7⌋ = 4: the attackers and the largest honest
+    honest_norms = [np.linalg.norm(vec(h) - vec(global_model)) for h in honest]
+    assert arc["threshold"] <= max(honest_norms) + 1e-6
+    # Three boosted sign flips move the mean by at most 3/10 of an honest norm, instead of 30.
+    assert np.linalg.norm(vec(report.arrays) - vec(global_model)) <= 0.3 * max(honest_norms) + 0.01 * 5
+    assert not parse_config({}, check_paths=False).arc_malicious
+    with pytest.raises(ConfigError, match="arc-malicious"):
+        parse_config({"arc-malicious": -1}, check_paths=False)
