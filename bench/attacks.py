@@ -7,8 +7,9 @@ name an attack (``fedvideo run`` refuses ``attack`` as an unknown key). Benchmar
 - ``attack``: ``sign-flip`` / ``noise`` (the update ``start ± attack-scale × delta``, or Gaussian
   noise of ``attack-scale`` × the delta's std, on learnable parameters), ``label-flip`` (trains on
   labels ``C − 1 − y``), ``free-rider`` (sends the global model back untrained), or an omniscient
-  colluding attack ``alie`` / ``ipm`` / ``min-max`` / ``min-sum`` (the attacker trains honestly and
-  marks its reply; the server-side stage ``strategies.attacks.ColludingAttack`` forges the model);
+  colluding attack ``alie`` / ``ipm`` / ``min-max`` / ``min-sum`` / ``fltrust-adaptive`` (the
+  attacker trains honestly and marks its reply; the server-side stage
+  ``strategies.attacks.ColludingAttack`` forges the model; the last only against FLTrust);
 - ``attack-fraction``: the first ``round(fraction × N)`` partitions attack;
 - ``attack-scale``, ``attack-z`` (ALIE's z; 0: the paper's z_max), ``attack-epsilon`` (IPM's ε).
 
@@ -65,6 +66,10 @@ class AttackPlan:
             # Server-side DP clips inside Flower's wrapper before the inner strategy (where the tool
             # forges) aggregates: the forged model would skip the clipping real replies get.
             raise ValueError(f'attack={self.attack!r} is not simulated with dp={cfg.dp!r}: set dp="none"')
+        if self.attack == "fltrust-adaptive" and not (cfg.strategy == "fusion" and cfg.fusion_fn == "fltrust"):
+            raise ValueError(
+                'attack="fltrust-adaptive" is FLTrust\'s own adaptive attack: run it with fusion-fn="fltrust"'
+            )
         if round(self.fraction * num_nodes) == 0:
             raise ValueError(
                 f"attack={self.attack!r} with attack-fraction={self.fraction}: round({self.fraction} × {num_nodes} "

@@ -15,6 +15,10 @@
   diluted by the honest neighbours it has to take in.
 - :func:`bound_update_norms` — norm bounding (Sun et al. 2019): scale each update to L2 norm
   ≤ M before any rule, which caps what a boosted (model-replacement) update can do.
+- :func:`fltrust` — FLTrust (Cao, Fang, Liu, Gong, NDSS 2021): the server trains the global model
+  on a small clean root set it holds; each client's update gets the trust ``ReLU(cos(gᵢ, g₀))``
+  against the server's update g₀ and is rescaled to ‖g₀‖, so neither direction nor size alone
+  lets an attacker steer the mean.
 - :func:`adaptive_robust_clipping` — ARC (Allouah et al., ICLR 2025): clip the k = ⌊2(f/n)(n − f)⌋
   largest updates to the norm of the (k+1)-th largest. Unlike a fixed norm bound the threshold
   follows the round's own honest norms, which keeps a robust rule's guarantees under heterogeneous
@@ -282,3 +286,45 @@ def adaptive_robust_clipping(
 def _at(center: Mapping[str, np.ndarray], model: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``model`` with its learnable parameters set to the center's (an update clipped to norm 0)."""
     return {k: (np.array(center[k], copy=True) if k in center and is_parameter(k, v) else v) for k, v in model.items()}
+
+
+# --- FLTrust -------------------------------------------------------------------------------------
+
+
+def fltrust(
+    models: Sequence[Mapping[str, np.ndarray]],
+    center: Mapping[str, np.ndarray],
+    root_model: Mapping[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], list[float], float]:
+    """``(merged model, trust score per model, ‖g₀‖)``. With ``gᵢ = modelᵢ − center`` and
+    ``g₀ = root_model − center`` over the learnable parameters, the merged update is
+    ``Σ TSᵢ·(‖g₀‖/‖gᵢ‖)·gᵢ / Σ TSᵢ`` with ``TSᵢ = max(0, cos(gᵢ, g₀))``. BatchNorm statistics and
+    counters are the trust-weighted mean of the models' own. Raises ValueError when no update is
+    trusted (every cosine ≤ 0, or a zero server update): the caller keeps the global model."""
+    keys = [k for k, v in center.items() if is_parameter(k, v)]
+    if not keys:
+        raise ValueError("FLTrust needs the global model the updates are taken from")
+    flat_center = np.concatenate([np.asarray(center[k], np.float64).ravel() for k in keys])
+    g0 = np.concatenate([np.asarray(root_model[k], np.float64).ravel() for k in keys]) - flat_center
+    root_norm = float(np.linalg.norm(g0))
+    if root_norm == 0.0:
+        raise ValueError("the server's root-set update is zero: no direction to trust")
+    scores, merged = [], np.zeros_like(g0)
+    for model in models:
+        g = np.concatenate([np.asarray(model[k], np.float64).ravel() for k in keys]) - flat_center
+        norm = float(np.linalg.norm(g))
+        score = max(0.0, float(g @ g0) / (norm * root_norm)) if norm > 0 else 0.0
+        scores.append(score)
+        if score > 0:
+            merged += (score * root_norm / norm) * g
+    total = sum(scores)
+    if total <= 0:
+        raise ValueError(f"FLTrust trusted none of the {len(models)} updates (no positive cosine with the server's)")
+    out = weighted_average((m, s) for m, s in zip(models, scores) if s > 0)  # statistics and counters
+    merged = flat_center + merged / total
+    offset = 0
+    for k in keys:
+        size = int(np.asarray(center[k]).size)
+        out[k] = cast_like(merged[offset : offset + size].reshape(np.shape(center[k])), np.asarray(center[k]).dtype)
+        offset += size
+    return out, scores, root_norm

@@ -193,10 +193,10 @@ def test_inprocess_alie_attacker_sends_the_alie_model(small_run_config, tmp_path
     seen = {}
     original = ColludingAttack.forge
 
-    def spy(self, updates, start):
+    def spy(self, updates, start, server_round=0):
         seen["before"] = copy.deepcopy([(u.nodes[0], dict(u.metrics), u.model) for u in updates])
         seen["start"] = {k: v.copy() for k, v in start.items()}
-        info = original(self, updates, start)
+        info = original(self, updates, start, server_round)
         seen["after"] = {u.nodes[0]: u.model for u in updates}
         return info
 

@@ -30,6 +30,7 @@ from fedapp.server.checkpoint import (
 )
 from fedapp.server.report import TensorBoardLog, write_final_report
 from fedapp.server.results import RunFolderError, RunResults, WriterLock
+from fedapp.server.root_set import RootTrainer, root_samples
 from fedapp.server.rounds import (
     RunState,
     Strategy,
@@ -130,7 +131,9 @@ def run_federation(
     evaluator = CentralEvaluator(cfg, model, index, device) if cfg.central_eval else None
     feddf = cfg.strategy == "fusion" and cfg.fusion_fn == "feddf"
     distiller = make_distiller(cfg, len(index.classes), device) if feddf else None
-    strategy = build_strategy(cfg, distiller, extra_transforms)
+    fltrust = cfg.strategy == "fusion" and cfg.fusion_fn == "fltrust"
+    root_trainer = RootTrainer(cfg, len(index.classes), root_samples(cfg, index), device) if fltrust else None
+    strategy = build_strategy(cfg, distiller, extra_transforms, root_trainer)
     state = start_run(cfg, results, strategy, model, index.classes, evaluator, checkpoint, started)
     if cfg.deterministic:
         # Flower's node sampling draws from Python's `random`: seeded per run (and resume point), it

@@ -24,12 +24,19 @@ Distiller = Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
 def build_strategy(
-    cfg: AppConfig, distiller: Distiller | None = None, extra_transforms: Sequence[Transform] = ()
+    cfg: AppConfig,
+    distiller: Distiller | None = None,
+    extra_transforms: Sequence[Transform] = (),
+    root_trainer: Any = None,
 ) -> VideoStrategy | PrivateStrategy:
     """The strategy ``cfg`` composes, inside Flower's DP wrapper when ``dp`` is on.
+    ``distiller`` / ``root_trainer``: what the server built for FedDF / FLTrust.
     ``extra_transforms``: stages no run config selects (the attack test tool of benchmarks,
-    ``bench/attacks.py``)."""
-    resources = {"distiller": distiller}
+    ``bench/attacks.py``); one with a ``bind`` method is given the same resources."""
+    resources = {"distiller": distiller, "root_trainer": root_trainer}
+    for transform in extra_transforms:
+        if hasattr(transform, "bind"):
+            transform.bind(resources)
     transforms = [cls.from_config(cfg, resources) for cls in registered("transform").values() if cls.active(cfg)]
     strategy = VideoStrategy(
         aggregator=build_aggregator(cfg, resources),
