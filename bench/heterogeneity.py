@@ -47,17 +47,30 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedbn": {"strategy": "fedavg", "fedbn": True},
     "fedavg-sgd": {"strategy": "fedavg", **SGD},
     "scaffold": {"strategy": "fedavg", "scaffold": True, **SGD},
+    # FedDF: the server distils the clients' ensemble on unlabeled synthetic clips of another seed.
+    "feddf": {"strategy": "fusion", "fusion-fn": "feddf"},
+    # Personalization: each site is scored with the model it keeps (fedapp.client.personal).
+    "fedper": {"strategy": "fedavg", "personalization": "fedper"},
+    "fedrep": {"strategy": "fedavg", "personalization": "fedrep", "personal-epochs": 2},
+    "ditto": {"strategy": "fedavg", "personalization": "ditto", "ditto-lambda": 0.1, "personal-epochs": 2},
 }
 
 
 BASELINE = "fedavg"  # what every method's paired difference is taken to
+# What makes two grid runs one grid (merged only when equal), and the measures of every run.
+SETTING = ("rounds", "clients", "seeds", "classes", "videos_per_class", "min_partition_videos")
+MEASURES = ("central-video-accuracy", "site-mean-video-accuracy", "worst-site-video-accuracy")
 
 
 def run_config(args: argparse.Namespace, partitioning: str, method: str, seed: int, clip_cache: str) -> dict[str, Any]:
     """The run config of one cell and seed; the seed drives the initial model, data order and split."""
+    sizing = {"min-partition-videos": args.min_partition_videos} if partitioning.startswith("dirichlet") else {}
     return {
         **comparison_config(args.rounds, args.clients, args.cache_dir),
         **SMALL,
+        "synthetic-classes": args.classes,
+        "synthetic-videos-per-class": args.videos_per_class,
+        **sizing,
         "fraction-evaluate": 1.0,  # every site scores the global model on its own test videos
         "min-evaluate-nodes": args.clients,
         "clip-cache-dir": clip_cache,
@@ -76,9 +89,11 @@ def run_grid(
     """Every partitioning × method × seed of ``args``; ``save`` gets the result so far after every
     run (``"partial": true`` until the last)."""
     started = time.perf_counter()
-    setting = {k: v for k, v in vars(args).items() if k in ("rounds", "clients", "seeds")}
+    setting = {k: v for k, v in vars(args).items() if k in SETTING}
     central: dict[str, dict[str, list[float]]] = {}
+    site_mean: dict[str, dict[str, list[float]]] = {}
     worst: dict[str, dict[str, list[float]]] = {}
+    smallest: dict[str, int] = {}
     curves: dict[str, list[float]] = {}
 
     def result(partial: bool) -> dict[str, Any]:
@@ -87,15 +102,17 @@ def run_grid(
             "partial": partial,
             "commands": [{"command": command.strip(), "wall-time-s": time.perf_counter() - started}],
             "central-video-accuracy": central,
+            "site-mean-video-accuracy": site_mean,
             "worst-site-video-accuracy": worst,
+            "fewest-test-videos-per-site": smallest,
             "video-accuracy-per-round": curves,
         }
 
     with tempfile.TemporaryDirectory() as tmp:
         for partitioning in args.partitionings:
             for method in args.methods:
-                central.setdefault(partitioning, {})[method] = []
-                worst.setdefault(partitioning, {})[method] = []
+                for table in (central, site_mean, worst):
+                    table.setdefault(partitioning, {})[method] = []
                 for seed in args.seeds:
                     config = run_config(args, partitioning, method, seed, str(Path(tmp) / "clips"))
                     cell = time.perf_counter()
@@ -105,17 +122,28 @@ def run_grid(
                     sites = site_figures([r for r in results.rounds if r.get("round", 0) >= 1])
                     if sites is None or len(sites["sites"]) < args.clients:
                         raise SystemExit(f"{name}: not every site evaluated in the last rounds ({sites})")
+                    used = site_model_figures(sites)
                     central[partitioning][method].append(accuracy[-1])
-                    worst[partitioning][method].append(sites["worst"])
+                    site_mean[partitioning][method].append(used["mean"])
+                    worst[partitioning][method].append(used["worst"])
+                    fewest = min(int(site["num-videos"]) for site in sites["sites"])
+                    smallest[f"{partitioning}-{seed}"] = fewest  # the same split for every method of a seed
                     curves[name] = accuracy
                     print(
                         f"{partitioning:>13} | {method:<11} | seed {seed} | central {accuracy[-1]:.3f} | "
-                        f"worst site {sites['worst']:.3f} | {time.perf_counter() - cell:.0f} s",
+                        f"sites mean {used['mean']:.3f} worst {used['worst']:.3f} (fewest test videos {fewest}) | "
+                        f"{time.perf_counter() - cell:.0f} s",
                         flush=True,
                     )
                     if save is not None:
                         save(result(partial=True))
     return result(partial=False)
+
+
+def site_model_figures(sites: dict[str, Any]) -> dict[str, float]:
+    """Mean and worst over the sites of the model each site uses: its personal model where it has
+    one (personalization), else the global model, each on the site's own test videos."""
+    return sites["personal"] if sites.get("personal") else {"mean": sites["mean"], "worst": sites["worst"]}
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -127,58 +155,78 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "partial": any(p.get("partial", False) for p in parts),
         "commands": [c for p in parts for c in p["commands"]],
         "video-accuracy-per-round": {k: v for p in parts for k, v in p["video-accuracy-per-round"].items()},
+        "fewest-test-videos-per-site": {
+            k: v for p in parts for k, v in p.get("fewest-test-videos-per-site", {}).items()
+        },
     }
-    for measure in ("central-video-accuracy", "worst-site-video-accuracy"):
+    for measure in MEASURES:
         table: dict[str, dict[str, list[float]]] = {}
         for part in parts:
-            for partitioning, by_method in part[measure].items():
+            for partitioning, by_method in part.get(measure, {}).items():
                 table.setdefault(partitioning, {}).update(by_method)
         merged[measure] = table
     return merged
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """Methods as rows, partitionings as columns; each cell central / worst site, mean ± std."""
+    """Methods as rows, partitionings as columns; each cell mean ± std over the seeds: the central
+    test accuracy of the global model, then over the sites (each with the model it uses, on its own
+    test videos) the mean and the worst; then paired differences to FedAvg."""
     setting = result["setting"]
     seeds = len(setting["seeds"])
+    classes = setting.get("classes", 8)
     commands = "; ".join(f"`{c['command']}` ({c['wall-time-s'] / 60:.0f} min)" for c in result["commands"])
-    central, worst = result["central-video-accuracy"], result["worst-site-video-accuracy"]
+    central = result["central-video-accuracy"]
     partitionings = sorted(central, key=_skew_order)
     methods = list(dict.fromkeys(m for by_method in central.values() for m in by_method))
+    fewest = result.get("fewest-test-videos-per-site") or {}
     lines = [
         f"Video accuracy after {setting['rounds']} rounds, mean ± std over seeds {setting['seeds']} "
-        f"({setting['clients']} clients, tiny3d, small synthetic setting of bench/robustness.py; chance 0.125): "
-        "the central test accuracy, then the worst site's accuracy on its own test videos. "
-        f"Run on this machine (2 cores) as {commands}.",
+        f"({setting['clients']} clients, tiny3d, {classes} synthetic classes of "
+        f"{setting.get('videos_per_class', 35)} videos, Dirichlet sites of >= "
+        f"{setting.get('min_partition_videos', 1)} training videos; chance {1 / classes:.3f}). "
+        "Central: the global model on the server's test split. Sites: each site's accuracy on its own test "
+        "videos (which follow its training labels) with the model it uses: its personal model under "
+        "personalization, else the global one. "
+        + (f"Fewest test videos of any site: {min(fewest.values())}. " if fewest else "")
+        + f"Run on this machine (2 cores) as {commands}.",
         "",
     ]
     if result.get("partial"):
         lines += ["**Partial**: stopped before the grid finished; (n=k) marks k seeds.", ""]
-    for title, table in (("central", central), ("worst site", worst)):
-        lines += [f"**{title}**", "", "| method | " + " | ".join(partitionings) + " |"]
+    titles = {"central-video-accuracy": "central", "site-mean-video-accuracy": "sites, mean",
+              "worst-site-video-accuracy": "worst site"}  # fmt: skip
+    for measure in MEASURES:
+        table = result.get(measure)
+        if not table:
+            continue
+        lines += [f"**{titles[measure]}**", "", "| method | " + " | ".join(partitionings) + " |"]
         lines.append("|---|" + "---|" * len(partitionings))
         for method in methods:
-            cells = [cell_text(table[p].get(method), seeds) for p in partitionings]
+            cells = [cell_text(table.get(p, {}).get(method), seeds) for p in partitionings]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     if BASELINE in methods:
-        lines += paired_table(central, partitionings, [m for m in methods if m != BASELINE], seeds)
+        others = [m for m in methods if m != BASELINE]
+        for measure in ("central-video-accuracy", "site-mean-video-accuracy"):
+            if result.get(measure):
+                lines += paired_table(result[measure], titles[measure], partitionings, others, seeds)
     return "\n".join(lines)
 
 
 def paired_table(
-    central: dict[str, dict[str, list[float]]], partitionings: list[str], methods: list[str], seeds: int
+    table: dict[str, dict[str, list[float]]], measure: str, partitionings: list[str], methods: list[str], seeds: int
 ) -> list[str]:
-    """Each method's central accuracy minus FedAvg's on the same seed: mean [95 % interval] verdict."""
+    """Each method's figure minus FedAvg's on the same seed: mean [95 % interval] verdict."""
     title = (
-        f"**central, paired difference to {BASELINE}** (per seed, same partition, initial model and data "
+        f"**{measure}, paired difference to {BASELINE}** (per seed, same partition, initial model and data "
         f'order; mean [95 % t-interval] over {seeds} seeds; "no difference" where the interval holds 0)'
     )
     rows = []
     for method in methods:
         cells = []
         for p in partitionings:
-            values, baseline = central[p].get(method), central[p].get(BASELINE)
+            values, baseline = table.get(p, {}).get(method), table.get(p, {}).get(BASELINE)
             cells.append(paired_difference(values, baseline).text() if values and baseline else "—")
         rows.append((method, cells))
     return table_lines(title, "method", partitionings, rows)
@@ -198,8 +246,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    measures = (("central-video-accuracy", "central"), ("worst-site-video-accuracy", "worst site"))
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7), squeeze=False)
+    measures = [(k, t) for k, t in (("central-video-accuracy", "central"), ("site-mean-video-accuracy", "sites, mean"),
+                ("worst-site-video-accuracy", "worst site")) if result.get(k)]  # fmt: skip
+    chance = 1 / result["setting"].get("classes", 8)
+    fig, axes = plt.subplots(len(measures), 1, figsize=(11, 3.5 * len(measures)), squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], measures):
         table = result[key]
         partitionings = sorted(table, key=_skew_order)
@@ -215,7 +265,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 label=method,
                 capsize=2,
             )
-        ax.axhline(0.125, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(np.arange(len(partitionings)) + 0.4 - width / 2, partitionings)
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"{title} video accuracy")
@@ -233,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--partitionings", nargs="+", default=list(PARTITIONINGS), choices=list(PARTITIONINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--classes", type=int, default=8, help="synthetic classes")
+    parser.add_argument("--videos-per-class", type=int, default=35)
+    parser.add_argument("--min-partition-videos", type=int, default=1, help="fewest training videos per Dirichlet site")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")

@@ -147,25 +147,38 @@ def test_robustness_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
 
 
 def test_heterogeneity_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
-    """The label skew × method table: central and worst-site cells, mean ± std over the seeds."""
+    """The label skew × method table: central, sites' mean and worst-site cells, mean ± std over the
+    seeds, then paired differences to FedAvg; a personalized method's sites use their own models."""
     from bench import heterogeneity
 
     args = ["--clients", "3", "--rounds", "1", "--seeds", "0", "1", "--threads", "1"]
-    args += ["--partitionings", "dirichlet-0.3", "--methods", "fedavg", "scaffold"]
+    args += ["--partitionings", "dirichlet-0.3", "--methods", "fedavg", "fedper", "--min-partition-videos", "4"]
     assert heterogeneity.main([*args, "--out", str(tmp_path), "--cache-dir", str(cache_dir)]) == 0
     table = (tmp_path / "heterogeneity.md").read_text()
-    assert "**central**" in table and "**worst site**" in table
-    rows = [line for line in table.splitlines() if line.startswith(("| fedavg |", "| scaffold |"))]
-    assert len(rows) == 5 and all(row.count(" ± ") == 1 for row in rows[:4])
-    # then scaffold's paired difference to fedavg on the same 2 seeds: mean [95 % interval] verdict
+    assert "**central**" in table and "**sites, mean**" in table and "**worst site**" in table
+    rows = [line for line in table.splitlines() if line.startswith(("| fedavg |", "| fedper |"))]
+    assert len(rows) == 8 and all(row.count(" ± ") == 1 for row in rows[:6])
+    # then fedper's paired difference to fedavg on the same 2 seeds: mean [95 % interval] verdict
     assert "**central, paired difference to fedavg**" in table
-    assert re.fullmatch(r"\| scaffold \| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] [a-z ]+ \|", rows[4])
+    assert "**sites, mean, paired difference to fedavg**" in table
+    for row in rows[6:]:
+        assert re.fullmatch(r"\| fedper \| [+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\] [a-z ]+ \|", row)
     raw = json.loads((tmp_path / "heterogeneity.json").read_text())
-    for measure in ("central-video-accuracy", "worst-site-video-accuracy"):
+    for measure in heterogeneity.MEASURES:
         assert all(len(v) == 2 for v in raw[measure]["dirichlet-0.3"].values())  # one per seed
     central, worst = raw["central-video-accuracy"], raw["worst-site-video-accuracy"]
     assert all(0 <= w <= 1 for w in worst["dirichlet-0.3"]["fedavg"]) and central
+    assert set(raw["fewest-test-videos-per-site"]) == {"dirichlet-0.3-0", "dirichlet-0.3-1"}
     assert (tmp_path / "heterogeneity.png").stat().st_size > 0
+
+
+def test_site_figures_use_the_personal_model_where_a_site_has_one() -> None:
+    from bench.heterogeneity import site_model_figures
+
+    plain = {"mean": 0.4, "worst": 0.1, "sites": []}
+    assert site_model_figures(plain) == {"mean": 0.4, "worst": 0.1}
+    personal = {**plain, "personal": {"mean": 0.9, "worst": 0.7, "sites": 3, "worst-site": "partition 2"}}
+    assert site_model_figures(personal)["mean"] == 0.9
 
 
 def test_every_heterogeneity_cell_is_a_valid_run_config() -> None:
@@ -174,7 +187,8 @@ def test_every_heterogeneity_cell_is_a_valid_run_config() -> None:
     from bench import heterogeneity
     from fedapp.task.config import parse_config
 
-    args = argparse.Namespace(clients=10, rounds=20, threads=1, cache_dir="")
+    args = argparse.Namespace(clients=10, rounds=20, threads=1, cache_dir="", classes=8, videos_per_class=35,
+                              min_partition_videos=1)  # fmt: skip
     for partitioning in heterogeneity.PARTITIONINGS:
         for method in heterogeneity.METHODS:
             cfg = parse_config(heterogeneity.run_config(args, partitioning, method, 0, ""), check_paths=False)
