@@ -43,6 +43,8 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "noise": {"attack": "noise", "attack-scale": 10.0},
     "label-flip": {"attack": "label-flip"},
     "free-rider": {"attack": "free-rider"},
+    # FLTrust's own adaptive attack (Cao et al. 2021): run against fusion-fn="fltrust" only.
+    "fltrust-adaptive": {"attack": "fltrust-adaptive"},
 }
 # Rules that assume f attackers get f = --attackers (below); bucketing uses s = 2 (the paper's).
 RULES: dict[str, dict[str, Any]] = {
@@ -64,6 +66,17 @@ RULES: dict[str, dict[str, Any]] = {
     # computed on, or applied to, momenta). β = 0.9, the paper's, learnt too slowly for 20 rounds here.
     "momentum+fedavg": {"strategy": "fedavg", "client-momentum": 0.5},
     "momentum+nnm+median": {"strategy": "fusion", "fusion-fn": "median", "nnm-malicious": "f", "client-momentum": 0.5},
+    # FLTrust on a root set of --root-videos-per-class videos per class, generated with another seed.
+    "fltrust": {"strategy": "fusion", "fusion-fn": "fltrust", "fltrust-root-dir": "root"},
+    # ARC with f = --attackers before the robust rules Allouah et al. (ICLR 2025) pair it with.
+    "arc+trimmed-mean": {"strategy": "fusion", "fusion-fn": "trimmed-mean", "trim-beta": 0.3, "arc-malicious": "f"},
+    "arc+nnm+trimmed-mean": {
+        "strategy": "fusion",
+        "fusion-fn": "trimmed-mean",
+        "trim-beta": 0.3,
+        "nnm-malicious": "f",
+        "arc-malicious": "f",
+    },
 }
 # Small enough for 2 CPU cores (~30 s a run with the clip cache) and still learning: attack-free
 # FedAvg reaches ~0.7 in 20 rounds. Measured first: 20 videos per class and one local epoch stayed
@@ -86,7 +99,7 @@ def run_config(
     args: argparse.Namespace, partitioning: str, attack: str, rule: str, seed: int, clip_cache: str = ""
 ) -> dict[str, Any]:
     """The run config of one cell and seed; the seed drives the initial model, data order and noise."""
-    f = {"f": args.attackers, "f-bulyan": min(args.attackers, (args.clients - 3) // 4)}
+    f = {"f": args.attackers, "f-bulyan": min(args.attackers, (args.clients - 3) // 4), "root": str(args.root_dir)}
     rule_config = {k: f.get(v, v) if isinstance(v, str) else v for k, v in RULES[rule].items()}
     attackers = {"attack-fraction": args.attackers / args.clients} if attack != "none" else {}
     return {
@@ -103,6 +116,22 @@ def run_config(
         "min-train-nodes": min_train_nodes(args, rule_config),
         **rule_config,
     }
+
+
+def applies(attack: str, rule: str) -> bool:
+    """Whether the grid has the cell: FLTrust's adaptive attack is run against FLTrust only."""
+    return attack != "fltrust-adaptive" or rule == "fltrust"
+
+
+def synthetic_root_set(cfg: Any, per_class: int) -> Path:
+    """A root set for FLTrust: ``per_class`` fresh videos per class of the run's synthetic task,
+    generated with another seed (none of them a train or test video of the run), as class folders."""
+    from dataclasses import replace
+
+    from datasets.synthetic import ensure_synthetic
+
+    spec = replace(cfg.synthetic_spec, seed=cfg.synthetic_spec.seed + 2_000_003, videos_per_class=per_class)
+    return ensure_synthetic(cfg.cache_path, spec) / "UCF-101"
 
 
 def min_train_nodes(args: argparse.Namespace, rule_config: dict[str, Any]) -> int:
@@ -140,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitionings", nargs="+", default=list(PARTITIONINGS), choices=list(PARTITIONINGS))
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--root-videos-per-class", type=int, default=4, help="FLTrust's root set size per class")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")
@@ -148,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of running: merge the robustness.json of earlier runs (e.g. parts run side by side)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    args.root_dir = ""
+    if "fltrust" in args.rules and not args.merge:
+        from fedapp.task.config import parse_config
+
+        cell = run_config(args, args.partitionings[0], "none", "fedavg", args.seeds[0])
+        args.root_dir = synthetic_root_set(parse_config(cell, check_paths=False), args.root_videos_per_class)
     command = "python -m bench.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.merge:
         result = merge([read_json(d / "robustness.json") for d in args.merge])
@@ -169,6 +205,8 @@ def run_grid(
     midway keeps what it finished."""
     started = time.perf_counter()
     setting = {k: v for k, v in vars(args).items() if k in ("rounds", "clients", "attackers", "seeds")}
+    if "fltrust" in args.rules:
+        setting["root-videos-per-class"] = args.root_videos_per_class
 
     def result(partial: bool) -> dict[str, Any]:
         return {
@@ -185,7 +223,7 @@ def run_grid(
         for partitioning in args.partitionings:
             for attack in args.attacks:
                 row = finals.setdefault(partitioning, {}).setdefault(attack, {})
-                for rule in args.rules:
+                for rule in (r for r in args.rules if applies(attack, r)):
                     row[rule] = []
                     for seed in args.seeds:
                         config = run_config(args, partitioning, attack, rule, seed, str(Path(tmp) / "clips"))
@@ -244,7 +282,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         f"Central test video accuracy after {setting['rounds']} rounds, mean ± std over seeds {setting['seeds']} "
         f"({setting['clients']} clients of which {setting['attackers']} attack, tiny3d, small synthetic default; "
-        f"chance 0.125). Run on this machine (2 cores) as {commands}.",
+        f"chance 0.125)"
+        + (
+            f"; FLTrust's root set: {setting['root-videos-per-class']} videos per class (generated with another seed)"
+            if "root-videos-per-class" in setting
+            else ""
+        )
+        + f". Run on this machine (2 cores) as {commands}.",
         "",
     ]
     if result.get("partial"):

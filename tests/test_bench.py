@@ -202,13 +202,18 @@ def test_every_robustness_cell_is_a_valid_run_config() -> None:
     from bench.attacks import split_attack
     from fedapp.task.config import parse_config
 
-    args = argparse.Namespace(attackers=3, clients=10, rounds=20, threads=1, cache_dir="")
+    args = argparse.Namespace(attackers=3, clients=10, rounds=20, threads=1, cache_dir="", root_dir="/root-set")
     for rule in robustness.RULES:
         for attack in robustness.ATTACKS:
+            if not robustness.applies(attack, rule):
+                assert attack == "fltrust-adaptive" and rule != "fltrust"
+                continue
             plan, run_config = split_attack(robustness.run_config(args, "iid", attack, rule, 0))
             assert (plan is None) == (attack == "none")
             cfg = parse_config(run_config, check_paths=False)
             assert cfg.nnm_malicious == (3 if rule.startswith("nnm") or "+nnm" in rule else 0)
+            assert cfg.arc_malicious == (3 if rule.startswith("arc+") else 0)
+            assert cfg.fltrust_root_dir == ("/root-set" if rule == "fltrust" else "")
             assert cfg.client_momentum == (0.5 if rule.startswith("momentum+") else 0.0)
             # rounds go on without the f replies screening may reject (free riders), Krum's 2f + 3 aside
             assert cfg.min_train_nodes == (9 if rule == "krum" else 7)

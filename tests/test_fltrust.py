@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.inprocess import run_inprocess
-from datasets.synthetic import ensure_synthetic
+from bench.robustness import synthetic_root_set
 from fedapp.server.root_set import RootTrainer, root_samples
 from fedapp.task.config import ConfigError, parse_config
 from fedapp.task.data import load_video_index
@@ -89,12 +89,6 @@ def test_the_root_set_is_required_named_by_class_and_never_the_test_split(small_
         root_samples(dataclasses.replace(cfg, fltrust_root_dir=str(tmp_path / "odd")), index)
 
 
-def root_folder(cfg, per_class: int) -> Path:
-    """A root set of the run's synthetic task drawn with another seed (no video of the run's)."""
-    spec = dataclasses.replace(cfg.synthetic_spec, seed=cfg.synthetic_spec.seed + 2_000_003, videos_per_class=per_class)
-    return ensure_synthetic(cfg.cache_path, spec) / "UCF-101"
-
-
 def test_in_a_run_no_client_moves_the_model_further_than_the_root_update(small_run_config, tmp_path):
     """FLTrust in the round loop against a boosted sign-flipper (×10): every round records the root
     set's size and a trust score per client, and the global model moves by at most the norm of the
@@ -103,7 +97,7 @@ def test_in_a_run_no_client_moves_the_model_further_than_the_root_update(small_r
     from strategies.defences import update_norm
 
     base = parse_config(small_run_config)
-    root = root_folder(base, 3)
+    root = synthetic_root_set(base, 3)
     config = {**small_run_config, "num-server-rounds": 2, "strategy": "fusion", "fusion-fn": "fltrust",
               "fltrust-root-dir": str(root), "min-train-nodes": 4, "min-available-nodes": 4, "tensorboard": False,
               "attack": "sign-flip", "attack-fraction": 0.25, "attack-scale": 10.0}  # fmt: skip
@@ -120,7 +114,7 @@ def test_in_a_run_no_client_moves_the_model_further_than_the_root_update(small_r
 
 def test_the_root_trainer_is_seeded_per_round_and_serves_a_round_once(small_run_config):
     cfg = parse_config({**small_run_config, "strategy": "fusion", "fusion-fn": "fltrust",
-                        "fltrust-root-dir": str(root_folder(parse_config(small_run_config), 2))})  # fmt: skip
+                        "fltrust-root-dir": str(synthetic_root_set(parse_config(small_run_config), 2))})  # fmt: skip
     index = load_video_index(cfg)
     from fedapp.server.app import initial_model
 
@@ -168,7 +162,7 @@ def test_the_adaptive_attack_moves_fltrust_further_than_a_trusted_reversal():
 def test_the_adaptive_attack_stays_trusted_in_a_run_and_needs_fltrust(small_run_config, tmp_path):
     base = parse_config(small_run_config)
     config = {**small_run_config, "num-server-rounds": 2, "strategy": "fusion", "fusion-fn": "fltrust",
-              "fltrust-root-dir": str(root_folder(base, 3)), "min-train-nodes": 4, "min-available-nodes": 4,
+              "fltrust-root-dir": str(synthetic_root_set(base, 3)), "min-train-nodes": 4, "min-available-nodes": 4,
               "tensorboard": False, "attack": "fltrust-adaptive", "attack-fraction": 0.5}  # fmt: skip
     results = run_inprocess(config, 4, tmp_path / "run")
     for record in results.rounds[1:]:
