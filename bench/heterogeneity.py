@@ -58,13 +58,15 @@ METHODS: dict[str, dict[str, Any]] = {
 
 BASELINE = "fedavg"  # what every method's paired difference is taken to
 # What makes two grid runs one grid (merged only when equal), and the measures of every run.
-SETTING = ("rounds", "clients", "seeds", "classes", "videos_per_class", "min_partition_videos")
+SETTING = ("rounds", "clients", "seeds", "classes", "videos_per_class", "min_partition_videos", "pretrained_path")
 MEASURES = ("central-video-accuracy", "site-mean-video-accuracy", "worst-site-video-accuracy")
 
 
 def run_config(args: argparse.Namespace, partitioning: str, method: str, seed: int, clip_cache: str) -> dict[str, Any]:
     """The run config of one cell and seed; the seed drives the initial model, data order and split."""
     sizing = {"min-partition-videos": args.min_partition_videos} if partitioning.startswith("dirichlet") else {}
+    if args.pretrained_path:  # a backbone pretrained on a disjoint task (bench/pretrain.py), new head
+        sizing["pretrained-path"] = str(args.pretrained_path)
     return {
         **comparison_config(args.rounds, args.clients, args.cache_dir),
         **SMALL,
@@ -184,7 +186,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Video accuracy after {setting['rounds']} rounds, mean ± std over seeds {setting['seeds']} "
         f"({setting['clients']} clients, tiny3d, {classes} synthetic classes of "
         f"{setting.get('videos_per_class', 35)} videos, Dirichlet sites of >= "
-        f"{setting.get('min_partition_videos', 1)} training videos; chance {1 / classes:.3f}). "
+        f"{setting.get('min_partition_videos', 1)} training videos; chance {1 / classes:.3f}"
+        + (
+            f"; backbone pretrained on a disjoint task: {setting['pretrained_path']}"
+            if setting.get("pretrained_path")
+            else "; from scratch"
+        )  # fmt: skip
+        + "). "
         "Central: the global model on the server's test split. Sites: each site's accuracy on its own test "
         "videos (which follow its training labels) with the model it uses: its personal model under "
         "personalization, else the global one. "
@@ -286,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=8, help="synthetic classes")
     parser.add_argument("--videos-per-class", type=int, default=35)
     parser.add_argument("--min-partition-videos", type=int, default=1, help="fewest training videos per Dirichlet site")
+    parser.add_argument(
+        "--pretrained-path", default="", help="start every run from this backbone (bench/pretrain.py writes one)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--cache-dir", default="", help="synthetic data cache (default: the app's)")

@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import aggregation, bytes_per_round, client_throughput, federation_overhead
@@ -188,11 +189,12 @@ def test_every_heterogeneity_cell_is_a_valid_run_config() -> None:
     from fedapp.task.config import parse_config
 
     args = argparse.Namespace(clients=10, rounds=20, threads=1, cache_dir="", classes=8, videos_per_class=35,
-                              min_partition_videos=1)  # fmt: skip
+                              min_partition_videos=1, pretrained_path="/w.safetensors")  # fmt: skip
     for partitioning in heterogeneity.PARTITIONINGS:
         for method in heterogeneity.METHODS:
             cfg = parse_config(heterogeneity.run_config(args, partitioning, method, 0, ""), check_paths=False)
             assert cfg.fraction_evaluate == 1.0 and cfg.scaffold == (method == "scaffold")
+            assert cfg.pretrained_path == "/w.safetensors"
 
 
 def test_every_robustness_cell_is_a_valid_run_config() -> None:
@@ -380,3 +382,21 @@ def test_determinism_benchmark(tmp_path: Path, cache_dir: Path, capsys) -> None:
     assert determinism.main(["--rounds", "1", "--clients", "3", "--repeats", "1", "--cache-dir", str(cache_dir)]) == 0
     out = capsys.readouterr().out
     assert "ratio on/off: " in out and "bit-identical: True" in out
+
+
+def test_pretraining_on_a_disjoint_task_gives_a_backbone_for_pretrained_path(tmp_path: Path, cache_dir: Path) -> None:
+    """bench/pretrain.py trains on the classes a 4-class federated run lacks; the file loads as
+    ``pretrained-path`` (same backbone, a new 4-class head)."""
+    from safetensors.numpy import load_file
+
+    from bench import pretrain
+    from fedapp.task.models import build_model
+
+    out = tmp_path / "pretrained.safetensors"
+    args = ["--out", str(out), "--videos-per-class", "6", "--epochs", "1", "--threads", "1"]
+    assert pretrain.main([*args, "--cache-dir", str(cache_dir)]) == 0
+    saved = load_file(str(out))
+    assert saved["head.weight"].shape[0] == 4  # rotations and zooms: none of the federated classes
+    model = build_model("tiny3d", 4, pretrained_path=str(out))
+    state = model.state_dict()
+    assert all(np.array_equal(state[k].numpy(), v) for k, v in saved.items() if k.startswith("backbone."))
