@@ -118,7 +118,7 @@ def test_personal_heads_stay_on_real_supernodes(small_run_config, tmp_path):
     """FedPer on two SuperNodes: each keeps its head in its own state-dir (the deployment gives each
     node one), the server's run folder holds no personal state, the aggregated head never moves
     (no trained head reached the server), and ``predict --site --state-dir`` loads a site's model."""
-    from fedapp.client.personal import PersonalStore
+    from fedapp.client.personal import PersonalStore, run_token
     from fedapp.server.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 
     config = {**small_run_config, "num-server-rounds": 2, "personalization": "fedper", "partitioning": "dirichlet",
@@ -131,7 +131,7 @@ def test_personal_heads_stay_on_real_supernodes(small_run_config, tmp_path):
     first, final = (load_checkpoint(p).arrays for p in list_checkpoints(outcome.run_dir)[:2])
     for site in (0, 1):
         state_dir = deployment.node_home(site) / "state"
-        store = PersonalStore(state_dir / "run" / f"site-{site}")
+        store = PersonalStore(state_dir / f"run-{run_token(outcome.run_dir)}" / f"site-{site}")
         assert store.rounds() == [1, 2]
         own = store.load(2)[1]
         assert set(own) == {"head.weight", "head.bias"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.inprocess import run_inprocess
-from fedapp.client.personal import PersonalStateError, PersonalStore
+from fedapp.client.personal import PersonalStateError, PersonalStore, run_token, site_folder
 from fedapp.server.checkpoint import list_checkpoints, load_checkpoint, model_from_checkpoint
 from fedapp.server.results import load_weights
 from fedapp.task.config import ConfigError, parse_config
@@ -173,6 +173,7 @@ def test_a_resumed_run_continues_each_sites_personal_model(small_run_config, tmp
     base = skewed(small_run_config, "fedper", **{"min-train-nodes": 2, "min-available-nodes": 2,
                                                   "min-evaluate-nodes": 2, "checkpoint-keep": 2})  # fmt: skip
     run_rounds(base, tmp_path, 2, run_dir)  # "killed" after round 2 of 4
+    token = run_token(run_dir)
     before = {s: PersonalStore(run_dir / "personal" / f"site-{s}").load(2)[1] for s in (0, 1)}
     summary, _ = run_rounds({**base, "resume": "latest"}, tmp_path, 4, run_dir)
     rounds = history(run_dir)
@@ -185,3 +186,21 @@ def test_a_resumed_run_continues_each_sites_personal_model(small_run_config, tmp
         after = store.load(4)[1]
         assert max(float(np.abs(after[k] - before[site][k]).max()) for k in after) > 1e-4
     assert summary["final-sites"]["personal"]["sites"] == 2
+    assert run_token(run_dir) == token  # the resumed run is the same run to the sites
+
+
+def test_two_runs_of_one_name_never_share_a_sites_folder(tmp_path):
+    """A SuperNode's state-dir (or personal-dir) outlives runs: the run token keeps a new run of
+    the same name (another results folder) from continuing an old run's personal models."""
+    cfg = parse_config({"personalization": "fedper"}, check_paths=False)
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for run_dir in (first, second):
+        run_dir.mkdir(parents=True)
+    tokens = [run_token(first, create=True), run_token(second, create=True)]
+    assert tokens[0] != tokens[1] and run_token(first) == tokens[0]
+    folders = {site_folder(cfg, "run", 0, str(tmp_path / "state"), True, t) for t in tokens}
+    assert len(folders) == 2 and all(f.parent.parent == tmp_path / "state" for f in folders)
+    with pytest.raises(ConfigError, match="state-dir"):
+        site_folder(cfg, "run", 0, None, True, tokens[0])  # a site with its own videos must name one
+    with pytest.raises(PersonalStateError, match="plain name"):
+        site_folder(cfg, "../x", 0, str(tmp_path), False, tokens[0])

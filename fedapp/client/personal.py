@@ -10,14 +10,18 @@
 A site keeps its personal part on its own disk, one safetensors file per round
 (``round-NNNN.safetensors``), so that a resumed run continues it from the round the server resumes
 from and ``fedvideo export/predict --site`` can use it. The folder is
-``<state-dir>/<run folder name>/site-<partition>`` with a SuperNode's ``state-dir`` node config,
-``<personal-dir>/<run folder name>/site-<partition>`` with the ``personal-dir`` key, and else the run
-folder's ``personal/site-<partition>`` (simulation: the sites share the server's machine).
+``<state-dir>/<run folder name>-<run token>/site-<partition>`` with a SuperNode's ``state-dir`` node
+config, the same under ``<personal-dir>`` with the ``personal-dir`` key, and else the run folder's
+``personal/site-<partition>`` (simulation: the sites share the server's machine). The run token is
+drawn once per run folder (``personal.json`` in it; a resume keeps it), so two runs of the same name
+in different results folders never share a site's state.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from fedapp.config.personalization import HEAD_METHODS
 from fedapp.task.config import AppConfig, ConfigError
 
 PERSONAL_DIR = "personal"  # in the run folder, when neither state-dir nor personal-dir is set
+TOKEN_FILE = "personal.json"  # in the run folder: the run token the sites' folders are named with
 HEAD_PREFIX = "head."
 _FILE = re.compile(r"round-(\d+)\.safetensors")
 
@@ -44,12 +49,31 @@ def personal_keys(method: str, keys: Sequence[str]) -> list[str]:
     raise ValueError(f"personalization={method!r} keeps no personal tensors")
 
 
-def site_folder(cfg: AppConfig, run_folder: str, site: int, state_dir: str | None, own_data: bool) -> Path:
-    """Where site ``site`` keeps its personal models for the run whose folder is named ``run_folder``."""
-    if not run_folder or "/" in run_folder or run_folder in (".", ".."):
-        raise PersonalStateError(f"the server named its run folder {run_folder!r}: expected a plain folder name")
+def run_token(run_dir: Path, create: bool = False) -> str:
+    """The run's token from ``run_dir/personal.json``; ``create``: draw and write it on a fresh run."""
+    from fedapp.files import atomic_write_json
+
+    path = Path(run_dir) / TOKEN_FILE
+    if path.is_file():
+        return str(json.loads(path.read_text())["token"])
+    if not create:
+        raise PersonalStateError(f"{run_dir} has no {TOKEN_FILE}: it is not a personalized run's folder")
+    token = secrets.token_hex(6)
+    atomic_write_json(path, {"token": token})
+    return token
+
+
+def site_folder(
+    cfg: AppConfig, run_folder: str, site: int, state_dir: str | None, own_data: bool, token: str = ""
+) -> Path:
+    """Where site ``site`` keeps its personal models for the run whose folder is named ``run_folder``
+    (``token``: that run's token, in the name of a folder outside the run folder)."""
+    for what, value in (("run folder", run_folder), ("run token", token or "x")):
+        if not value or "/" in value or value in (".", ".."):
+            raise PersonalStateError(f"the server named its {what} {value!r}: expected a plain name")
+    outside = f"{run_folder}-{token}" if token else run_folder
     if state_dir:
-        return Path(state_dir).expanduser() / run_folder / f"site-{site}"
+        return Path(state_dir).expanduser() / outside / f"site-{site}"
     if own_data:
         # A site with videos of its own runs on its own machine: a folder named by the server's
         # results-dir there would be a guess. Refuse rather than write somewhere unexpected.
@@ -58,7 +82,7 @@ def site_folder(cfg: AppConfig, run_folder: str, site: int, state_dir: str | Non
             'state-dir for its personal model; start it with --node-config \'data-dir="..." state-dir="..."\''
         )
     if cfg.personal_dir:
-        return Path(cfg.personal_dir).expanduser() / run_folder / f"site-{site}"
+        return Path(cfg.personal_dir).expanduser() / outside / f"site-{site}"
     return Path(cfg.results_dir).expanduser() / run_folder / PERSONAL_DIR / f"site-{site}"
 
 
@@ -137,7 +161,8 @@ def site_model_arrays(
             f'{run_folder} is not a personalized run (personalization="none"): no site has a model of its own'
         )
     if state_dir is not None or cfg.personal_dir:
-        folder = site_folder(cfg, run_folder.name, site, str(state_dir) if state_dir is not None else None, False)
+        own = str(state_dir) if state_dir is not None else None
+        folder = site_folder(cfg, run_folder.name, site, own, False, run_token(run_folder))
     else:
         folder = run_folder / PERSONAL_DIR / f"site-{site}"
     loaded = PersonalStore(folder).load(server_round) if folder.is_dir() else None

@@ -13,7 +13,7 @@ import torch
 from datasets.layouts import VideoSample
 from fedapp.client.bridge import NamedNumPyClient
 from fedapp.client.personal import HEAD_PREFIX, PersonalStore, personal_keys, site_folder, with_personal
-from fedapp.config.personalization import HEAD_METHODS, RUN_FOLDER
+from fedapp.config.personalization import HEAD_METHODS, RUN_FOLDER, RUN_TOKEN
 from fedapp.task.config import AppConfig
 from fedapp.task.data import eval_loader, train_loader
 from fedapp.task.devices import prepare_model, select_device
@@ -114,7 +114,8 @@ class VideoClient(NamedNumPyClient):
             return None
         if RUN_FOLDER not in config:
             raise ValueError(f"personalization is on but the server's message names no {RUN_FOLDER!r}")
-        folder = site_folder(self.cfg, str(config[RUN_FOLDER]), self.partition_id, self.state_dir, self.own_data)
+        token = str(config.get(RUN_TOKEN, ""))
+        folder = site_folder(self.cfg, str(config[RUN_FOLDER]), self.partition_id, self.state_dir, self.own_data, token)
         # The states of the rounds the server's kept checkpoints hold, and the round in flight.
         return PersonalStore(folder, keep=self.cfg.checkpoint_keep + 1)
 

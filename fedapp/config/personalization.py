@@ -11,6 +11,7 @@ from fedapp.plugins import is_plugin
 METHODS = ("none", "fedper", "fedrep", "ditto")
 HEAD_METHODS = ("fedper", "fedrep")  # the ones whose personal part is the classifier head
 RUN_FOLDER = "run-folder"  # the config entry in which the server names its run folder to the sites
+RUN_TOKEN = "run-token"  # and the token that tells this run from another of the same name
 
 
 def _compatible(cfg: Any) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedapp.config.personalization import RUN_FOLDER
+from fedapp.client.personal import run_token
+from fedapp.config.personalization import RUN_FOLDER, RUN_TOKEN
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.server.build_strategy import build_strategy, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
@@ -141,6 +142,9 @@ def run_federation(
         random.seed(cfg.seed * 1_000_003 + state.first_round)
     results.write_config(cfg.to_dict())  # past the start checks: from here on a failure is recorded
     state.dataset = index
+    if cfg.personalization != "none":
+        # The sites keep their personal models under the run folder's name and token (a resume keeps both).
+        state.sent = {RUN_FOLDER: results.dir.name, RUN_TOKEN: run_token(results.dir, create=True)}
     write_split(results.dir, index)  # the site column follows once the clients have reported
     warn_classes_without_test(index)
 
@@ -216,9 +220,7 @@ def run_round(
     stopping rule fired."""
     round_start = time.time()
     logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
-    # Personalization: the sites keep their personal models under the run folder's name (resumes too).
-    sent = {RUN_FOLDER: results.dir.name} if cfg.personalization != "none" else {}
-    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout, sent)
+    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout, state.sent)
     state.train = train
     if train.arrays is None:
         state.rounds_without_update += 1
@@ -230,7 +232,7 @@ def run_round(
     evaluate = None
     if cfg.fraction_evaluate > 0:
         evaluate, evaluate_bytes, evaluate_waited = evaluate_round(
-            strategy, grid, server_round, state.arrays, cfg.round_timeout, sent
+            strategy, grid, server_round, state.arrays, cfg.round_timeout, state.sent
         )
         bytes_down += evaluate_bytes
         waited += evaluate_waited

@@ -47,6 +47,7 @@ class RunState:
     known_partitions: dict[int, list[int]] = field(default_factory=dict)
     dataset: VideoIndex | None = None  # the server's index, for split.csv's site column
     sites_recorded: bool = False  # split.csv has its site column (or the sites hold their own data)
+    sent: dict[str, Any] = field(default_factory=dict)  # config entries every message carries
 
 
 # Pull requests while replies are outstanding: the first poll comes soon, so a fast round is not
