@@ -149,11 +149,13 @@ def site_model_figures(sites: dict[str, Any]) -> dict[str, float]:
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from parts of a grid run separately; refuses parts of different settings."""
-    if len({json_key(p["setting"]) for p in parts}) > 1:
+    """One result from parts of a grid run separately; refuses parts of different settings (a part
+    written before a setting existed has its default: from scratch, no pretrained path)."""
+    settings = [{"pretrained_path": "", **p["setting"]} for p in parts]
+    if len({json_key(s) for s in settings}) > 1:
         raise SystemExit("cannot merge runs of different settings")
     merged: dict[str, Any] = {
-        "setting": parts[0]["setting"],
+        "setting": settings[0],
         "partial": any(p.get("partial", False) for p in parts),
         "commands": [c for p in parts for c in p["commands"]],
         "video-accuracy-per-round": {k: v for p in parts for k, v in p["video-accuracy-per-round"].items()},

@@ -360,6 +360,7 @@ def test_fusion_names_and_no_flower_import():
         "bulyan",
         "centered-clipping",
         "feddf",
+        "fltrust",
         "geometric-median",
         "krum",
         "median",

@@ -39,7 +39,7 @@ def test_one_seed_gives_no_interval_and_a_stopped_grid_pairs_its_first_seeds():
 
 def test_the_heterogeneity_table_gives_each_methods_paired_difference():
     central = {"iid": {"fedavg": [0.5, 0.6, 0.7], "fedprox": [0.6, 0.7, 0.8], "fedbn": [0.4, 0.7, 0.7]}}
-    lines = paired_table(central, ["iid"], ["fedprox", "fedbn"], 3)
+    lines = paired_table(central, "central", ["iid"], ["fedprox", "fedbn"], 3)
     assert lines[0].startswith("**central, paired difference to fedavg**")
     assert "| fedprox | +0.100 [+0.100, +0.100] better |" in lines
     assert any(line.startswith("| fedbn | +0.000 [") and "no difference" in line for line in lines)
