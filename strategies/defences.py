@@ -320,11 +320,13 @@ def fltrust(
     total = sum(scores)
     if total <= 0:
         raise ValueError(f"FLTrust trusted none of the {len(models)} updates (no positive cosine with the server's)")
-    out = weighted_average((m, s) for m, s in zip(models, scores) if s > 0)  # statistics and counters
+    # Statistics and counters: the trust-weighted mean of the models' own (parameters are done above).
+    others = [k for k in models[0] if k not in set(keys)]
+    rest = weighted_average(({k: m[k] for k in others}, s) for m, s in zip(models, scores) if s > 0) if others else {}
     merged = flat_center + merged / total
-    offset = 0
+    params, offset = {}, 0
     for k in keys:
         size = int(np.asarray(center[k]).size)
-        out[k] = cast_like(merged[offset : offset + size].reshape(np.shape(center[k])), np.asarray(center[k]).dtype)
+        params[k] = cast_like(merged[offset : offset + size].reshape(np.shape(center[k])), np.asarray(center[k]).dtype)
         offset += size
-    return out, scores, root_norm
+    return {k: params[k] if k in params else rest[k] for k in models[0]}, scores, root_norm
