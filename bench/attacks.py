@@ -66,6 +66,11 @@ class AttackPlan:
             # Server-side DP clips inside Flower's wrapper before the inner strategy (where the tool
             # forges) aggregates: the forged model would skip the clipping real replies get.
             raise ValueError(f'attack={self.attack!r} is not simulated with dp={cfg.dp!r}: set dp="none"')
+        if cfg.secagg:
+            # The tool forges or reads individual updates on the server, which secure aggregation hides.
+            raise ValueError(
+                f"attack={self.attack!r} is not simulated with secagg=true: the server sees no single update"
+            )
         if self.attack == "fltrust-adaptive" and not (cfg.strategy == "fusion" and cfg.fusion_fn == "fltrust"):
             raise ValueError(
                 'attack="fltrust-adaptive" is FLTrust\'s own adaptive attack: run it with fusion-fn="fltrust"'

@@ -167,6 +167,9 @@ def test_the_tools_keys_stay_out_of_the_apps_config(small_run_config):
         AttackPlan("noise", 0.1).check(3, parse_config(small_run_config))
     with pytest.raises(ValueError, match="is not simulated with dp="):
         AttackPlan("min-max", 0.5).check(3, parse_config({**small_run_config, "dp": "server-side"}))
+    for attack in ("label-flip", "alie"):  # client-side and omniscient alike: the server sees no single update
+        with pytest.raises(ValueError, match="is not simulated with secagg=true"):
+            AttackPlan(attack, 0.5).check(3, parse_config({**small_run_config, "secagg": True}))
 
 
 def test_free_rider_sends_the_global_model_back(small_run_config):

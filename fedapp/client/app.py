@@ -15,6 +15,7 @@ from fedapp.client.bridge import EVALUATE, FIT, call_numpy_client
 from fedapp.client.compression_mod import compression_mod
 from fedapp.client.dp_mod import dp_clipping_mod
 from fedapp.client.exchange import message_exchange
+from fedapp.client.secagg_mod import secagg_mod
 from fedapp.client.video_client import VideoClient
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.task.config import AppConfig, ConfigError
@@ -135,8 +136,10 @@ def build_client_app(make: MakeClient | None = None) -> ClientApp:
     """The ClientApp whose clients ``make`` builds (None: ``make_client``, looked up at each call;
     a test tool's in benchmarks)."""
     # dp_clipping_mod acts only when the server's client-side DP wrapper sends a clipping norm.
-    # compression_mod comes first (outermost): it encodes the final, already clipped update.
-    client_app = ClientApp(mods=[compression_mod, dp_clipping_mod])
+    # compression_mod comes before it: it encodes the final, already clipped update. secagg_mod is
+    # outermost: it answers SecAgg+'s steps and masks the update as it leaves (secagg refuses the
+    # other two at start, so they never meet).
+    client_app = ClientApp(mods=[secagg_mod, compression_mod, dp_clipping_mod])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -67,6 +67,13 @@ class Exchange:
         if key in reply.content.array_records:
             del reply.content[key]  # nothing stale stays readable while the new model is pending
 
+    def remove_reply_arrays(self, reply: Message, key: str) -> None:
+        """Take the model ``key`` out of the reply (an outer layer sends something else in its place)."""
+        self._follow(reply)
+        self._reply_arrays.pop(key, None)
+        if key in reply.content.array_records:
+            del reply.content[key]
+
     def config(self, run_config: Mapping[str, Any]) -> AppConfig:
         """The run config parsed (client side: paths are the server's to check), once per message."""
         if self._config is None or self._config[0] != dict(run_config):

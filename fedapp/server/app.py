@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedapp.client.personal import run_token
 from fedapp.config.personalization import RUN_FOLDER, RUN_TOKEN
+from fedapp.config.secagg import settings_of, weight_metric
 from fedapp.logs import route_app_logs_to_flower
 from fedapp.server.build_strategy import build_strategy, make_distiller
 from fedapp.server.central_eval import CentralEvaluator
@@ -42,6 +43,7 @@ from fedapp.server.rounds import (
     train_round,
 )
 from fedapp.server.run_folder import locate_run
+from fedapp.server.secure_round import secure_train_round
 from fedapp.server.split import record_sites, warn_classes_without_test, write_split
 from fedapp.server.stopping import BUDGET
 from fedapp.server.summary import history_figures, summary_lines
@@ -220,7 +222,17 @@ def run_round(
     stopping rule fired."""
     round_start = time.time()
     logger.info("[ROUND %d/%d]", server_round, cfg.num_server_rounds)
-    train, bytes_down, waited = train_round(strategy, grid, server_round, state.arrays, cfg.round_timeout, state.sent)
+    if cfg.secagg:
+        # The sharing graph: drawn afresh each round, from the seed under deterministic.
+        rng = random.Random(cfg.seed * 1_000_003 + server_round) if cfg.deterministic else random.Random()
+        train, bytes_down, waited = secure_train_round(
+            strategy, grid, server_round, state.arrays, cfg.round_timeout, state.sent, settings_of(cfg),
+            weight_metric(cfg), rng,
+        )  # fmt: skip
+    else:
+        train, bytes_down, waited = train_round(
+            strategy, grid, server_round, state.arrays, cfg.round_timeout, state.sent
+        )
     state.train = train
     if train.arrays is None:
         state.rounds_without_update += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datasets.synthetic import SyntheticSpec
-from fedapp.config import data, model, personalization, run, training
+from fedapp.config import data, model, personalization, run, secagg, training
 from fedapp.config.data import parse_resize, parse_size
 from fedapp.config.keys import ConfigError, Key, Owner, declared, toml, validate
 from fedapp.task.pretrained import KINETICS400, weights_for, weights_path
@@ -44,6 +44,7 @@ def owners() -> tuple[Owner, ...]:
         *model.OWNERS,
         *training.OWNERS,
         *personalization.OWNERS,
+        *secagg.OWNERS,
         Owner("crop check", checks=(lambda cfg: crop_problems(cfg),)),
     )
 
