@@ -420,6 +420,10 @@ def unmask(
         _add(total, mask_stream(seed, entries, mod), -1, mod)
     for node, peers in dropped.items():
         mask_key = _rebuild(key_shares.get(node, ()), settings.threshold, f"dropped node {node}'s mask key")
+        try:
+            bytes_to_private_key(mask_key)
+        except ValueError as exc:
+            raise SecAggError(f"dropped node {node}'s rebuilt mask key is not a key: {exc}") from exc
         for peer in peers:  # the peer added +mask when peer > node: take it out again
             pair = mask_stream(_pair_key(mask_key, mask_publics[peer]), entries, mod)
             _add(total, pair, -1 if peer > node else +1, mod)
@@ -438,4 +442,7 @@ def unmask(
 def _rebuild(shares: Sequence[bytes], threshold: int, what: str) -> bytes:
     if len(shares) < threshold:
         raise SecAggError(f"{len(shares)} shares of {what}, fewer than the threshold {threshold}")
-    return combine_shares(list(shares))
+    try:
+        return combine_shares(list(shares))
+    except Exception as exc:  # malformed shares from a site: the round fails, the run does not
+        raise SecAggError(f"the shares of {what} do not combine: {exc}") from exc

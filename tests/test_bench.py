@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import aggregation, bytes_per_round, client_throughput, federation_overhead
+from bench import aggregation, bytes_per_round, client_throughput, federation_overhead, secagg_cost
 
 
 def _positive(value: float) -> bool:
@@ -44,6 +44,19 @@ def test_aggregation_benchmark(tmp_path: Path, capsys) -> None:
     for fedavg in (r for r in result["rows"] if r["function"] == "fedavg"):
         extra = fedavg["peak-extra-bytes"] - result["model-bytes"]
         assert 0 <= extra <= fedavg["threads"] * 2 * BLOCK_BYTES + 65536
+
+
+def test_secagg_cost_benchmark(tmp_path: Path, capsys, cache_dir) -> None:
+    """One secure and one plain round of 3 sites: the secure one sends about the same model bytes
+    (masked uint32 for float32) plus its key messages, and its protocol parts are timed."""
+    argv = ["--sites", "3", "--models", "tiny3d", "--threads", "1", "--cache-dir", str(cache_dir)]
+    result = _run(secagg_cost.main, argv, tmp_path, capsys)
+    (row,) = result["rounds"]
+    plain, secure = row["plain"], row["secure"]
+    assert secure["contributors"] == plain["contributors"] == 3
+    assert 1.0 < secure["bytes-up"] / plain["bytes-up"] < 1.05 and secure["bytes-down"] >= plain["bytes-down"]
+    (protocol,) = result["protocol"]
+    assert protocol["params"] > 0 and all(_positive(protocol[k]) for k in ("share-keys-s", "mask-s", "unmask-s"))
 
 
 def test_bytes_per_round_benchmark(tmp_path: Path, capsys) -> None:

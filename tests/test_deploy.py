@@ -218,3 +218,54 @@ def test_run_finishes_when_a_supernode_dies_mid_round(small_run_config, tmp_path
     [failure] = round_1["train-clients"]["failed"]
     assert "error code 5" in failure["reason"]
     assert {c["node-id"] for c in round_2["train-clients"]["clients"]} == survivors
+
+
+def kill_at_train_message(deployment: Deployment, k: int, nth: int, timeout: float = 300.0) -> None:
+    """SIGKILL SuperNode ``k`` as soon as it has started its ClientApp for its ``nth`` train message."""
+    node = deployment.state["nodes"][k]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(deployment.node_log(k), "rb") as log:
+            log.seek(node["log_offset"])
+            parts = log.read().split(b"Receiving: train message")
+            if len(parts) > nth and b"Start `flwr-clientapp` process" in parts[nth]:
+                deployment.stop_node(k, kill=True)
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_secure_aggregation_on_tls_supernodes_survives_one_killed_after_sharing_keys(small_run_config, tmp_path):
+    """SecAgg+ over TLS with SuperNode authentication: three SuperNodes, threshold 2. Node 2 is killed
+    as its ClientApp starts round 1's third step (the masked update: its key shares are out). Round 1
+    unmasks the other two (the dead node's pairwise masks rebuilt from their shares) and trains the
+    model; round 2 runs SecAgg+ on the two SuperNodes left. No reply the server recorded held a model."""
+    config = {
+        **small_run_config,
+        "num-server-rounds": 2,
+        "secagg": True,
+        "min-train-nodes": 2,
+        "min-evaluate-nodes": 2,
+        "min-available-nodes": 2,
+        "round-timeout": 150.0,
+        "results-dir": str(tmp_path / "results"),
+        "run-name": "run",
+    }
+    with Deployment(tmp_path / "deployment", secure=True, num_nodes=3) as deployment:
+        killer = threading.Thread(target=kill_at_train_message, args=(deployment, 2, 3), daemon=True)
+        killer.start()
+        outcome = deployment.run(config, timeout=400)
+        killer.join(timeout=10)
+        assert deployment.alive() == ["superlink", "proxy", "node-0", "node-1"]
+    assert_all_stopped(deployment)
+    assert outcome.ok, failure_text(outcome, deployment)
+    survivors = {node["node_id"] for node in deployment.state["nodes"][:2]}
+    dead = deployment.state["nodes"][2]["node_id"]
+    round_1, round_2 = rounds(outcome.run_dir)[1:]
+    first, second = round_1["fusion"]["secagg"], round_2["fusion"]["secagg"]
+    assert (first["sampled"], first["shared-keys"], first["contributors"], first["dropped"]) == (3, 3, 2, [dead])
+    assert {c["node-id"] for c in round_1["train-clients"]["clients"]} == survivors
+    assert [f["node-id"] for f in round_1["train-clients"]["failed"]] == [dead]
+    assert (second["sampled"], second["contributors"], second["dropped"]) == (2, 2, [])
+    assert outcome.summary["rounds-without-update"] == 0
+    assert round_2["bytes-up"] > 0 and round_2["central"]["video-accuracy"] is not None

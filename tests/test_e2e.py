@@ -106,9 +106,10 @@ def test_bad_config_fails_before_anything_starts_with_a_clear_message(small_run_
 
 
 # Every strategy runs in process through Flower's wire encoding (tests/test_server_loop.py); these
-# two also through the real launcher, as they use Flower's machinery beyond one model each way:
-# SCAFFOLD's second record each way and the node state it keeps, client-side DP's clipping mod.
-REAL_STRATEGY_RUNS = ["scaffold", "dp-client-side"]
+# three also through the real launcher, as they use Flower's machinery beyond one model each way:
+# SCAFFOLD's second record each way and the node state it keeps, client-side DP's clipping mod,
+# SecAgg+'s four exchanges a round with the secrets in node state between them.
+REAL_STRATEGY_RUNS = ["scaffold", "dp-client-side", "secagg"]
 
 
 @pytest.mark.parametrize("name", REAL_STRATEGY_RUNS)

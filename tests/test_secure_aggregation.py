@@ -250,3 +250,45 @@ def test_a_site_vanishing_after_sharing_keys_leaves_the_others_mean(small_run_co
     assert "fewer than the threshold 3" in first["train-clients"]["skipped"]
     assert "global model kept" in first["train-clients"]["skipped"]
     assert second["fusion"]["secagg"]["contributors"] == 3 and not second["train-clients"]["skipped"]
+
+
+def garbling(node: int, stage: str, values: dict):
+    """The app's ClientApp, except that ``node``'s reply to round 1's ``stage`` carries ``values``."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    app = inprocess.client_app
+
+    def client(msg: Message, context):
+        record = msg.content.config_records.get(RECORD)
+        reply = app(msg, context)
+        if context.node_id == node and record is not None and (record[STAGE], record["round"]) == (stage, 1):
+            return Message(RecordDict({RECORD: ConfigRecord(values)}), reply_to=msg)
+        return reply
+
+    return client
+
+
+@pytest.mark.parametrize(
+    "stage, values, left_out",
+    [
+        ("setup", {"mask-key": 3}, True),
+        ("share-keys", {"destinations": ["x"], "ciphertexts": [b"y"]}, True),
+        ("unmask", {"owners": [1, 2, 3], "shares": [b"junk", b"junk", b"junk"]}, False),
+    ],
+)
+def test_malformed_protocol_replies_never_crash_a_round(
+    small_run_config, tmp_path, monkeypatch, stage, values, left_out
+):
+    """A site that answers a step of round 1 with nonsense is left out (setup, share keys: the round
+    goes on with the other two) or, with bad shares at unmask, makes the round keep the global model
+    and say why; either way round 2 trains with all three."""
+    monkeypatch.setattr(inprocess, "client_app", garbling(3, stage, values))
+    results = run_inprocess(secure_config(small_run_config, 3, rounds=2, secagg=True), 3, tmp_path / "run", wire=True)
+    first, second = results.rounds[1:]
+    if left_out:
+        assert [r["node-id"] for r in first["train-clients"]["rejected"]] == [3]
+        assert first["fusion"]["secagg"]["contributors"] == 2 and not first["train-clients"]["skipped"]
+    else:
+        assert "do not combine" in first["train-clients"]["skipped"] or "not a key" in first["train-clients"]["skipped"]
+        assert "global model kept" in first["train-clients"]["skipped"]
+    assert second["fusion"]["secagg"]["contributors"] == 3 and not second["train-clients"]["skipped"]

@@ -110,6 +110,8 @@ STRATEGY_RUNS = {
     "fedadam": {"server-optimizer": "adam", "server-lr": 0.01},
     # Two ArrayRecords each way.
     "scaffold": {"scaffold": True, "optimizer": "sgd", "momentum": 0.0, "lr": 0.05},
+    # Four exchanges per round, node state between them, the masked update in its own record.
+    "secagg": {"secagg": True, "secagg-num-shares": 3, "secagg-threshold": 2},
 }
 STRATEGY_NODES = 5
 
@@ -136,6 +138,9 @@ def check_strategy_round(name: str, run_dir, summary: dict) -> None:
         assert abs(sum(record["fusion"]["weights"].values()) - 1) < 1e-9
     if name == "scaffold":
         assert record["fusion"]["scaffold"]["clients"] == 5 and record["fusion"]["scaffold"]["control-norm"] > 0
+    if name == "secagg":  # a sharing graph of 3 neighbours each among 5 nodes, nobody dropped
+        assert record["fusion"]["secagg"]["contributors"] == 5 and record["fusion"]["secagg"]["dropped"] == []
+        assert record["fusion"]["secagg"]["error-bound"] < 1e-2
     if name == "dp-client-side":  # clipped on the nodes by Flower's fixedclipping_mod, noised on the server
         assert record["privacy"]["update-norm-median"] <= 2.0 + 1e-4
         assert summary["privacy"]["epsilon"] > 0 and summary["privacy"]["releases"] == 1

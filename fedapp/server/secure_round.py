@@ -103,7 +103,10 @@ class SecureRound:
         self.report = RoundReport()
         self.waiting = Waiting()
         self.bytes_down = 0
-        self.record: dict[str, Any] = {"num-shares": settings.num_shares, "threshold": settings.threshold}
+        # key-bytes-up: what the sites' setup, share-keys and unmask replies carried (public keys,
+        # encrypted shares, revealed shares), beside the masked updates the round's bytes-up counts.
+        self.record: dict[str, Any] = {"num-shares": settings.num_shares, "threshold": settings.threshold,
+                                       "key-bytes-up": 0}  # fmt: skip
 
     def protocol(self, train_messages: dict[int, Message], weight_metric: str, rng: random.Random) -> dict:
         """Run the four steps; the unmasked weighted mean update, or :class:`SecAggError`."""
@@ -139,8 +142,14 @@ class SecureRound:
         replies = self.exchange({n: share_keys(n) for n in sorted(live)}, "share keys")
         forwarded: dict[int, dict[int, bytes]] = {n: {} for n in replies}
         for node, values in replies.items():
-            destinations, ciphertexts = list(values.get("destinations", [])), list(values.get("ciphertexts", []))
-            if sorted(destinations) != sorted(graph[node] & live - {node}) or len(ciphertexts) != len(destinations):
+            destinations, ciphertexts = values.get("destinations", []), values.get("ciphertexts", [])
+            if (
+                not _list_of(destinations, int)
+                or not _list_of(ciphertexts, bytes)
+                or (
+                    sorted(destinations) != sorted(graph[node] & live - {node}) or len(ciphertexts) != len(destinations)
+                )
+            ):
                 self.reject(node, "share-keys reply does not hold one encrypted share pair per live neighbour")
                 forwarded.pop(node)
                 continue
@@ -186,9 +195,13 @@ class SecureRound:
         key_shares: dict[int, list[bytes]] = {}
         replies = self.exchange({n: reveal(n) for n in contributors}, "unmask")
         for node, values in replies.items():
-            owners, shares = list(values.get("owners", [])), list(values.get("shares", []))
+            owners, shares = values.get("owners", []), values.get("shares", [])
             holders = set(sources[node]) | {node}
-            if len(owners) != len(shares) or not set(owners) <= holders:
+            if (
+                not _list_of(owners, int)
+                or not _list_of(shares, bytes)
+                or (len(owners) != len(shares) or not set(owners) <= holders)
+            ):
                 self.reject(node, "unmask reply names sites it holds no shares of")
                 continue
             for owner, share in zip(owners, shares):
@@ -232,6 +245,7 @@ class SecureRound:
             if record is None:
                 self.reject(node, f"{step} reply without its {RECORD!r} record")
                 continue
+            self.record["key-bytes-up"] += _content_bytes(RecordDict({RECORD: record}))
             out[node] = dict(record)
         return out
 
@@ -273,6 +287,10 @@ class SecureRound:
     def reject(self, node: int, reason: str) -> None:
         self.report.rejected.append({"node-id": node, "reason": reason})
         logger.warning("round %d secagg: node %d left out: %s", self.server_round, node, reason)
+
+
+def _list_of(values: Any, kind: type) -> bool:
+    return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
 
 def _origin(reply: Message, sent: list[tuple[int, Message]]) -> int:
