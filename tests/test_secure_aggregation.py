@@ -196,8 +196,9 @@ def test_a_secure_round_gives_fedavgs_model_and_the_server_sees_only_masked_upda
     small_run_config, tmp_path, monkeypatch
 ):
     """Three sites, deterministic (the same updates in both runs): the secure run's global model is
-    the plain FedAvg run's within the round's recorded error bound, and every reply the server pulled
-    carries no floating-point tensor: masked updates only, uniform over the modulus."""
+    the plain FedAvg run's within the round's recorded error bound (and a second secure run's to the
+    bit), and every reply the server pulled carries no floating-point tensor: masked updates only,
+    uniform over the modulus."""
     pulled: list[Message] = []
     pull = inprocess.InProcessGrid.pull_messages
 
@@ -219,8 +220,12 @@ def test_a_secure_round_gives_fedavgs_model_and_the_server_sees_only_masked_upda
     moved = max(float(np.abs(got[k] - v.numpy()).max()) for k, v in start.state_dict().items() if k in got)
     assert moved > 10 * record["error-bound"]  # the round really trained: the bound is small beside it
 
+    # deterministic=true: masks are random but cancel exactly, the rounding follows the seed.
+    again = run_inprocess(secure_config(small_run_config, 3, secagg=True), 3, tmp_path / "again", wire=True)
+    assert all(np.array_equal(v, model_of(again.dir)[k]) for k, v in got.items())
+
     masked = [r for r in pulled if MASKED in r.content.array_records]
-    assert len(masked) == 3
+    assert len(masked) == 6  # three sites, two secure runs
     for reply in pulled:
         for array_record in reply.content.array_records.values():
             for array in array_record.values():
