@@ -6,6 +6,7 @@ tests/test_deploy.py."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -17,6 +18,7 @@ import bench.inprocess as inprocess
 from bench.inprocess import run_inprocess
 from fedapp.server.app import initial_model
 from fedapp.server.results import load_weights
+from fedapp.server.rounds import round_line
 from fedapp.task.config import ConfigError, parse_config
 from strategies.secure_aggregation import (
     MASKED,
@@ -171,12 +173,6 @@ def model_of(run_dir):
     return {k: v for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating)}
 
 
-def history(run_dir):
-    import json
-
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-
-
 def vanishing(node: int, stage: str, rounds=(1,)):
     """The app's ClientApp, except that ``node`` raises (drops out) at ``stage`` in ``rounds``
     (``"train"``: a plain run's train message)."""
@@ -213,6 +209,9 @@ def test_a_secure_round_gives_fedavgs_model_and_the_server_sees_only_masked_upda
     secure = run_inprocess(secure_config(small_run_config, 3, secagg=True), 3, tmp_path / "secure", wire=True)
     record = secure.rounds[1]["fusion"]["secagg"]
     assert record["contributors"] == 3 and record["dropped"] == []
+    config = parse_config(secure_config(small_run_config, 3, secagg=True))
+    assert "fedavg + secagg · " in round_line(secure.rounds[1], config)
+    assert json.loads((secure.dir / "summary.json").read_text())["secagg"] is True
     expected, got = model_of(plain.dir), model_of(secure.dir)
     worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
     assert worst <= record["error-bound"] + 1e-6

@@ -281,6 +281,7 @@ def finish_run(
         "strategy": cfg.strategy,
         **({"fusion-fn": cfg.fusion_fn} if cfg.strategy == "fusion" else {}),
         **({"personalization": cfg.personalization} if cfg.personalization != "none" else {}),
+        **({"secagg": True} if cfg.secagg else {}),
         "model": cfg.model,
         "classes": state.classes,
         **figures,

@@ -208,7 +208,7 @@ def round_line(record: dict[str, Any], cfg: AppConfig) -> str:
 
     Client evaluation is shown when there is no central one; a round that kept the global model
     says so instead of a train loss."""
-    label = strategy_label(cfg.strategy, cfg.fusion_fn, cfg.dp, cfg.personalization)
+    label = strategy_label(cfg.strategy, cfg.fusion_fn, cfg.dp, cfg.personalization, cfg.secagg)
     epsilon = (record.get("privacy") or {}).get("epsilon")
     if epsilon is not None:
         label += f" (epsilon {epsilon:.3f})"

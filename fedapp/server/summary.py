@@ -14,13 +14,19 @@ from fedapp.server.stopping import best_round, round_score
 
 
 def strategy_label(
-    strategy: str, fusion_fn: str | None = None, dp: str | None = None, personalization: str | None = None
+    strategy: str,
+    fusion_fn: str | None = None,
+    dp: str | None = None,
+    personalization: str | None = None,
+    secagg: bool = False,
 ) -> str:
-    """``fedavg``, ``fusion (krum)``, ``fedavg + dp server-side``, ``fedavg + fedper``: the
-    aggregation rule (and personalization) in a few words."""
+    """``fedavg``, ``fusion (krum)``, ``fedavg + dp server-side``, ``fedavg + fedper``, ``fedavg +
+    secagg``: the aggregation rule (personalization, privacy) in a few words."""
     label = f"{strategy} ({fusion_fn})" if strategy == "fusion" and fusion_fn else strategy
     if personalization not in (None, "", "none"):
         label += f" + {personalization}"
+    if secagg:
+        label += " + secagg"
     return label if dp in (None, "", "none") else f"{label} + dp {dp}"
 
 
@@ -121,8 +127,9 @@ def _label(summary: Mapping[str, Any]) -> str | None:
         return None
     privacy = summary.get("privacy") or {}
     return strategy_label(
-        summary["strategy"], summary.get("fusion-fn"), privacy.get("mode"), summary.get("personalization")
-    )
+        summary["strategy"], summary.get("fusion-fn"), privacy.get("mode"), summary.get("personalization"),
+        bool(summary.get("secagg")),
+    )  # fmt: skip
 
 
 def _best(summary: Mapping[str, Any]) -> str | None:
