@@ -173,16 +173,16 @@ def test_a_tls_failure_is_named_not_called_a_network_problem(tmp_path):
     assert not (tmp_path / "results" / "x").exists()
 
 
-def kill_when_training(deployment: Deployment, k: int, timeout: float = 300.0) -> None:
-    """SIGKILL SuperNode ``k`` (a crash) as soon as it has started its ClientApp for round 1's training."""
+def kill_when_training(deployment: Deployment, k: int, nth: int = 1, timeout: float = 300.0) -> None:
+    """SIGKILL SuperNode ``k`` (a crash) as soon as it has started its ClientApp for its ``nth`` train
+    message of the run (1: round 1's training; under secagg, 3: round 1's masked update)."""
     node = deployment.state["nodes"][k]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with open(deployment.node_log(k), "rb") as log:
             log.seek(node["log_offset"])
-            text = log.read()
-            train = text.find(b"Receiving: train message")
-            if train >= 0 and b"Start `flwr-clientapp` process" in text[train:]:
+            parts = log.read().split(b"Receiving: train message")
+            if len(parts) > nth and b"Start `flwr-clientapp` process" in parts[nth]:
                 deployment.stop_node(k, kill=True)
                 return
         time.sleep(0.2)
@@ -220,20 +220,6 @@ def test_run_finishes_when_a_supernode_dies_mid_round(small_run_config, tmp_path
     assert {c["node-id"] for c in round_2["train-clients"]["clients"]} == survivors
 
 
-def kill_at_train_message(deployment: Deployment, k: int, nth: int, timeout: float = 300.0) -> None:
-    """SIGKILL SuperNode ``k`` as soon as it has started its ClientApp for its ``nth`` train message."""
-    node = deployment.state["nodes"][k]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(deployment.node_log(k), "rb") as log:
-            log.seek(node["log_offset"])
-            parts = log.read().split(b"Receiving: train message")
-            if len(parts) > nth and b"Start `flwr-clientapp` process" in parts[nth]:
-                deployment.stop_node(k, kill=True)
-                return
-        time.sleep(0.2)
-
-
 @pytest.mark.e2e
 def test_secure_aggregation_on_tls_supernodes_survives_one_killed_after_sharing_keys(small_run_config, tmp_path):
     """SecAgg+ over TLS with SuperNode authentication: three SuperNodes, threshold 2. Node 2 is killed
@@ -252,7 +238,7 @@ def test_secure_aggregation_on_tls_supernodes_survives_one_killed_after_sharing_
         "run-name": "run",
     }
     with Deployment(tmp_path / "deployment", secure=True, num_nodes=3) as deployment:
-        killer = threading.Thread(target=kill_at_train_message, args=(deployment, 2, 3), daemon=True)
+        killer = threading.Thread(target=kill_when_training, args=(deployment, 2, 3), daemon=True)
         killer.start()
         outcome = deployment.run(config, timeout=400)
         killer.join(timeout=10)
