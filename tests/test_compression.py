@@ -379,10 +379,14 @@ def test_mod_leaves_evaluate_errors_and_uncompressed_runs_alone(pair):
     assert len(calls) == 1
 
 
-def test_mod_is_the_outermost_mod_of_the_client_app():
+def test_mod_encodes_the_final_clipped_update_inside_secagg():
     from fedapp.client.app import app
+    from fedapp.client.dp_mod import dp_clipping_mod
+    from fedapp.client.secagg_mod import secagg_mod
 
-    assert app._mods[0] is compression_mod  # it must see the final (clipped) update
+    # Outside the DP clipping mod, so it encodes the final (clipped) update; secagg_mod, outermost,
+    # answers SecAgg+'s steps (secagg refuses compression at start, so the two never meet).
+    assert app._mods == [secagg_mod, compression_mod, dp_clipping_mod]
 
 
 # --- the server side: decode before validation and aggregation ------------------------------------------------
