@@ -66,6 +66,18 @@ def without_test_videos(msg: Message) -> int | None:
     return int(site) if is_scalar(site) else -1
 
 
+def origin(reply: Message, sent: Iterable[Message]) -> int:
+    """The node a reply is about. An error the SuperLink writes for a node that vanished comes
+    *from* the SuperLink, so look up where the message it answers was sent (the grid sets the
+    sent messages' ids when it pushes them)."""
+    wanted = reply.metadata.reply_to_message_id
+    if reply.has_error() and wanted:
+        for message in sent:
+            if message.metadata.message_id == wanted:
+                return int(message.metadata.dst_node_id)
+    return int(reply.metadata.src_node_id)
+
+
 class ReplyScreen:
     """Sorts a phase's replies into accepted, rejected (malformed) and failed (errors).
 
@@ -84,15 +96,7 @@ class ReplyScreen:
         self.reference = reference_spec(arrays)
 
     def origin(self, reply: Message) -> int:
-        """The node a reply is about. An error the SuperLink writes for a node that vanished comes
-        *from* the SuperLink, so look up where the message it answers was sent (the grid sets the
-        sent messages' ids when it pushes them)."""
-        wanted = reply.metadata.reply_to_message_id
-        if reply.has_error() and wanted:
-            for sent in self.sent:
-                if sent.metadata.message_id == wanted:
-                    return int(sent.metadata.dst_node_id)
-        return int(reply.metadata.src_node_id)
+        return origin(reply, self.sent)
 
     def screen(
         self,

@@ -62,10 +62,8 @@ class Exchange:
 
     def set_reply_arrays(self, reply: Message, key: str, arrays: NamedArrays) -> None:
         """Make ``arrays`` the reply's model ``key``; it is written into the reply when it leaves."""
-        self._follow(reply)
+        self.remove_reply_arrays(reply, key)  # nothing stale stays readable while the new model is pending
         self._reply_arrays[key] = arrays
-        if key in reply.content.array_records:
-            del reply.content[key]  # nothing stale stays readable while the new model is pending
 
     def remove_reply_arrays(self, reply: Message, key: str) -> None:
         """Take the model ``key`` out of the reply (an outer layer sends something else in its place)."""

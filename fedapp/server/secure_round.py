@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from fedapp.server.rounds import Strategy, Waiting, replies_as_they_arrive
 from strategies.records import NamedArrays, arrays_to_numpy
 from strategies.replies import ClientReply, RoundReport, aggregate_metrics
-from strategies.screening import readable_reason
+from strategies.screening import ReplyScreen, origin, readable_reason
 from strategies.secure_aggregation import (
     MASKED,
     MASKED_UPDATE,
@@ -161,14 +161,9 @@ class SecureRound:
 
         # 3. masked updates: the strategy's train message plus the shares addressed to the site
         def masked_update(node: int) -> Message:
-            # A content of its own: the strategy's messages share one (the model is encoded once).
-            content = RecordDict(dict(train_messages[node].content.items()))
-            content[RECORD] = ConfigRecord({
-                STAGE: MASKED_UPDATE, ROUND: self.server_round, "sources": sorted(sources[node]),
-                "ciphertexts": [sources[node][src] for src in sorted(sources[node])],
-            })  # fmt: skip
-            return Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN,
-                           group_id=str(self.server_round))  # fmt: skip
+            senders = sorted(sources[node])
+            shares = {"sources": senders, "ciphertexts": [sources[node][src] for src in senders]}
+            return self.stage_message(node, MASKED_UPDATE, shares, train_messages[node].content)
 
         total = None
         for node, reply in self.exchange_messages({n: masked_update(n) for n in sorted(shared)}, "masked update"):
@@ -231,8 +226,13 @@ class SecureRound:
                 )
             live -= short
 
-    def stage_message(self, node: int, stage: str, values: dict[str, Any]) -> Message:
-        content = RecordDict({RECORD: ConfigRecord({STAGE: stage, ROUND: self.server_round, **values})})
+    def stage_message(
+        self, node: int, stage: str, values: dict[str, Any], with_content: RecordDict | None = None
+    ) -> Message:
+        """A step's message to ``node``; ``with_content``: what else it carries (the strategy's train
+        message), copied: the strategy's messages share one content (the model is encoded once)."""
+        content = RecordDict(dict(with_content.items())) if with_content is not None else RecordDict()
+        content[RECORD] = ConfigRecord({STAGE: stage, ROUND: self.server_round, **values})
         return Message(
             content=content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(self.server_round)
         )
@@ -252,9 +252,9 @@ class SecureRound:
     def exchange_messages(self, messages: dict[int, Message], step: str) -> Iterator[tuple[int, Message]]:
         """Push ``messages`` and yield ``(node, reply)`` for each reply that is not an error."""
         self.bytes_down += sum(_content_bytes(m.content) for m in messages.values())
-        sent = list(messages.items())
-        for reply in replies_as_they_arrive(self.grid, [m for _, m in sent], self.timeout, self.waiting):
-            node = _origin(reply, sent)
+        sent = list(messages.values())
+        for reply in replies_as_they_arrive(self.grid, sent, self.timeout, self.waiting):
+            node = origin(reply, sent)
             if reply.has_error():
                 reason = readable_reason(reply.error.code, reply.error.reason)
                 self.report.failed.append({"node-id": node, "reason": f"{step}: {reason}"})
@@ -263,15 +263,14 @@ class SecureRound:
             yield node, reply
 
     def masked_reply(self, node: int, reply: Message) -> tuple[ClientReply, dict[str, np.ndarray]] | None:
-        metric_records = list(reply.content.metric_records.values())
         record = reply.content.array_records.get(MASKED)
-        if len(metric_records) != 1 or record is None or len(reply.content.array_records) != 1:
-            self.reject(node, f"masked-update reply must hold one MetricRecord and only the {MASKED!r} ArrayRecord")
+        if record is None or len(reply.content.array_records) != 1:
+            self.reject(node, f"masked-update reply must hold only the {MASKED!r} ArrayRecord")
             return None
-        metrics = dict(metric_records[0])
-        n = metrics.get("num-examples")
-        if isinstance(n, bool) or not isinstance(n, int | float) or not np.isfinite(n) or n <= 0:
-            self.reject(node, f"num-examples is {n!r}, must be a number > 0")
+        # Its metrics as any reply's: one MetricRecord, num-examples > 0, every value finite.
+        accepted, reason = ReplyScreen().parse(reply, with_arrays=False)
+        if accepted is None:
+            self.reject(node, reason)
             return None
         try:
             vector = arrays_to_numpy(record)
@@ -282,7 +281,9 @@ class SecureRound:
         if reason:
             self.reject(node, reason)
             return None
-        return ClientReply(node, metrics, payload_bytes=sum(v.nbytes for v in vector.values())), vector
+        accepted.message = None  # the masked vector goes into the sum; nothing of the reply is kept
+        accepted.payload_bytes = sum(v.nbytes for v in vector.values())
+        return accepted, vector
 
     def reject(self, node: int, reason: str) -> None:
         self.report.rejected.append({"node-id": node, "reason": reason})
@@ -291,15 +292,6 @@ class SecureRound:
 
 def _list_of(values: Any, kind: type) -> bool:
     return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
-
-
-def _origin(reply: Message, sent: list[tuple[int, Message]]) -> int:
-    """The node a reply is about (an error the SuperLink writes for a vanished node comes from it)."""
-    wanted = reply.metadata.reply_to_message_id
-    for node, message in sent:
-        if message.metadata.message_id == wanted:
-            return node
-    return int(reply.metadata.src_node_id)
 
 
 def _content_bytes(content: RecordDict) -> int:
